@@ -1,0 +1,53 @@
+"""Shared fixtures. PostgreSQL: ``pg_server`` (one throwaway server per session) and
+``pg_dsn`` (a fresh database per test); mark such tests ``@pytest.mark.postgres``."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+try:
+    from pgserver import PgServer, pg_available
+except ImportError:  # tests/ imported as a package
+    from tests.pgserver import PgServer, pg_available
+
+_PG_FIXTURES = {"pg_server", "pg_dsn"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # Tests that use the PostgreSQL fixtures are "postgres" tests even if unmarked.
+    for item in items:
+        if _PG_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.postgres)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A started throwaway PostgreSQL server (127.0.0.1, wal_level=logical)."""
+    if not pg_available():
+        reason = (
+            "PostgreSQL not available: initdb/pg_ctl not on PATH nor in "
+            "/usr/lib/postgresql/*/bin (or root without a postgres user and no useradd)"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{reason} (required when CI=true)", pytrace=False)
+        pytest.skip(reason)
+    with PgServer() as server:
+        yield server
+
+
+@pytest.fixture
+def pg_dsn(pg_server: PgServer, request: pytest.FixtureRequest) -> Iterator[str]:
+    """DSN of a fresh, empty database on ``pg_server``, dropped after the test."""
+    stem = re.sub(r"[^a-z0-9]+", "_", request.node.name.lower()).strip("_")[:40]
+    name = f"t_{stem}_{uuid.uuid4().hex[:8]}"
+    dsn = pg_server.create_database(name)
+    yield dsn
+    # Best effort: the whole cluster is deleted at session end anyway.
+    with contextlib.suppress(Exception):
+        pg_server.drop_database(name)
