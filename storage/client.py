@@ -1,0 +1,268 @@
+"""The client: opens shards for writing and reading over one blob and one consensus."""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import io
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from . import state as st
+from .blob import Blob, LocalBlob
+from .consensus import Consensus, open_consensus
+from .errors import CorruptPart, Fenced, InvalidInput
+from .frontier import Frontier
+from .ids import ShardId, new_id
+from .machine import SHARD_PREFIX, Machine
+from .read import DEFAULT_LEASE_MS, ReadHandle
+from .updates import check_row_schema
+from .write import WriteHandle
+
+
+def wall_clock_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Client:
+    """Entry point to shards stored under one blob and one consensus.
+
+    Get one with `storage.open(root)`. Thread-safe: handles may be used from
+    several threads; separate processes coordinate through consensus.
+    """
+
+    def __init__(self, root: str | None, consensus: Consensus, blob: Blob, clock: Callable[[], int] = wall_clock_ms):
+        self.root = root
+        self.consensus = consensus
+        self.blob = blob
+        self.clock = clock
+        self._verified: dict[tuple[str, int, int, int], None] = {}
+        self._vlock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Client(root={self.root!r})"
+
+    def machine(self, shard: str) -> Machine:
+        return Machine(self.consensus, ShardId(shard), self.clock)
+
+    # ---- handles ----
+    def open_writer(self, shard: str, schema: pa.Schema | None = None, *, writer_id: str | None = None) -> WriteHandle:
+        """A writer for `shard`. With `schema`, creates the shard if it does not exist.
+
+        Raises:
+            SchemaMismatch: the shard exists under another schema.
+            ShardNotFound: no schema given and the shard does not exist.
+        """
+        m = self.machine(shard)
+        if schema is not None:
+            check_row_schema(schema, f"shard {shard}")
+        s = m.fetch_or_init(schema)
+        if s.is_tombstone:
+            from .read import tombstone_error
+
+            raise tombstone_error(m.shard_id)
+        return WriteHandle(self, m, s.schema, writer_id or new_id("w"))
+
+    def open_leased_reader(
+        self, shard: str, *, reader_id: str | None = None, lease_ms: int = DEFAULT_LEASE_MS, heartbeat: bool = True
+    ) -> ReadHandle:
+        """A leased reader; its since starts at the shard's since and holds it back while the lease lives."""
+        return ReadHandle(self, self.machine(shard), reader_id or new_id("r"), lease_ms, heartbeat)
+
+    def open_critical_since(self, shard: str, reader_id: str, opaque: Any) -> SinceHandle:
+        """A critical since handle: it never expires; fencing is by `opaque` (e.g. an epoch)."""
+        m = self.machine(shard)
+        _, r = m.apply(lambda s, now: st.register_critical_reader(s, reader_id, opaque))
+        return SinceHandle(m, reader_id, r.opaque, r.since)
+
+    # ---- introspection ----
+    def list_shards(self) -> list[ShardId]:
+        return [ShardId(k[len(SHARD_PREFIX) :]) for k in self.consensus.list_keys(SHARD_PREFIX)]
+
+    def state(self, shard: str) -> st.ShardState:
+        return self.machine(shard).fetch()
+
+    def inspect(self, shard: str) -> dict[str, Any]:
+        """A JSON-friendly description: seqno, since, upper, schema, batches, readers, metadata."""
+        s = self.state(shard)
+        now = self.clock()
+        return {
+            "shard_id": s.shard_id,
+            "seqno": s.seqno,
+            "since": s.since.time,
+            "upper": s.upper.time,
+            "tombstone": s.is_tombstone,
+            "schema": {f.name: str(f.type) for f in s.schema},
+            "batches": [
+                {
+                    "lower": b.lower.time,
+                    "upper": b.upper.time,
+                    "since": b.since.time,
+                    "parts": len(b.parts),
+                    "rows": b.rows,
+                    "bytes": b.bytes,
+                }
+                for b in s.batches
+            ],
+            "rows": sum(b.rows for b in s.batches),
+            "bytes": sum(b.bytes for b in s.batches),
+            "writers": sorted(s.writers),
+            "leased_readers": {
+                k: {"since": r.since.time, "seqno": r.seqno, "expired": r.lease_expires_ms <= now}
+                for k, r in s.leased_readers.items()
+            },
+            "critical_readers": {k: {"since": r.since.time, "opaque": r.opaque} for k, r in s.critical_readers.items()},
+            "metadata": dict(s.metadata),
+        }
+
+    # ---- parts ----
+    def _corrupt(self, shard: str, batch: st.BatchMeta, part: st.PartMeta, what: str) -> CorruptPart:
+        return CorruptPart(
+            f"shard {shard}: batch [{batch.lower.time}, {_end(batch.upper)}) part {part.key}: {what}"
+        )
+
+    def verify_part(self, shard: str, batch: st.BatchMeta, part: st.PartMeta) -> str | None:
+        """Check a part's sha256; return its local path (None for remote blobs, checked by read_part).
+
+        SUBTLE: parts are write-once, so a successful check is remembered per
+        (key, size, mtime, inode); rewriting or replacing the file changes that
+        identity and forces a fresh check.
+        """
+        path = self.blob.local_path(part.key)
+        if path is None:
+            return None
+        try:
+            stt = os.stat(path)
+        except FileNotFoundError:
+            raise self._corrupt(shard, batch, part, "missing") from None
+        ident = (part.key, stt.st_size, stt.st_mtime_ns, stt.st_ino)
+        with self._vlock:
+            if ident in self._verified:
+                return path
+        if stt.st_size != part.bytes:
+            raise self._corrupt(shard, batch, part, f"size {stt.st_size} bytes, expected {part.bytes}")
+        with builtins.open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != part.sha256:
+            raise self._corrupt(shard, batch, part, f"sha256 {digest[:12]}.. does not match {part.sha256[:12]}..")
+        with self._vlock:
+            if len(self._verified) > 100_000:
+                self._verified.clear()
+            self._verified[ident] = None
+        return path
+
+    def read_part(self, shard: str, batch: st.BatchMeta, part: st.PartMeta) -> pa.Table:
+        """Fetch, verify and decode one part."""
+        data = self.blob.get(part.key)
+        if data is None:
+            raise self._corrupt(shard, batch, part, "missing")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != part.sha256:
+            raise self._corrupt(shard, batch, part, f"sha256 {digest[:12]}.. does not match {part.sha256[:12]}..")
+        return pq.read_table(io.BytesIO(data))
+
+    # ---- lifecycle (storage/compact.py, storage/gc.py) ----
+    def compact(self, shard: str, **kw: Any) -> Any:
+        from .compact import compact
+
+        return compact(self, ShardId(shard), **kw)
+
+    def gc(self, shard: str, **kw: Any) -> Any:
+        from .gc import gc
+
+        return gc(self, ShardId(shard), **kw)
+
+    def finalize(self, shard: str) -> None:
+        from .gc import finalize
+
+        return finalize(self, ShardId(shard))
+
+    def verify(self, shard: str) -> Any:
+        from .gc import verify
+
+        return verify(self, ShardId(shard))
+
+    def close(self) -> None:
+        self.consensus.close()
+
+
+class SinceHandle:
+    """A critical since handle: holds since until told otherwise, fenced by `opaque`."""
+
+    def __init__(self, machine: Machine, reader_id: str, opaque: Any, since: Frontier):
+        self.machine = machine
+        self.shard_id = machine.shard_id
+        self.reader_id = reader_id
+        self.opaque = opaque
+        self._since = since
+
+    @property
+    def since(self) -> Frontier:
+        return self._since
+
+    def compare_and_downgrade_since(
+        self, expected_opaque: Any, new: tuple[Any, Frontier | int | None]
+    ) -> Frontier | st.OpaqueMismatch:
+        """Downgrade to `new = (new_opaque, new_since)` iff the stored opaque is `expected_opaque`.
+
+        Returns the new since, or `OpaqueMismatch(actual)` (nothing changed) when another
+        holder moved the opaque on. A holder whose own opaque is an int epoch lower than
+        the stored one is fenced: it gets `Fenced`.
+        """
+        new_opaque, new_since = new
+        f = Frontier.of(new_since)
+        _, res = self.machine.apply(
+            lambda s, now: st.compare_and_downgrade_since(s, self.reader_id, expected_opaque, new_opaque, f, now_ms=now)
+        )
+        if isinstance(res, st.OpaqueMismatch):
+            if _is_epoch(res.actual) and _is_epoch(expected_opaque) and res.actual > expected_opaque:
+                raise Fenced(
+                    f"shard {self.shard_id}: critical reader {self.reader_id} was taken over by epoch "
+                    f"{res.actual} (this holder has epoch {expected_opaque})"
+                )
+            return res
+        self.opaque = new_opaque
+        self._since = res.since
+        return res.since
+
+
+def _is_epoch(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _end(f: Frontier) -> str:
+    return "inf" if f.is_empty else str(f.time)
+
+
+def open(
+    root: str | os.PathLike[str],
+    *,
+    consensus: str | Consensus | None = None,
+    blob: Blob | None = None,
+    clock: Callable[[], int] | None = None,
+    fsync: bool = True,
+) -> Client:
+    """Open the shards under `root`: `root/consensus.sqlite` and `root/blob/` by default.
+
+    Args:
+        root: a directory; created if missing.
+        consensus: None (SQLite under root), `postgresql://...`, or a Consensus object.
+        blob: a Blob; default `LocalBlob(root/blob)`.
+        clock: milliseconds since the epoch; injectable for tests.
+        fsync: fsync parts before they are referenced (default True).
+    """
+    root_s = os.fspath(root)
+    if not root_s:
+        raise InvalidInput("storage.open: root must be a directory path")
+    os.makedirs(root_s, exist_ok=True)
+    cons = consensus if consensus is not None and not isinstance(consensus, str) else open_consensus(
+        consensus, os.path.join(root_s, "consensus.sqlite")
+    )
+    b = blob if blob is not None else LocalBlob(os.path.join(root_s, "blob"), fsync=fsync)
+    return Client(root_s, cons, b, clock or wall_clock_ms)

@@ -1,0 +1,344 @@
+"""The read path: snapshots and listens, with leased readers that hold back since."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import pyarrow as pa
+
+from . import state as st
+from .errors import LeaseExpired, NotYetReadable, ReadBeforeSince, Tombstone
+from .frontier import Frontier
+from .updates import DIFF, TIME, Progress, UpdateBatch, consolidate, qident, update_schema
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .machine import Machine
+
+DEFAULT_LEASE_MS = 60_000
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def _sleep_backoff(attempt: int) -> None:
+    time.sleep(min(0.005 * (1.5**attempt), 0.1))
+
+
+def tombstone_error(shard_id: str) -> Tombstone:
+    return Tombstone(f"shard {shard_id}: finalized (a tombstone); it takes no reads or writes")
+
+
+def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str) -> str:
+    """Verify the parts of `batches` and return a DuckDB FROM-clause over them.
+
+    Local parts are read by DuckDB straight from their files; parts on a remote
+    blob are fetched, verified and registered as one Arrow table under `name`.
+    An empty list yields an empty relation with the shard's update schema.
+    """
+    parts = [(b, p) for b in batches for p in b.parts]
+    schema = update_schema(s.schema)
+    if not parts:
+        con.register(name, schema.empty_table())
+        return qident(name)
+    paths = []
+    tables = []
+    for b, p in parts:
+        path = client.verify_part(s.shard_id, b, p)
+        if path is not None:
+            paths.append(path)
+        else:
+            tables.append(client.read_part(s.shard_id, b, p))
+    if tables:
+        for path in paths:
+            import pyarrow.parquet as pq
+
+            tables.append(pq.read_table(path))
+        t = pa.concat_tables([_conform(x, schema) for x in tables])
+        con.register(name, t)
+        return qident(name)
+    lst = "[" + ", ".join("'" + x.replace("'", "''") + "'" for x in paths) + "]"
+    if s.schema_changed:
+        # Older parts lack added (nullable) columns; union_by_name fills them with NULL.
+        cols = ", ".join(f"CAST({qident(f.name)} AS {_duck_type(con, f.type)}) AS {qident(f.name)}" for f in schema)
+        return f"(SELECT {cols} FROM read_parquet({lst}, union_by_name=true))"
+    return f"read_parquet({lst})"
+
+
+def _duck_type(con: duckdb.DuckDBPyConnection, t: pa.DataType) -> str:
+    rel = con.from_arrow(pa.table({"x": pa.array([], type=t)}))
+    return str(rel.types[0])
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    cols = []
+    for f in schema:
+        if f.name in t.schema.names:
+            cols.append(t.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(t.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def snapshot_sql(s: st.ShardState, src: str, as_of: int) -> str:
+    cols = [qident(n) for n in s.schema.names]
+    sel = ", ".join(cols)
+    if not cols:
+        return f"SELECT sum({DIFF})::BIGINT AS {DIFF} FROM {src} WHERE {TIME} <= {as_of} HAVING sum({DIFF}) <> 0"
+    return (
+        f"SELECT {sel}, sum({DIFF})::BIGINT AS {DIFF} FROM {src} WHERE {TIME} <= {as_of} "
+        f"GROUP BY {sel} HAVING sum({DIFF}) <> 0"
+    )
+
+
+def snapshot_schema(schema: pa.Schema) -> pa.Schema:
+    return schema.append(pa.field(DIFF, pa.int64(), nullable=False))
+
+
+class ReadHandle:
+    """A leased reader: it holds the shard's since at its own since while its lease lives.
+
+    A background thread heartbeats the lease every `lease_ms / 3`. Use it as a
+    context manager, or call `expire()` when done, so it stops holding since back.
+
+    Example:
+        >>> import pyarrow as pa, storage, tempfile
+        >>> client = storage.open(tempfile.mkdtemp())
+        >>> shard = storage.ShardId.new()
+        >>> w = client.open_writer(shard, schema=pa.schema([("k", pa.string())]))
+        >>> _ = w.compare_and_append(pa.table({"k": ["a", "a", "b"], "_time": [1, 2, 3], "_diff": [1, 1, 1]}), 0, 5)
+        >>> with client.open_leased_reader(shard) as r:
+        ...     sorted(r.snapshot(as_of=2).to_pylist(), key=str)
+        [{'k': 'a', '_diff': 2}]
+    """
+
+    def __init__(self, client: Client, machine: Machine, reader_id: str, lease_ms: int, heartbeat: bool = True):
+        self.client = client
+        self.machine = machine
+        self.shard_id = machine.shard_id
+        self.reader_id = reader_id
+        self.lease_ms = lease_ms
+        self._lock = threading.Lock()
+        self._inflight: Counter[int] = Counter()
+        self._last_seqno = 0
+        self._since = Frontier.MIN
+        self._expired = False
+        self._stop = threading.Event()
+        s, r = self.machine.apply(lambda s, now: st.register_leased_reader(s, reader_id, lease_ms=lease_ms, now_ms=now))
+        self._since = r.since
+        self._last_seqno = r.seqno
+        self.schema = s.schema
+        self._thread: threading.Thread | None = None
+        if heartbeat:
+            self._thread = threading.Thread(target=self._heartbeat_loop, name=f"lease-{reader_id}", daemon=True)
+            self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"ReadHandle(shard={self.shard_id}, reader={self.reader_id}, since={self._since})"
+
+    def __enter__(self) -> ReadHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.expire()
+
+    # ---- lease ----
+    def _check_live(self) -> None:
+        if self._expired:
+            raise LeaseExpired(f"shard {self.shard_id}: leased reader {self.reader_id} has expired; open a new reader")
+
+    def _pin(self) -> int:
+        with self._lock:
+            return min(self._inflight) if self._inflight else self._last_seqno
+
+    def heartbeat(self) -> None:
+        """Extend the lease and release state versions this reader no longer reads."""
+        self._check_live()
+        pin = self._pin()
+        try:
+            self.machine.apply(lambda s, now: st.heartbeat_leased_reader(s, self.reader_id, pin_seqno=pin, now_ms=now))
+        except (LeaseExpired, Tombstone):
+            self._expired = True
+            raise
+
+    def _heartbeat_loop(self) -> None:
+        interval = max(self.lease_ms / 3000.0, 0.05)
+        while not self._stop.wait(interval):
+            try:
+                self.heartbeat()
+            except Exception:  # noqa: BLE001 - an expired or dead reader just stops beating
+                return
+
+    @property
+    def since(self) -> Frontier:
+        return self._since
+
+    def downgrade_since(self, since: Frontier | int | None) -> Frontier:
+        """Let compaction advance times up to `since`. A since only moves forward."""
+        self._check_live()
+        f = Frontier.of(since)
+        try:
+            _, res = self.machine.apply(lambda s, now: st.downgrade_since(s, self.reader_id, f, now_ms=now))
+        except LeaseExpired:
+            self._expired = True
+            raise
+        self._since = res.since
+        return res.since
+
+    def expire(self) -> None:
+        """Stop holding since back. Idempotent."""
+        self._stop.set()
+        if self._expired:
+            return
+        self._expired = True
+        try:
+            self.machine.apply(lambda s, now: (st.expire_leased_reader(s, self.reader_id, now_ms=now), None))
+        except Tombstone:
+            pass
+
+    @contextmanager
+    def _reading(self, s: st.ShardState) -> Iterator[None]:
+        with self._lock:
+            self._inflight[s.seqno] += 1
+            self._last_seqno = max(self._last_seqno, s.seqno)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._inflight[s.seqno] -= 1
+                if self._inflight[s.seqno] <= 0:
+                    del self._inflight[s.seqno]
+
+    # ---- snapshot ----
+    def wait_for_upper_past(self, as_of: int, timeout: float | None) -> st.ShardState:
+        """Wait until `as_of` is readable: `since <= as_of < upper`."""
+        self._check_live()
+        deadline = time.monotonic() + (DEFAULT_TIMEOUT_S if timeout is None else timeout)
+        attempt = 0
+        while True:
+            s = self.machine.fetch()
+            if s.is_tombstone:
+                raise tombstone_error(self.shard_id)
+            if self.reader_id not in s.leased_readers or s.leased_readers[self.reader_id].lease_expires_ms <= self.client.clock():
+                self._expired = True
+                self._check_live()
+            if not s.since.less_equal(as_of):
+                raise ReadBeforeSince(f"shard {self.shard_id}: as_of {as_of} is before since {s.since.time}")
+            if not s.upper.less_equal(as_of):
+                return s
+            if time.monotonic() >= deadline:
+                raise NotYetReadable(
+                    f"shard {self.shard_id}: as_of {as_of} is not readable yet (upper {s.upper}) after {timeout}s"
+                )
+            _sleep_backoff(attempt)
+            attempt += 1
+
+    def snapshot(self, as_of: int, *, timeout: float | None = None) -> pa.Table:
+        """The consolidated contents at `as_of`: the schema's columns plus `_diff` (never 0).
+
+        Every update at a time `<= as_of` counts; rows whose diffs sum to zero are
+        dropped. Waits up to `timeout` seconds (default 10) for the upper to pass `as_of`.
+
+        Raises:
+            ReadBeforeSince: `as_of` is before the shard's since.
+            NotYetReadable: the upper did not pass `as_of` in time.
+            CorruptPart: a part is missing or does not match its sha256.
+        """
+        as_of = _as_time(as_of)
+        s = self.wait_for_upper_past(as_of, timeout)
+        with self._reading(s):
+            batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
+            con = duckdb.connect()
+            try:
+                src = parts_source(self.client, s, batches, con, "__parts")
+                out = con.sql(snapshot_sql(s, src, as_of)).to_arrow_table()
+            finally:
+                con.close()
+        return out.cast(snapshot_schema(s.schema))
+
+    def snapshot_updates(self, as_of: int, *, timeout: float | None = None) -> UpdateBatch:
+        """The snapshot as updates at time `as_of` (for subscribe and the shard source)."""
+        t = self.snapshot(as_of, timeout=timeout)
+        times = pa.repeat(pa.scalar(as_of, pa.int64()), t.num_rows)
+        upd = t.drop_columns([DIFF]).append_column(pa.field(TIME, pa.int64(), nullable=False), times)
+        upd = upd.append_column(pa.field(DIFF, pa.int64(), nullable=False), t.column(DIFF))
+        return UpdateBatch(upd, Frontier.MIN, Frontier(as_of + 1))
+
+    # ---- listen ----
+    def listen(self, as_of: int, *, timeout: float | None = None) -> Iterator[UpdateBatch | Progress]:
+        """Yield the updates at times `> as_of` as they commit, then `Progress(upper)`.
+
+        Each `UpdateBatch` holds consolidated updates with times in
+        `[lower, upper)`, followed by `Progress(upper)`. Snapshot at `as_of`
+        followed by listen from `as_of` is exact: nothing lost, nothing repeated.
+        The iterator ends after `Progress(Frontier.EMPTY)` (the shard was closed),
+        or when nothing new came for `timeout` seconds (default: wait forever).
+        """
+        as_of = _as_time(as_of)
+        self._check_live()
+        s0 = self.machine.fetch()
+        if s0.is_tombstone:
+            raise tombstone_error(self.shard_id)
+        if not s0.since.less_equal(as_of):
+            raise ReadBeforeSince(f"shard {self.shard_id}: as_of {as_of} is before since {s0.since.time}")
+        frontier = Frontier(as_of + 1)
+        last_event = time.monotonic()
+        attempt = 0
+        while True:
+            s = self.machine.fetch()
+            if s.is_tombstone:
+                raise tombstone_error(self.shard_id)
+            if frontier < s.upper:
+                with self._reading(s):
+                    batches = [b for b in s.batches if frontier < b.upper and b.parts]
+                    t = self._read_range(s, batches, frontier, s.upper)
+                if t.num_rows:
+                    yield UpdateBatch(t, frontier, s.upper)
+                yield Progress(s.upper)
+                frontier = s.upper
+                last_event = time.monotonic()
+                attempt = 0
+                if frontier.is_empty:
+                    return
+                continue
+            if timeout is not None and time.monotonic() - last_event >= timeout:
+                return
+            _sleep_backoff(attempt)
+            attempt += 1
+
+    def subscribe(self, as_of: int, *, timeout: float | None = None) -> Iterator[UpdateBatch | Progress]:
+        """The snapshot at `as_of` as one batch of updates at `as_of`, then `listen(as_of)`."""
+        snap = self.snapshot_updates(as_of, timeout=timeout)
+        if snap.num_rows:
+            yield snap
+        yield Progress(Frontier(as_of + 1))
+        yield from self.listen(as_of, timeout=timeout)
+
+    def _read_range(self, s: st.ShardState, batches: list[st.BatchMeta], lo: Frontier, hi: Frontier) -> pa.Table:
+        schema = update_schema(s.schema)
+        if not batches:
+            return schema.empty_table()
+        con = duckdb.connect()
+        try:
+            src = parts_source(self.client, s, batches, con, "__parts")
+            where = f"{TIME} >= {lo.time}" + ("" if hi.is_empty else f" AND {TIME} < {hi.time}")
+            t = con.sql(f"SELECT * FROM {src} WHERE {where}").to_arrow_table()
+        finally:
+            con.close()
+        return consolidate(t.cast(schema))
+
+
+def _as_time(t: Any) -> int:
+    from .errors import InvalidInput
+
+    if isinstance(t, Frontier):
+        if t.time is None:
+            raise InvalidInput("as_of must be a time, not the empty frontier")
+        t = t.time
+    if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+        raise InvalidInput(f"as_of must be an int64 time >= 0, got {t!r}")
+    return t

@@ -1,0 +1,446 @@
+"""Shard state and its pure transitions.
+
+Every function here is `state -> inputs -> (new state | None, result)`: no IO,
+no clock lookups (the caller passes `now_ms`), no randomness. `machine.py`
+applies them with compare-and-set against consensus and retries on a lost CAS.
+A transition returns `None` as the new state when nothing is to be written; a
+lost race is returned as a value (`UpperMismatch`, `OpaqueMismatch`), and
+invalid usage raises.
+
+INVARIANTS (checked by `check_invariants`, which the tests call after every step):
+- batches are contiguous: `batches[0].lower == 0`, each `lower` equals the
+  previous `upper`, and the last `upper` is the shard's upper;
+- `since <= upper` (a tombstone has both empty);
+- since = max(old since, min over live readers' sinces): it never moves back.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pyarrow as pa
+
+from .errors import InvalidBounds, LeaseExpired, StateCorrupt, Tombstone
+from .frontier import Frontier
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PartMeta:
+    """A Parquet file in blob: its key, sha256, row count and size in bytes."""
+
+    key: str
+    sha256: str
+    rows: int
+    bytes: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "sha256": self.sha256, "rows": self.rows, "bytes": self.bytes}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> PartMeta:
+        return cls(d["key"], d["sha256"], int(d["rows"]), int(d["bytes"]))
+
+
+@dataclass(frozen=True)
+class BatchMeta:
+    """Updates at times in `[lower, upper)`; times below `since` may have been advanced to it."""
+
+    lower: Frontier
+    upper: Frontier
+    since: Frontier
+    parts: tuple[PartMeta, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    @property
+    def bytes(self) -> int:
+        return sum(p.bytes for p in self.parts)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.parts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lower": self.lower.to_json(),
+            "upper": self.upper.to_json(),
+            "since": self.since.to_json(),
+            "parts": [p.to_json() for p in self.parts],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> BatchMeta:
+        return cls(
+            Frontier(d["lower"]),
+            Frontier(d["upper"]),
+            Frontier(d["since"]),
+            tuple(PartMeta.from_json(p) for p in d["parts"]),
+        )
+
+
+@dataclass(frozen=True)
+class WriterState:
+    lease_expires_ms: int
+    last_token: str | None = None
+
+
+@dataclass(frozen=True)
+class LeasedReaderState:
+    since: Frontier
+    seqno: int  # the oldest state version this reader may still be reading
+    lease_expires_ms: int
+    lease_ms: int
+
+
+@dataclass(frozen=True)
+class CriticalReaderState:
+    since: Frontier
+    opaque: Any  # JSON scalar chosen by the holder, e.g. an epoch
+
+
+@dataclass(frozen=True)
+class ShardState:
+    shard_id: str
+    seqno: int
+    schema: pa.Schema
+    since: Frontier = Frontier.MIN
+    upper: Frontier = Frontier.MIN
+    batches: tuple[BatchMeta, ...] = ()
+    writers: Mapping[str, WriterState] = field(default_factory=dict)
+    leased_readers: Mapping[str, LeasedReaderState] = field(default_factory=dict)
+    critical_readers: Mapping[str, CriticalReaderState] = field(default_factory=dict)
+    # Source offsets and other small facts committed with the data (merged per key).
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    schema_changed: bool = False  # parts may predate the current schema (added columns)
+
+    @property
+    def is_tombstone(self) -> bool:
+        return self.since.is_empty and self.upper.is_empty
+
+    # ---- encoding ----
+    def encode(self) -> bytes:
+        d = {
+            "v": STATE_VERSION,
+            "shard_id": self.shard_id,
+            "seqno": self.seqno,
+            "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode(),
+            "since": self.since.to_json(),
+            "upper": self.upper.to_json(),
+            "batches": [b.to_json() for b in self.batches],
+            "writers": {k: [w.lease_expires_ms, w.last_token] for k, w in self.writers.items()},
+            "leased_readers": {
+                k: [r.since.to_json(), r.seqno, r.lease_expires_ms, r.lease_ms]
+                for k, r in self.leased_readers.items()
+            },
+            "critical_readers": {k: [r.since.to_json(), r.opaque] for k, r in self.critical_readers.items()},
+            "metadata": dict(self.metadata),
+            "schema_changed": self.schema_changed,
+        }
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes, where: str) -> ShardState:
+        try:
+            d = json.loads(data)
+            if d.get("v") != STATE_VERSION:
+                raise ValueError(f"unknown state version {d.get('v')!r}")
+            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["schema"])))
+            return cls(
+                shard_id=d["shard_id"],
+                seqno=int(d["seqno"]),
+                schema=schema,
+                since=Frontier(d["since"]),
+                upper=Frontier(d["upper"]),
+                batches=tuple(BatchMeta.from_json(b) for b in d["batches"]),
+                writers={k: WriterState(int(v[0]), v[1]) for k, v in d["writers"].items()},
+                leased_readers={
+                    k: LeasedReaderState(Frontier(v[0]), int(v[1]), int(v[2]), int(v[3]))
+                    for k, v in d["leased_readers"].items()
+                },
+                critical_readers={
+                    k: CriticalReaderState(Frontier(v[0]), v[1]) for k, v in d["critical_readers"].items()
+                },
+                metadata=d.get("metadata", {}),
+                schema_changed=bool(d.get("schema_changed", False)),
+            )
+        except StateCorrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - any decoding failure is the same to the caller
+            raise StateCorrupt(f"{where}: cannot decode shard state ({type(e).__name__}: {e})") from None
+
+
+# ---- results (lost races are values) ----
+
+
+@dataclass(frozen=True)
+class Appended:
+    upper: Frontier
+
+
+@dataclass(frozen=True)
+class AlreadyCommitted:
+    token: str
+    upper: Frontier
+
+
+@dataclass(frozen=True)
+class UpperMismatchResult:
+    expected: Frontier
+    current: Frontier
+
+
+@dataclass(frozen=True)
+class OpaqueMismatch:
+    actual: Any
+
+
+@dataclass(frozen=True)
+class Downgraded:
+    since: Frontier
+
+
+def initial(shard_id: str, schema: pa.Schema) -> ShardState:
+    return ShardState(shard_id=shard_id, seqno=0, schema=schema)
+
+
+def _tombstone_check(state: ShardState) -> None:
+    if state.is_tombstone:
+        raise Tombstone(f"shard {state.shard_id}: finalized (a tombstone); it takes no reads or writes")
+
+
+def _expire_leases(state: ShardState, now_ms: int) -> ShardState:
+    """Drop leased readers whose lease ran out, and recompute since."""
+    live = {k: r for k, r in state.leased_readers.items() if r.lease_expires_ms > now_ms}
+    if len(live) != len(state.leased_readers):
+        state = replace(state, leased_readers=live)
+    return _recompute_since(state)
+
+
+def _recompute_since(state: ShardState) -> ShardState:
+    """since = max(since, min over readers' sinces). With no readers, since stays put."""
+    sinces = [r.since for r in state.leased_readers.values()] + [r.since for r in state.critical_readers.values()]
+    if not sinces:
+        return state
+    new = max(state.since, min(sinces))
+    # INVARIANT: since never passes upper (a reader may downgrade to empty only once upper is empty).
+    new = min(new, state.upper) if not state.upper.is_empty else new
+    return state if new == state.since else replace(state, since=new)
+
+
+def compare_and_append(
+    state: ShardState,
+    batch: BatchMeta,
+    *,
+    writer_id: str,
+    token: str | None,
+    metadata: Mapping[str, Any] | None,
+    lease_ms: int,
+    now_ms: int,
+) -> tuple[ShardState | None, Appended | AlreadyCommitted | UpperMismatchResult]:
+    """Append `batch` iff `batch.lower == state.upper`; otherwise `UpperMismatchResult`.
+
+    A repeated idempotency `token` of this writer returns `AlreadyCommitted` and
+    changes nothing. An empty batch only advances the upper (and is merged into a
+    preceding empty batch, so idle ticks do not grow the state).
+    """
+    _tombstone_check(state)
+    if batch.upper < batch.lower:
+        raise InvalidBounds(f"shard {state.shard_id}: upper {batch.upper} is before lower {batch.lower}")
+    w = state.writers.get(writer_id)
+    if token is not None and w is not None and w.last_token == token:
+        return None, AlreadyCommitted(token, state.upper)
+    if state.upper != batch.lower:
+        return None, UpperMismatchResult(batch.lower, state.upper)
+    if batch.upper == batch.lower:
+        # SUBTLE: an empty-width append changes nothing, but it has been checked against
+        # the head just read, so it is linearized at that read; no write is needed.
+        return None, Appended(state.upper)
+    batches = list(state.batches)
+    if batch.is_empty and batches and batches[-1].is_empty:
+        batches[-1] = replace(batches[-1], upper=batch.upper)
+    else:
+        batches.append(batch)
+    writers = dict(state.writers)
+    writers[writer_id] = WriterState(now_ms + lease_ms, token if token is not None else (w.last_token if w else None))
+    md = dict(state.metadata)
+    if metadata:
+        md.update(metadata)
+    new = replace(state, batches=tuple(batches), upper=batch.upper, writers=writers, metadata=md)
+    new = _expire_leases(new, now_ms)
+    return new, Appended(batch.upper)
+
+
+def register_leased_reader(
+    state: ShardState, reader_id: str, *, lease_ms: int, now_ms: int
+) -> tuple[ShardState, LeasedReaderState]:
+    """Register a reader holding since at the shard's current since, pinning this state version."""
+    _tombstone_check(state)
+    state = _expire_leases(state, now_ms)
+    existing = state.leased_readers.get(reader_id)
+    r = LeasedReaderState(
+        since=existing.since if existing else state.since,
+        seqno=state.seqno,
+        lease_expires_ms=now_ms + lease_ms,
+        lease_ms=lease_ms,
+    )
+    readers = dict(state.leased_readers)
+    readers[reader_id] = r
+    return replace(state, leased_readers=readers), r
+
+
+def _live_reader(state: ShardState, reader_id: str, now_ms: int) -> LeasedReaderState:
+    r = state.leased_readers.get(reader_id)
+    if r is None or r.lease_expires_ms <= now_ms:
+        raise LeaseExpired(
+            f"shard {state.shard_id}: leased reader {reader_id} has expired; open a new reader"
+        )
+    return r
+
+
+def heartbeat_leased_reader(
+    state: ShardState, reader_id: str, *, pin_seqno: int, now_ms: int
+) -> tuple[ShardState, LeasedReaderState]:
+    """Extend the lease; move the pinned seqno forward to `pin_seqno` (never back)."""
+    _tombstone_check(state)
+    r = _live_reader(state, reader_id, now_ms)
+    r = replace(r, lease_expires_ms=now_ms + r.lease_ms, seqno=max(r.seqno, min(pin_seqno, state.seqno)))
+    readers = dict(state.leased_readers)
+    readers[reader_id] = r
+    return _expire_leases(replace(state, leased_readers=readers), now_ms), r
+
+
+def downgrade_since(
+    state: ShardState, reader_id: str, new_since: Frontier, *, now_ms: int
+) -> tuple[ShardState, Downgraded]:
+    """Move a leased reader's since forward (a since only moves forward; an earlier value is ignored)."""
+    _tombstone_check(state)
+    r = _live_reader(state, reader_id, now_ms)
+    since = max(r.since, new_since)
+    if not state.upper.is_empty:
+        # A reader cannot hold since past the upper: there is nothing there to compact.
+        since = min(since, state.upper) if since.is_empty else since
+    r = replace(r, since=since, lease_expires_ms=now_ms + r.lease_ms)
+    readers = dict(state.leased_readers)
+    readers[reader_id] = r
+    return _expire_leases(replace(state, leased_readers=readers), now_ms), Downgraded(since)
+
+
+def expire_leased_reader(state: ShardState, reader_id: str, *, now_ms: int) -> ShardState | None:
+    if reader_id not in state.leased_readers:
+        return None
+    readers = dict(state.leased_readers)
+    del readers[reader_id]
+    return _expire_leases(replace(state, leased_readers=readers), now_ms)
+
+
+def register_critical_reader(
+    state: ShardState, reader_id: str, opaque: Any
+) -> tuple[ShardState | None, CriticalReaderState]:
+    """Register a critical reader at the current since; an existing one is returned unchanged."""
+    _tombstone_check(state)
+    existing = state.critical_readers.get(reader_id)
+    if existing is not None:
+        return None, existing
+    r = CriticalReaderState(state.since, opaque)
+    readers = dict(state.critical_readers)
+    readers[reader_id] = r
+    return replace(state, critical_readers=readers), r
+
+
+def compare_and_downgrade_since(
+    state: ShardState, reader_id: str, expected_opaque: Any, new_opaque: Any, new_since: Frontier, *, now_ms: int
+) -> tuple[ShardState | None, Downgraded | OpaqueMismatch]:
+    """The fencing primitive: downgrade iff the stored opaque equals `expected_opaque`."""
+    _tombstone_check(state)
+    r = state.critical_readers.get(reader_id)
+    if r is None:
+        raise LeaseExpired(f"shard {state.shard_id}: critical reader {reader_id} is not registered")
+    if r.opaque != expected_opaque:
+        return None, OpaqueMismatch(r.opaque)
+    since = max(r.since, new_since)
+    readers = dict(state.critical_readers)
+    readers[reader_id] = CriticalReaderState(since, new_opaque)
+    new = _expire_leases(replace(state, critical_readers=readers), now_ms)
+    return new, Downgraded(since)
+
+
+def apply_merge(
+    state: ShardState, inputs: tuple[BatchMeta, ...], output: BatchMeta
+) -> tuple[ShardState | None, bool]:
+    """Replace the run of batches `inputs` by `output` iff that exact run is still in the state.
+
+    Returns (None, False) when the inputs are gone (a concurrent compaction or a
+    finalization replaced them): the caller leaves its output parts for gc.
+    """
+    if state.is_tombstone or not inputs:
+        return None, False
+    n = len(inputs)
+    for i in range(len(state.batches) - n + 1):
+        if state.batches[i : i + n] == inputs:
+            if output.lower != inputs[0].lower or output.upper != inputs[-1].upper:
+                raise InvalidBounds(
+                    f"shard {state.shard_id}: merged batch [{output.lower}, {output.upper}) does not "
+                    f"cover its inputs [{inputs[0].lower}, {inputs[-1].upper})"
+                )
+            batches = state.batches[:i] + (output,) + state.batches[i + n :]
+            return replace(state, batches=batches), True
+    return None, False
+
+
+def finalize_upper(state: ShardState, *, writer_id: str, now_ms: int) -> ShardState | None:
+    """Step 1 of finalization: close the upper (an empty batch up to the empty frontier)."""
+    if state.upper.is_empty:
+        return None
+    batch = BatchMeta(state.upper, Frontier.EMPTY, Frontier.MIN)
+    new, _ = compare_and_append(
+        state, batch, writer_id=writer_id, token=None, metadata=None, lease_ms=0, now_ms=now_ms
+    )
+    return new
+
+
+def finalize_since(state: ShardState) -> ShardState | None:
+    """Step 2: since to empty, dropping every reader; the shard becomes a tombstone."""
+    if not state.upper.is_empty:
+        raise InvalidBounds(f"shard {state.shard_id}: cannot finalize since before the upper is closed")
+    if state.is_tombstone:
+        return None
+    return replace(state, since=Frontier.EMPTY, leased_readers={}, critical_readers={}, writers={})
+
+
+def finalize_batches(state: ShardState) -> ShardState | None:
+    """Step 3: forget every batch; gc then deletes the parts."""
+    if not state.batches:
+        return None
+    return replace(state, batches=())
+
+
+def set_schema(state: ShardState, schema: pa.Schema) -> ShardState | None:
+    """Evolve the schema (the controller checks compatibility); older parts lack the new columns."""
+    _tombstone_check(state)
+    if state.schema.equals(schema, check_metadata=True):
+        return None
+    return replace(state, schema=schema, schema_changed=True)
+
+
+def check_invariants(state: ShardState) -> None:
+    """Raise AssertionError if a structural invariant is broken (used by tests and fsck)."""
+    if state.is_tombstone:
+        assert not state.batches or state.batches[-1].upper.is_empty
+        return
+    # INVARIANT: since <= upper, unless the shard is a tombstone.
+    assert state.since <= state.upper, (state.since, state.upper)
+    expect = Frontier.MIN
+    for b in state.batches:
+        # INVARIANT: batches are contiguous from 0 to the upper.
+        assert b.lower == expect, (b.lower, expect)
+        assert b.lower < b.upper, (b.lower, b.upper)
+        expect = b.upper
+    assert expect == state.upper, (expect, state.upper)
