@@ -163,7 +163,9 @@ class UpdateBatch:
     """Updates travelling between steps or out of a listen: `table` has `_time`/`_diff` last.
 
     `lower`/`upper`, when known, bound the batch's times: `[lower, upper)`.
-    `offsets` carries a source's resume offsets, committed with the data.
+    `offsets` maps a source partition (e.g. `"orders/0"`) to the JSON-able offset
+    to resume *after* once this batch is durable; the sink commits it in the
+    same CAS as the data.
     """
 
     table: pa.Table
@@ -178,6 +180,15 @@ class UpdateBatch:
 
 @dataclass(frozen=True)
 class Progress:
-    """In-band progress: no update at a time before `frontier` will come any more."""
+    """In-band progress: no update at a time before `frontier` will come any more.
+
+    A source partition speaks for itself: `partition` names it (unique across
+    the flow, e.g. `"orders/0"`) and `partitions` lists every partition of its
+    source, so a downstream operator knows whom to wait for. The frontier of a
+    stream is the minimum over those partitions. `partition=None` means the
+    frontier of the whole stream (what operators emit downstream).
+    """
 
     frontier: Frontier
+    partition: str | None = None
+    partitions: tuple[str, ...] | None = None
