@@ -27,7 +27,7 @@ class ShardId(str):
     def __new__(cls, value: str) -> ShardId:
         if isinstance(value, ShardId):
             return value
-        if not isinstance(value, str) or not _SHARD_RE.match(value):
+        if not isinstance(value, str) or not _SHARD_RE.fullmatch(value):
             raise InvalidInput(f"shard id {value!r} is not of the form s<uuid>")
         return super().__new__(cls, value)
 
