@@ -67,7 +67,7 @@ _TRUNCATE = (
     "DELETE FROM consensus WHERE shard = {p} AND sequence_number < {p} "
     "AND EXISTS (SELECT 1 FROM consensus WHERE shard = {p} AND sequence_number >= {p})"
 )
-_KEYS = "SELECT DISTINCT shard FROM consensus WHERE shard LIKE {p} ORDER BY shard"
+_KEYS = "SELECT DISTINCT shard FROM consensus WHERE shard LIKE {p} ESCAPE '\\' ORDER BY shard"
 _CREATE = (
     "CREATE TABLE IF NOT EXISTS consensus (shard TEXT NOT NULL, sequence_number BIGINT NOT NULL, "
     "data {blob} NOT NULL, PRIMARY KEY (shard, sequence_number))"
@@ -167,8 +167,7 @@ class SqliteConsensus:
 
     def list_keys(self, prefix: str = "") -> list[str]:
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        sql = _KEYS.format(p=self.P) + " ESCAPE '\\'"
-        return [r[0] for r in self._con().execute(sql, (like,)).fetchall()]
+        return [r[0] for r in self._con().execute(_KEYS.format(p=self.P), (like,)).fetchall()]
 
     def close(self) -> None:
         con = getattr(self._local, "con", None)
