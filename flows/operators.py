@@ -1,0 +1,325 @@
+"""Bytewax operators over streams of `UpdateBatch` and `Progress` items.
+
+Bytewax does not expose its frontiers, so progress travels in-band: a source
+partition emits `Progress(f, partition=key, partitions=all_keys)` when no time
+`< f` will come from it any more. The frontier of a stream is the minimum over
+the partitions it has heard of (`FrontierTracker`). Operators here emit
+`Progress(f)` with `partition=None`: the frontier of their whole output.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import bytewax.operators as op
+import pyarrow as pa
+import pyarrow.compute as pc
+from bytewax.dataflow import Stream, operator
+from bytewax.operators import StatefulBatchLogic
+
+from storage import Frontier, Progress, UpdateBatch
+from storage.errors import InvalidInput
+from storage.updates import DIFF, TIME, duck
+from storage.updates import consolidate as consolidate_table
+
+__all__ = ["FrontierTracker", "OffsetQueue", "consolidate", "sql", "Item", "one_key"]
+
+Item = UpdateBatch | Progress
+ALL = "ALL"
+
+
+def one_key(step_id: str, up: Stream[Any]) -> Stream[tuple[str, Any]]:
+    """Key every item with the same key, so one worker sees them all, in per-sender order."""
+    return op.key_on(step_id, up, lambda _x: ALL)
+
+
+class FrontierTracker:
+    """The frontier of a stream: the minimum over the source partitions it has heard of.
+
+    A `Progress` with `partition=None` speaks for the whole stream. A partitioned
+    `Progress` names its partition and lists its siblings; siblings not heard
+    from yet hold the frontier at "unknown" (`frontier()` returns None).
+
+    SUBTLE: a partition whose source never sent anything is invisible; sources
+    must emit an initial `Progress` (connectors/base.py) so that a slow partition
+    cannot be overtaken.
+
+    Example:
+        >>> t = FrontierTracker()
+        >>> t.observe(Progress(Frontier(5), "a", ("a", "b"))); t.frontier() is None
+        True
+        >>> t.observe(Progress(Frontier(3), "b", ("a", "b"))); t.frontier()
+        Frontier(3)
+    """
+
+    def __init__(self) -> None:
+        self.whole: Frontier | None = None
+        self.parts: dict[str, Frontier] = {}
+        self.expected: set[str] = set()
+
+    def observe(self, p: Progress) -> None:
+        f = Frontier.of(p.frontier)
+        if p.partition is None:
+            self.whole = f if self.whole is None else max(self.whole, f)
+            return
+        cur = self.parts.get(p.partition)
+        self.parts[p.partition] = f if cur is None else max(cur, f)
+        self.expected.add(p.partition)
+        if p.partitions:
+            self.expected.update(p.partitions)
+
+    def frontier(self) -> Frontier | None:
+        fs: list[Frontier] = []
+        if self.expected:
+            if any(k not in self.parts for k in self.expected):
+                return None
+            fs.append(min(self.parts[k] for k in self.expected))
+        if self.whole is not None:
+            fs.append(self.whole)
+        return min(fs) if fs else None
+
+
+class OffsetQueue:
+    """Which source offsets are fully covered by a frontier.
+
+    A batch's offsets may be committed only once every update of it, and of
+    every earlier batch of the same partition, is at a time before the
+    committed upper. `push` records a batch's max time per offset key; `pop(F)`
+    returns, per key, the last offset whose batch (and all earlier ones) lies
+    entirely below `F`.
+    """
+
+    def __init__(self) -> None:
+        self.q: dict[str, deque[tuple[int, Any]]] = {}
+
+    def push(self, offsets: Mapping[str, Any] | None, tmax: int) -> None:
+        for k, v in (offsets or {}).items():
+            self.q.setdefault(k, deque()).append((tmax, v))
+
+    def pop(self, upper: Frontier) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, dq in self.q.items():
+            while dq and (upper.is_empty or dq[0][0] < upper.time):
+                out[k] = dq.popleft()[1]
+        return out
+
+
+def tmax_of(table: pa.Table) -> int:
+    """The largest `_time` of `table`, or -1 when it is empty."""
+    if table.num_rows == 0:
+        return -1
+    return pc.max(table.column(TIME)).as_py()
+
+
+def tmin_of(table: pa.Table) -> int:
+    if table.num_rows == 0:
+        return -1
+    return pc.min(table.column(TIME)).as_py()
+
+
+def check_item(step_id: str, x: Any) -> Item:
+    if not isinstance(x, UpdateBatch | Progress):
+        msg = f"step {step_id!r} requires UpdateBatch or Progress items; got a {type(x)!r} instead"
+        raise TypeError(msg)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# consolidate
+# --------------------------------------------------------------------------------------------
+
+
+class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
+    """Buffers updates (as Arrow tables) until the frontier passes them.
+
+    State: a list of pending Arrow tables with their max times, the frontier
+    already emitted (`emitted`), and the offsets queue. No per-row Python.
+    """
+
+    def __init__(self, step_id: str):
+        self.step_id = step_id
+        self.pending: list[tuple[pa.Table, int]] = []
+        self.tracker = FrontierTracker()
+        self.emitted: Frontier | None = None
+        self.offsets = OffsetQueue()
+        self.schema: pa.Schema | None = None
+
+    def on_batch(self, values: list[Item]) -> tuple[Iterable[Item], bool]:
+        for v in values:
+            check_item(self.step_id, v)
+            if isinstance(v, Progress):
+                self.tracker.observe(v)
+            else:
+                tm = tmax_of(v.table)
+                self.schema = v.table.schema
+                if v.table.num_rows:
+                    self.pending.append((v.table, tm))
+                self.offsets.push(v.offsets, tm)
+        f = self.tracker.frontier()
+        if f is None or (self.emitted is not None and f <= self.emitted):
+            return [], StatefulBatchLogic.RETAIN
+        return self._flush(f), StatefulBatchLogic.RETAIN
+
+    def _flush(self, upper: Frontier) -> list[Item]:
+        lower = self.emitted if self.emitted is not None else Frontier.MIN
+        ready: list[pa.Table] = []
+        keep: list[tuple[pa.Table, int]] = []
+        ut = None if upper.is_empty else pa.scalar(upper.time, pa.int64())
+        for t, tm in self.pending:
+            if ut is None or tm < upper.time:
+                ready.append(t)
+                continue
+            mask = pc.less(t.column(TIME), ut)
+            below = t.filter(mask)
+            if below.num_rows:
+                ready.append(below)
+                rest = t.filter(pc.invert(mask))
+                keep.append((rest, tm))
+            else:
+                keep.append((t, tm))
+        self.pending = keep
+        out: list[Item] = []
+        offsets = self.offsets.pop(upper)
+        if ready:
+            table = pa.concat_tables(ready, promote_options="none") if len(ready) > 1 else ready[0]
+            # SUBTLE: an update below the emitted frontier is late (a source broke its
+            # Progress promise); advancing it to `lower` keeps every accumulation
+            # from `lower` on correct, which is the best that can still be done.
+            table = consolidate_table(table, since=lower.time if lower.time else None)
+        else:
+            table = None
+        if (table is not None and table.num_rows) or offsets:
+            if table is None and self.schema is not None:
+                table = self.schema.empty_table()
+            if table is not None:
+                out.append(UpdateBatch(table, lower, upper, offsets or None))
+        self.emitted = upper
+        out.append(Progress(upper))
+        return out
+
+    def on_eof(self) -> tuple[Iterable[Item], bool]:
+        # End of input: nothing more will come, so flush what is left at its own times.
+        if not self.pending:
+            return [], StatefulBatchLogic.DISCARD
+        tm = max(t for _, t in self.pending)
+        f = Frontier(tm + 1)
+        if self.emitted is not None and f <= self.emitted:
+            f = Frontier(self.emitted.time + 1) if self.emitted.time is not None else f
+        return self._flush(f), StatefulBatchLogic.DISCARD
+
+    def snapshot(self) -> None:
+        return None
+
+
+@operator
+def consolidate(step_id: str, up: Stream[Any]) -> Stream[Any]:
+    """Buffer updates until the frontier passes them; emit consolidated `[lower, upper)` batches.
+
+    Input: `UpdateBatch` and `Progress` items (partitioned or not). Output, each
+    time the input frontier advances from `lower` to `upper`: at most one
+    `UpdateBatch(table, lower, upper, offsets)` whose table is consolidated
+    (unique per `(row, time)`, no zero diffs, every time in `[lower, upper)`),
+    then `Progress(upper)`. Progress moves forward even when no data comes. The
+    batch's `offsets` are those source offsets whose updates are now all
+    emitted (see `OffsetQueue`); an offsets-only advance yields an empty batch.
+
+    Runs on one worker (one key): DuckDB consolidates with its own threads.
+    On end of input any remaining updates are flushed with `upper = max time + 1`.
+    """
+    keyed = one_key("key", up)
+    out = op.stateful_batch("consolidate", keyed, lambda _resume: _ConsolidateLogic(step_id))
+    return op.key_rm("unkey", out)
+
+
+# --------------------------------------------------------------------------------------------
+# sql
+# --------------------------------------------------------------------------------------------
+
+
+class _SqlRunner:
+    def __init__(self, step_id: str, query: str):
+        self.step_id = step_id
+        self.query = query
+        self.checked: pa.Schema | None = None
+
+    def run(self, table: pa.Table) -> pa.Table:
+        con = duck()
+        con.register("updates", table)
+        try:
+            out = con.sql(self.query).to_arrow_table()
+        except Exception as e:  # duckdb errors: name the step and the query
+            msg = f"step {self.step_id!r}: query failed: {e} (query: {self.query!r})"
+            raise InvalidInput(msg) from e
+        finally:
+            con.unregister("updates")
+        return self._shape(out)
+
+    def _shape(self, out: pa.Table) -> pa.Table:
+        names = out.schema.names
+        for col in (TIME, DIFF):
+            if col not in names:
+                msg = (
+                    f"step {self.step_id!r}: the query must keep {TIME!r} and {DIFF!r} (so it stays "
+                    f"linear); its result has columns {names}. Select them, e.g. "
+                    f"'SELECT ..., {TIME}, {DIFF} FROM updates'"
+                )
+                raise InvalidInput(msg)
+            if out.schema.field(col).type != pa.int64():
+                msg = f"step {self.step_id!r}: column {col!r} must stay int64, the query made it {out.schema.field(col).type}"
+                raise InvalidInput(msg)
+        if names[-2:] != [TIME, DIFF]:
+            rest = [n for n in names if n not in (TIME, DIFF)]
+            out = out.select([*rest, TIME, DIFF])
+        return out
+
+    def check(self, schema: pa.Schema) -> None:
+        if self.checked is not None and self.checked.equals(schema):
+            return
+        self.run(schema.empty_table())
+        self.checked = schema
+
+
+@operator
+def sql(step_id: str, up: Stream[Any], query: str, schema: pa.Schema | None = None) -> Stream[Any]:
+    """Run a DuckDB query over each batch; the input is the view `updates`.
+
+    The query must keep `_time` and `_diff` as they are (e.g. filters,
+    projections, `CASE` on row columns, joins with constant tables): then it is
+    linear, so it commutes with consolidation and stays differential.
+    Aggregations over `_diff` are not linear and give wrong answers downstream.
+
+    The check is made up front: with `schema` (the row columns plus `_time` and
+    `_diff`, or the row columns alone) the query runs on an empty table when
+    the flow is built and a query that drops `_time`/`_diff` raises
+    `InvalidInput`. Without `schema` the same check runs on the first batch.
+    `Progress` items pass through unchanged.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from storage.updates import update_schema
+        >>> from bytewax.dataflow import Dataflow
+        >>> from bytewax.testing import TestingSource
+        >>> flow = Dataflow("doc")
+        >>> s = op.input("in", flow, TestingSource([]))
+        >>> sql("bad", s, "SELECT k FROM updates", schema=pa.schema([("k", pa.string())]))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        storage.errors.InvalidInput: step 'bad': the query must keep '_time' and '_diff' ...
+    """
+    runner = _SqlRunner(step_id, query)
+    if schema is not None:
+        if TIME not in schema.names:
+            schema = schema.append(pa.field(TIME, pa.int64())).append(pa.field(DIFF, pa.int64()))
+        runner.check(schema)
+
+    def apply(x: Any) -> Any:
+        check_item(step_id, x)
+        if isinstance(x, Progress):
+            return x
+        runner.check(x.table.schema)
+        return UpdateBatch(runner.run(x.table), x.lower, x.upper, x.offsets)
+
+    return op.map("query", up, apply)
+

@@ -1,0 +1,571 @@
+"""Sinks: the self-correcting `persist_sink` and the blind `append_sink`.
+
+Both take a stream of `UpdateBatch`/`Progress` items and return a stream of
+`Committed` events (one per successful compare-and-append), which the job
+runner counts; ignore it if you do not need it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import bytewax.operators as op
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from bytewax.dataflow import Stream, operator
+from bytewax.operators import StatefulBatchLogic
+
+from storage import Client, Frontier, Progress, UpdateBatch
+from storage import state as st
+from storage.errors import InvalidInput, InvalidUppers, UpperMismatch
+from storage.read import parts_source
+from storage.updates import DIFF, TIME, qident, validate_updates
+from storage.write import PART_MAX_ROWS, WRITER_LEASE_MS, write_parts
+
+from .operators import FrontierTracker, OffsetQueue, check_item, one_key, tmax_of, tmin_of
+
+__all__ = ["Committed", "WrittenBatch", "append_sink", "persist_sink"]
+
+OFFSETS_KEY = "offsets"
+MAX_CAS_ATTEMPTS = 50
+_WRITE_THREADS = 4
+
+
+@dataclass(frozen=True)
+class WrittenBatch:
+    """Updates a worker has already written as (not yet committed) parts.
+
+    `tmin`/`tmax` bound the times (-1 when empty); `offsets` are the source
+    offsets of the `UpdateBatch` it came from.
+    """
+
+    parts: tuple[st.PartMeta, ...]
+    tmin: int
+    tmax: int
+    rows: int
+    offsets: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Committed:
+    """One successful append of the batch `[lower, upper)` to `shard`."""
+
+    shard: str
+    lower: Frontier
+    upper: Frontier
+    rows: int
+    offsets: Mapping[str, Any] = field(default_factory=dict)
+    wall_ms: int = 0
+    corrected: bool = False  # True when the batch came from the slow path (a correction)
+
+
+def committed_offsets(state: st.ShardState) -> dict[str, Any]:
+    """The source offsets committed in `state` (partition key -> offset to resume after)."""
+    return dict(state.metadata.get(OFFSETS_KEY) or {})
+
+
+def _commit_parts(
+    writer_id: str,
+    machine: Any,
+    parts: tuple[st.PartMeta, ...],
+    lower: Frontier,
+    upper: Frontier,
+    metadata: Mapping[str, Any] | None,
+) -> st.Appended:
+    """CAS the already-written `parts` as the batch `[lower, upper)`; raise UpperMismatch on a lost race."""
+    batch = st.BatchMeta(lower, upper, Frontier.MIN, parts)
+    token = uuid.uuid4().hex
+
+    def transition(s: st.ShardState, now: int) -> Any:
+        return st.compare_and_append(
+            s, batch, writer_id=writer_id, token=token, metadata=metadata, lease_ms=WRITER_LEASE_MS, now_ms=now
+        )
+
+    _, result = machine.apply(transition)
+    if isinstance(result, st.UpperMismatchResult):
+        raise UpperMismatch(machine.shard_id, result.expected, result.current)
+    assert isinstance(result, st.Appended | st.AlreadyCommitted)
+    return st.Appended(result.upper)
+
+
+def write_parts_parallel(client: Client, shard: str, table: pa.Table) -> tuple[st.PartMeta, ...]:
+    """`storage.write.write_parts`, with large tables encoded by several threads (Parquet releases the GIL)."""
+    if table.num_rows <= PART_MAX_ROWS:
+        return write_parts(client, shard, table) if table.num_rows else ()
+    chunks = [table.slice(o, PART_MAX_ROWS) for o in range(0, table.num_rows, PART_MAX_ROWS)]
+    with ThreadPoolExecutor(min(_WRITE_THREADS, len(chunks))) as ex:
+        metas = list(ex.map(lambda c: write_parts(client, shard, c), chunks))
+    return tuple(m for ms in metas for m in ms)
+
+
+class _PartWriter:
+    """The per-worker write step: validates a batch and writes it as parts."""
+
+    def __init__(self, step_id: str, client: Client, shard: str, as_of: int | None):
+        self.step_id = step_id
+        self.client = client
+        self.shard = shard
+        self.as_of = as_of
+        self._schema: pa.Schema | None = None
+
+    def __call__(self, x: Any) -> Any:
+        check_item(self.step_id, x)
+        if isinstance(x, Progress):
+            return x
+        if self._schema is None:
+            self._schema = self.client.state(self.shard).schema
+        table = validate_updates(x.table, self._schema, f"step {self.step_id!r} (shard {self.shard})")
+        tmin = tmin_of(table)
+        if self.as_of is not None and table.num_rows and tmin < self.as_of:
+            # Below as_of the shard already holds desired (see persist_sink, SUBTLE).
+            table = table.filter(pc.greater_equal(table.column(TIME), pa.scalar(self.as_of, pa.int64())))
+            tmin = tmin_of(table)
+        parts = write_parts_parallel(self.client, self.shard, table)
+        return WrittenBatch(parts, tmin, tmax_of(table), table.num_rows, x.offsets)
+
+
+def _lt(t: int, f: Frontier) -> bool:
+    """Time `t` is before frontier `f`."""
+    return f.is_empty or t < f.time  # type: ignore[operator]
+
+
+class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
+    """The committer of `persist_sink` (one per shard; see its docstring).
+
+    State:
+      - `P`: the persisted upper as last seen;
+      - `S` (the sync point): desired and persisted accumulate to the same
+        contents over all times `< S`; `S <= P` always;
+      - `pending`: written-but-uncommitted parts of desired updates (on disk,
+        in blob), each with its time bounds; together they hold desired at
+        every time `>= S`;
+      - the input frontier `F` (`FrontierTracker`) and the source offsets.
+    """
+
+    def __init__(
+        self,
+        step_id: str,
+        client: Client,
+        shard: str,
+        as_of: int | None,
+        *,
+        now_ms: Any = None,
+        retry_interval: float = 0.2,
+    ):
+        self.step_id = step_id
+        self.client = client
+        self.shard = shard
+        self.writer = client.open_writer(shard)
+        self.machine = self.writer.machine
+        self.schema = self.writer.schema
+        s = self.machine.fetch()
+        self.P: Frontier = s.upper
+        if as_of is not None and not s.upper.is_empty and as_of > s.upper.time:  # type: ignore[operator]
+            msg = f"step {step_id!r}: as_of {as_of} is beyond shard {shard}'s upper {s.upper}"
+            raise InvalidInput(msg)
+        self.S: int = 0 if as_of is None else as_of
+        self.offsets: dict[str, Any] = committed_offsets(s)
+        self.oq = OffsetQueue()
+        self.pending: list[WrittenBatch] = []
+        self.tracker = FrontierTracker()
+        self.now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self.retry_interval = retry_interval
+        self._retry_at: datetime | None = None
+        self._reader: Any = None
+        self._tmp: str | None = None
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._absorbed: Frontier | None = None
+
+    # ---- bytewax hooks ----
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Committed], bool]:
+        for v in values:
+            if isinstance(v, Progress):
+                self.tracker.observe(v)
+            elif isinstance(v, WrittenBatch):
+                if v.rows:
+                    self.pending.append(v)
+                self.oq.push(v.offsets, v.tmax)
+            else:
+                msg = f"step {self.step_id!r}: unexpected item {type(v)!r} in the committer"
+                raise TypeError(msg)
+        return self.advance(), StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[Iterable[Committed], bool]:
+        self._retry_at = None
+        return self.advance(), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return self._retry_at
+
+    def on_eof(self) -> tuple[Iterable[Committed], bool]:
+        try:
+            out = self.advance()
+        finally:
+            self.close()
+        return out, StatefulBatchLogic.DISCARD
+
+    def snapshot(self) -> None:
+        return None
+
+    def close(self) -> None:
+        if self._reader is not None:
+            try:
+                self._reader.expire()
+            except Exception:
+                pass
+            self._reader = None
+        if self._con is not None:
+            self._con.close()
+            self._con = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    # ---- the algorithm ----
+    def advance(self) -> list[Committed]:
+        """Append `[P, F)` if the input frontier `F` is beyond the persisted upper `P`."""
+        f = self.tracker.frontier()
+        if f is None:
+            return []
+        out: list[Committed] = []
+        for _ in range(MAX_CAS_ATTEMPTS):
+            if f <= self.P:
+                # Someone else is ahead. If they wrote what we desire, move the sync point.
+                self._absorb(f)
+                return out
+            assert self.P.time is not None
+            # INVARIANT: the sync point never passes the persisted upper.
+            assert self.S <= self.P.time, (self.S, self.P)
+            parts, rows, corrected = self._batch(self.P, f)
+            offs = self.oq_peek(f)
+            md = {OFFSETS_KEY: {**self.offsets, **offs}} if offs else None
+            try:
+                _commit_parts(self.writer.writer_id, self.machine, parts, self.P, f, md)
+            except UpperMismatch as e:
+                # SUBTLE: we do nothing to the data here; the next round reads what the
+                # other writer appended in [S, current) and the correction absorbs it.
+                cur = Frontier.of(e.current)
+                if cur.is_empty:
+                    msg = f"step {self.step_id!r}: shard {self.shard} was closed (empty upper) by another writer"
+                    raise InvalidUppers(msg) from e
+                self.P = cur
+                continue
+            lower = self.P
+            self.offsets.update(offs)
+            self._synced(f)
+            out.append(Committed(self.shard, lower, f, rows, offs, self.now_ms(), corrected))
+            return out
+        # Lost the race too often: try again later rather than spin.
+        self._retry_at = datetime.now(timezone.utc) + timedelta(seconds=self.retry_interval)
+        return out
+
+    def oq_peek(self, f: Frontier) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, dq in self.oq.q.items():
+            for tmax, v in dq:
+                if not _lt(tmax, f):
+                    break
+                out[k] = v
+        return out
+
+    def _synced(self, f: Frontier) -> None:
+        """Desired == persisted below `f` (and `P >= f`): move S, drop what is covered."""
+        if not f.is_empty and self.P < f:
+            self.P = f
+        self.S = f.time if f.time is not None else self.S
+        self.pending = [w for w in self.pending if not _lt(w.tmax, f)]
+        self.oq.pop(f)
+        if self._reader is not None and self.S > 0:
+            # Hold since below S so that range reads over [S, P) stay exact (see _persisted_src).
+            try:
+                self._reader.downgrade_since(Frontier(self.S - 1))
+            except Exception:
+                self._reader = None
+
+    def _batch(self, lower: Frontier, upper: Frontier) -> tuple[tuple[st.PartMeta, ...], int, bool]:
+        """The parts to append as `[lower, upper)`; `corrected` when they had to be recomputed."""
+        lo = lower.time
+        assert lo is not None
+        due = [w for w in self.pending if _lt(w.tmin, upper)]
+        fast = self.S == lo and all(w.tmin >= lo and _lt(w.tmax, upper) for w in due)
+        if fast:
+            # In sync: the workers' parts are exactly desired - persisted on [lower, upper).
+            return tuple(p for w in due for p in w.parts), sum(w.rows for w in due), False
+        table = self._correction(lo, upper, due)
+        return write_parts_parallel(self.client, self.shard, table), table.num_rows, True
+
+    # ---- DuckDB over parts ----
+    def _duck(self) -> duckdb.DuckDBPyConnection:
+        if self._con is None:
+            self._tmp = tempfile.mkdtemp(prefix="shardflow-sink-")
+            # File-backed, with a memory limit: large corrections spill to the temp dir.
+            self._con = duckdb.connect(os.path.join(self._tmp, "sink.duckdb"))
+            self._con.execute("SET memory_limit='512MB'")
+            self._con.execute(f"SET temp_directory='{os.path.join(self._tmp, 'spill')}'")
+            self._con.execute("SET preserve_insertion_order=false")
+        return self._con
+
+    def _desired_src(self, con: duckdb.DuckDBPyConnection, due: list[WrittenBatch]) -> str:
+        paths: list[str] = []
+        tables: list[pa.Table] = []
+        for w in due:
+            for p in w.parts:
+                path = self.client.blob.local_path(p.key)
+                if path is not None:
+                    paths.append(path)
+                else:
+                    data = self.client.blob.get(p.key)
+                    assert data is not None, p.key
+                    tables.append(pq.read_table(pa.BufferReader(data)))
+        cols = ", ".join(qident(n) for n in [*self.schema.names, TIME, DIFF])
+        srcs = []
+        if paths:
+            lst = "[" + ", ".join("'" + x.replace("'", "''") + "'" for x in paths) + "]"
+            srcs.append(f"SELECT {cols} FROM read_parquet({lst})")
+        if tables:
+            con.register("__desired_mem", pa.concat_tables(tables))
+            srcs.append(f"SELECT {cols} FROM __desired_mem")
+        if not srcs:
+            con.register("__desired_empty", _empty(self.schema))
+            srcs.append(f"SELECT {cols} FROM __desired_empty")
+        return "(" + " UNION ALL ".join(srcs) + ")"
+
+    def _persisted_src(self, con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> tuple[str, st.ShardState]:
+        """A FROM clause over the shard's updates at times in `[lo, hi)` (exact: since is held below lo)."""
+        if self._reader is None:
+            self._reader = self.client.open_leased_reader(self.shard)
+            if self.S > 0 and self._reader.since.less_equal(self.S - 1):
+                self._reader.downgrade_since(Frontier(self.S - 1))
+        s = self.machine.fetch()
+        if lo < hi and lo > 0 and not s.since.less_equal(lo - 1):
+            msg = (
+                f"step {self.step_id!r}: shard {self.shard}'s since {s.since} passed the sink's sync "
+                f"point {lo}; its updates in [{lo}, {hi}) can no longer be told apart"
+            )
+            raise InvalidUppers(msg)
+        batches = [b for b in s.batches if b.parts and b.lower.less_than(hi) and not b.upper.less_equal(lo)]
+        return parts_source(self.client, s, batches, con, "__persisted"), s
+
+    def _correction(self, lo: int, upper: Frontier, due: list[WrittenBatch]) -> pa.Table:
+        """desired - persisted over times `[S, upper)`, each time advanced to `lo` (the persisted upper).
+
+        With the sync invariant (desired == persisted accumulated below S), appending
+        this at `[lo, upper)` makes the shard equal desired at every time in `[lo, upper)`.
+        """
+        con = self._duck()
+        dsrc = self._desired_src(con, due)
+        psrc, _ = self._persisted_src(con, self.S, lo)
+        cols = [qident(n) for n in self.schema.names]
+        sel = ", ".join(cols)
+        sel_c = sel + ", " if cols else ""
+        up = "" if upper.is_empty else f" AND {TIME} < {upper.time}"
+        q = (
+            f"SELECT {sel_c}greatest({TIME}, {lo})::BIGINT AS {TIME}, sum({DIFF})::BIGINT AS {DIFF} FROM ("
+            f"  SELECT {sel_c}{TIME}, {DIFF} FROM {dsrc} WHERE {TIME} >= {self.S}{up}"
+            f"  UNION ALL"
+            f"  SELECT {sel_c}{TIME}, -{DIFF} AS {DIFF} FROM {psrc} WHERE {TIME} >= {self.S} AND {TIME} < {lo}"
+            f") GROUP BY {sel_c}greatest({TIME}, {lo}) HAVING sum({DIFF}) <> 0"
+        )
+        try:
+            t = con.sql(q).to_arrow_table()
+        finally:
+            _unregister(con)
+        return validate_updates(t, self.schema, f"step {self.step_id!r}")
+
+    def _absorb(self, f: Frontier) -> None:
+        """With `S < f <= P`: if persisted accumulates to desired below `f`, move S to `f`."""
+        if f.time is None or self.S >= f.time or self._absorbed == f:
+            return
+        self._absorbed = f
+        due = [w for w in self.pending if w.tmin < f.time]
+        con = self._duck()
+        dsrc = self._desired_src(con, due)
+        psrc, _ = self._persisted_src(con, self.S, f.time)
+        cols = [qident(n) for n in self.schema.names]
+        sel = ", ".join(cols)
+        grp = f" GROUP BY {sel}" if cols else ""
+        q = (
+            f"SELECT count(*) FROM (SELECT {sel + ', ' if cols else ''}sum({DIFF}) AS d FROM ("
+            f"  SELECT * FROM {dsrc} WHERE {TIME} >= {self.S} AND {TIME} < {f.time}"
+            f"  UNION ALL SELECT {sel + ', ' if cols else ''}{TIME}, -{DIFF} FROM {psrc}"
+            f"  WHERE {TIME} >= {self.S} AND {TIME} < {f.time}){grp} HAVING sum({DIFF}) <> 0)"
+        )
+        try:
+            row = con.sql(q).fetchone()
+        finally:
+            _unregister(con)
+        if row is not None and row[0] == 0:
+            self._synced(f)
+
+
+def _empty(schema: pa.Schema) -> pa.Table:
+    from storage.updates import update_schema
+
+    return update_schema(schema).empty_table()
+
+
+def _unregister(con: duckdb.DuckDBPyConnection) -> None:
+    for name in ("__desired_mem", "__desired_empty", "__persisted"):
+        try:
+            con.unregister(name)
+        except Exception:
+            pass
+
+
+@operator
+def persist_sink(
+    step_id: str,
+    up: Stream[Any],
+    client: Client,
+    shard: str,
+    as_of: int | None = None,
+    schema: pa.Schema | None = None,
+) -> Stream[Committed]:
+    """The self-correcting sink: make `shard` equal the desired updates of `up`.
+
+    Built like Materialize's persist_sink, in three steps:
+
+    - **write** (every worker, in parallel): each `UpdateBatch` is validated
+      against the shard's schema and written to blob as parts (not yet
+      visible); a `WrittenBatch` (parts, time bounds, offsets) goes on.
+    - **mint + append** (one committer per shard, a single key): it tracks the
+      input frontier `F` (min over source partitions, from `Progress`) and the
+      persisted upper `P`. When `P < F` it appends `[P, F)` with one
+      compare_and_append, and the batch's source offsets go into the shard's
+      metadata (`"offsets"`) in the same CAS: exactly-once ingestion.
+    - **correction = desired - persisted**: the committer keeps a sync point
+      `S`: desired and persisted accumulate to the same contents below `S`.
+      When `S == P` (the usual case) the workers' parts are the correction and
+      are appended as they are (no copy). Otherwise (another writer appended,
+      or the shard held other contents at start) it computes, in a
+      file-backed DuckDB that spills to a temp dir, desired over `[S, F)` minus
+      persisted over `[S, P)`, with times advanced to `P`, writes that as new
+      parts and appends it at `[P, F)`. On `UpperMismatch` it only learns the
+      new upper; the next round's correction absorbs what the other writer
+      wrote, so nothing is duplicated or lost, and several copies of one flow
+      writing the same shard converge to the same contents.
+
+    Desired is never held whole in Python memory: not-yet-appended desired
+    lives in the parts the workers wrote (Parquet on disk/blob), and the
+    correction is a DuckDB query over them and over the shard's parts.
+
+    Args:
+        step_id: the step's id.
+        up: `UpdateBatch`/`Progress` items (any partitioning; `consolidate`
+            upstream makes the fast path copy-free).
+        client: the storage client.
+        shard: the shard id (ask the storage controller for a collection's shard).
+        as_of: None to correct everything (fresh start), or the shard's upper
+            when the flow resumed from offsets committed in the shard.
+        schema: create the shard with this row schema if it does not exist.
+
+    Returns:
+        A stream of `Committed` events, one per successful append.
+
+    SUBTLE: a resumed flow re-reads its input only *after* the committed
+    offsets, so desired below the resume point is not seen again (and a
+    replayed batch may hold updates below it that are already in the shard).
+    The sink must therefore assume desired == persisted below `as_of` (`S`
+    starts at `as_of`) and drop incoming updates at times `< as_of`; started
+    fresh (`as_of=None`, no offsets) it assumes nothing (`S = 0`) and its first
+    append corrects the whole shard to desired. Passing `None` on a resumed
+    flow would retract everything before the resume point.
+    """
+    if schema is not None:
+        client.open_writer(shard, schema)  # create the shard now, before workers look at it
+    writer = _PartWriter(step_id, client, shard, as_of)
+    written = op.map("write", up, writer)
+    keyed = one_key("key", written)
+    out = op.stateful_batch("commit", keyed, lambda _resume: PersistLogic(step_id, client, shard, as_of))
+    return op.key_rm("unkey", out)
+
+
+# --------------------------------------------------------------------------------------------
+# append_sink
+# --------------------------------------------------------------------------------------------
+
+
+class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
+    """Buffers rows and appends them with `monotonic_append` at most once per `batch_duration`."""
+
+    def __init__(self, step_id: str, client: Client, shard: str, batch_duration: float, clock: Any = time.monotonic):
+        self.step_id = step_id
+        self.writer = client.open_writer(shard)
+        self.shard = shard
+        self.batch_duration = batch_duration
+        self.clock = clock
+        self.buf: list[pa.Table] = []
+        self.offsets: dict[str, Any] = {}
+        self.tmax = -1
+        self.last_commit = float("-inf")
+
+    def on_batch(self, values: list[Any]) -> tuple[Iterable[Committed], bool]:
+        for v in values:
+            check_item(self.step_id, v)
+            if isinstance(v, UpdateBatch):
+                if v.table.num_rows:
+                    self.buf.append(v.table)
+                    self.tmax = max(self.tmax, tmax_of(v.table))
+                if v.offsets:
+                    self.offsets.update(v.offsets)
+        if self.clock() - self.last_commit >= self.batch_duration:
+            return self.flush(), StatefulBatchLogic.RETAIN
+        return [], StatefulBatchLogic.RETAIN
+
+    def on_notify(self) -> tuple[Iterable[Committed], bool]:
+        return self.flush(), StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        if not self.buf and not self.offsets:
+            return None
+        wait = max(0.0, self.last_commit + self.batch_duration - self.clock())
+        return datetime.now(timezone.utc) + timedelta(seconds=wait)
+
+    def on_eof(self) -> tuple[Iterable[Committed], bool]:
+        return self.flush(), StatefulBatchLogic.DISCARD
+
+    def snapshot(self) -> None:
+        return None
+
+    def flush(self) -> list[Committed]:
+        if not self.buf and not self.offsets:
+            return []
+        table = pa.concat_tables(self.buf) if self.buf else _empty(self.writer.schema)
+        rows = table.drop_columns([TIME]) if TIME in table.schema.names else table
+        md = {OFFSETS_KEY: {**committed_offsets(self.writer.machine.fetch()), **self.offsets}} if self.offsets else None
+        lower = self.writer.upper
+        ts = self.writer.monotonic_append(rows, at_least=max(self.tmax, 0), metadata=md)
+        out = [Committed(self.shard, Frontier(max(ts, lower.time or 0)), Frontier(ts + 1), table.num_rows, dict(self.offsets), int(time.time() * 1000))]
+        self.buf, self.offsets, self.last_commit = [], {}, self.clock()
+        return out
+
+
+@operator
+def append_sink(
+    step_id: str,
+    up: Stream[Any],
+    client: Client,
+    shard: str,
+    batch_duration: float = 1.0,
+) -> Stream[Committed]:
+    """Blind appends: every update goes in with `monotonic_append` at `max(upper, its max time)`.
+
+    At most one commit per `batch_duration` seconds (default 1 s); whatever is
+    buffered at end of input is flushed. Source offsets go into the same CAS.
+    `Progress` items are ignored (an append-only collection's upper is the
+    time of its last write). One committer per shard (a single key).
+    """
+    keyed = one_key("key", up)
+    out = op.stateful_batch("append", keyed, lambda _resume: AppendLogic(step_id, client, shard, batch_duration))
+    return op.key_rm("unkey", out)
