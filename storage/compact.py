@@ -1,0 +1,357 @@
+"""Compaction: size-tiered merges of adjacent batches, in the spirit of differential's spine.
+
+Planning is pure and separate from execution:
+
+- `plan_compaction(state)` looks at the batch sizes and returns the merges to
+  run (`MergePlan`s), without IO. It is tested on its own.
+- `compact(client, shard)` carries the plan out: it reads the input parts
+  (checking their sha256), advances times to the shard's since, consolidates in
+  DuckDB, writes the output parts, and then swaps the inputs for the output with
+  one compare-and-set, *only if the inputs are still in the state*
+  (`state.apply_merge`). A merge that lost that race leaves its output parts
+  for gc.
+
+The tiering. Each batch has a tier, `floor(log_fanout(rows))`; empty batches
+(no parts) have tier -1. Walking the batches from oldest to newest, the planner
+keeps a stack of groups whose tiers never increase from older to newer:
+
+- a newer group of a higher tier than the group before it absorbs that group
+  (a small straggler merges into the larger batch after it);
+- `fanout` adjacent groups of the same tier merge into one (of a higher tier).
+
+So there are at most `fanout - 1` batches per tier and `O(fanout * log n)`
+batches for `n` appends, and each update is rewritten about `log_fanout(n)`
+times. The default fanout, 6, keeps both within the targets for 1,000 appends
+of equal size: at most 2 * log2(n) batches, write amplification under 4.
+
+A merge never changes a snapshot at any `as_of >= since`: consolidation only
+adds up diffs of updates that every such snapshot counts together.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import duckdb
+
+from . import state as st
+from .errors import CorruptPart
+from .frontier import Frontier
+from .read import parts_source, tombstone_error
+from .updates import DIFF, TIME, qident, update_schema
+from .write import write_parts
+
+if TYPE_CHECKING:
+    from .client import Client
+
+FANOUT = 6
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Replace the adjacent batches `inputs` by one batch `[inputs[0].lower, inputs[-1].upper)`.
+
+    `since` is the shard's since when the plan was made; the output's times are
+    advanced to it (see `advance_time`) and the output batch carries it.
+    """
+
+    inputs: tuple[st.BatchMeta, ...]
+    since: Frontier
+
+    @property
+    def lower(self) -> Frontier:
+        return self.inputs[0].lower
+
+    @property
+    def upper(self) -> Frontier:
+        return self.inputs[-1].upper
+
+    @property
+    def rows(self) -> int:
+        return sum(b.rows for b in self.inputs)
+
+    @property
+    def rewrites(self) -> bool:
+        """False when at most one input has parts: the output keeps those parts as they are."""
+        return sum(1 for b in self.inputs if b.parts) > 1
+
+
+@dataclass
+class CompactReport:
+    """What one `compact` call did."""
+
+    merges_applied: int = 0
+    merges_lost: int = 0  # inputs were gone at CAS time; output left for gc
+    batches_before: int = 0
+    batches_after: int = 0
+    rows_read: int = 0
+    rows_written: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    parts_written: int = 0
+
+
+def tier(batch: st.BatchMeta, fanout: int = FANOUT) -> int:
+    """`floor(log_fanout(rows))`; -1 for an empty batch (no parts)."""
+    return _tier_of(batch.rows if batch.parts else 0, fanout)
+
+
+def _tier_of(rows: int, fanout: int) -> int:
+    if rows <= 0:
+        return -1
+    # SUBTLE: integer arithmetic, not math.log, so a batch of exactly fanout**k rows
+    # is tier k on every platform.
+    t = 0
+    while rows >= fanout:
+        rows //= fanout
+        t += 1
+    return t
+
+
+def plan_compaction(state: st.ShardState, *, fanout: int = FANOUT) -> list[MergePlan]:
+    """The merges that bring `state`'s batches back into size tiers. Pure: no IO, no clock.
+
+    Returns non-overlapping runs of adjacent batches (oldest first), each of at
+    least two batches; empty when nothing is to be done or the shard is a
+    tombstone. Running every plan and planning again eventually returns `[]`.
+
+    Example:
+        >>> import pyarrow as pa
+        >>> from storage import state as st
+        >>> from storage.frontier import Frontier
+        >>> def b(lo, hi, rows):
+        ...     parts = (st.PartMeta(f"p{lo}", "", rows, rows),) if rows else ()
+        ...     return st.BatchMeta(Frontier(lo), Frontier(hi), Frontier(0), parts)
+        >>> s = st.ShardState("s", 0, pa.schema([]), upper=Frontier(3),
+        ...                   batches=(b(0, 1, 10), b(1, 2, 0), b(2, 3, 10)))
+        >>> [(p.lower.time, p.upper.time) for p in plan_compaction(s)]
+        [(1, 3)]
+    """
+    if fanout < 2:
+        raise ValueError(f"compaction fanout must be >= 2, got {fanout}")
+    if state.is_tombstone or len(state.batches) < 2:
+        return []
+    # Each group: [tier, rows, first index, last index (inclusive)].
+    groups: list[list[int]] = []
+    for i, b in enumerate(state.batches):
+        groups.append([tier(b, fanout), b.rows, i, i])
+        while True:
+            if len(groups) >= 2 and groups[-1][0] > groups[-2][0]:
+                # A newer group outranks the one before it: the older one is a straggler.
+                _merge_last(groups, 2, fanout)
+                continue
+            if len(groups) >= fanout and groups[-1][0] >= 0 and all(
+                g[0] == groups[-1][0] for g in groups[-fanout:]
+            ):
+                _merge_last(groups, fanout, fanout)
+                continue
+            break
+    return [
+        MergePlan(state.batches[g[2] : g[3] + 1], state.since) for g in groups if g[3] > g[2]
+    ]
+
+
+def _merge_last(groups: list[list[int]], n: int, fanout: int) -> None:
+    tail = groups[-n:]
+    rows = sum(g[1] for g in tail)
+    t = _tier_of(rows, fanout)
+    # SUBTLE: a merge must not lower the tier (consolidation may shrink the output,
+    # but the plan cannot know that); otherwise the loop could bounce forever.
+    t = max(t, max(g[0] for g in tail))
+    del groups[-n:]
+    groups.append([t, rows, tail[0][2], tail[-1][3]])
+
+
+def advance_time(since: Frontier, upper: Frontier) -> int | None:
+    """The time every update below it is advanced to in a merge with output `[.., upper)`.
+
+    `min(since, upper - 1)`: NB not plain `since`. Advancing to `since` would be
+    just as exact for every `as_of >= since`, but it could move times past the
+    batch's upper; capping at `upper - 1` keeps every update inside its batch's
+    `[lower, upper)` (which listen and `changes()` rely on), and all updates of a
+    batch that lies wholly below since still collapse onto one time.
+    None: nothing to advance (since is 0).
+    """
+    if since.is_empty:
+        s = None
+    else:
+        s = since.time
+    if upper.is_empty:
+        cap = s
+    else:
+        cap = upper.time - 1  # type: ignore[operator]
+        s = cap if s is None else min(s, cap)
+    if s is None or s <= 0:
+        return None
+    return s
+
+
+def merge_sql(state: st.ShardState, src: str, adv: int | None) -> str:
+    """Advance times to `adv` and consolidate: sum diffs per (row, time), drop zeros, sort by time."""
+    cols = [qident(n) for n in state.schema.names]
+    t = TIME if adv is None else f"greatest({TIME}, {adv})::BIGINT"
+    sel = ", ".join([*cols, f"{t} AS {TIME}", f"sum({DIFF})::BIGINT AS {DIFF}"])
+    keys = ", ".join([*cols, t])
+    return f"SELECT {sel} FROM {src} GROUP BY {keys} HAVING sum({DIFF}) <> 0 ORDER BY {TIME}"
+
+
+def run_merge(client: Client, state: st.ShardState, plan: MergePlan) -> st.BatchMeta:
+    """Read, advance, consolidate and write one merge's output. Does not touch the state."""
+    if not plan.rewrites:
+        parts = tuple(p for b in plan.inputs for p in b.parts)
+        since = max(plan.since, *(b.since for b in plan.inputs))
+        return st.BatchMeta(plan.lower, plan.upper, since, parts)
+    adv = advance_time(plan.since, plan.upper)
+    con = duckdb.connect()
+    try:
+        src = parts_source(client, state, [b for b in plan.inputs if b.parts], con, "__inputs")
+        out = con.sql(merge_sql(state, src, adv)).to_arrow_table()
+    finally:
+        con.close()
+    out = out.cast(update_schema(state.schema))
+    parts = write_parts(client, state.shard_id, out) if out.num_rows else ()
+    return st.BatchMeta(plan.lower, plan.upper, plan.since, parts)
+
+
+def compact(
+    client: Client,
+    shard: str,
+    *,
+    max_merges: int | None = None,
+    fanout: int = FANOUT,
+) -> CompactReport:
+    """Run merges on `shard` until `plan_compaction` has nothing left (or `max_merges` ran).
+
+    Each merge is applied with CAS only if its inputs are still in the state; a
+    merge that lost that race counts in `merges_lost` and its output parts are
+    left for gc. Safe to run concurrently with writers, readers and other
+    compactions, in this process or others.
+
+    Raises:
+        Tombstone: the shard was finalized.
+        CorruptPart: an input part is missing or corrupt while its batch is still
+            in the state (a part that disappeared because a concurrent merge
+            replaced its batch is not an error).
+
+    Example:
+        >>> import pyarrow as pa, storage, tempfile
+        >>> client = storage.open(tempfile.mkdtemp())
+        >>> shard = storage.ShardId.new()
+        >>> w = client.open_writer(shard, schema=pa.schema([("k", pa.string())]), compact=False)
+        >>> for t in range(6):
+        ...     _ = w.compare_and_append(pa.table({"k": ["a"], "_time": [t], "_diff": [1]}), t, t + 1)
+        >>> r = client.compact(shard)
+        >>> r.batches_before, r.batches_after, r.merges_applied
+        (6, 1, 1)
+    """
+    m = client.machine(shard)
+    report = CompactReport()
+    s = m.fetch()
+    if s.is_tombstone:
+        raise tombstone_error(m.shard_id)
+    report.batches_before = report.batches_after = len(s.batches)
+    done = 0
+    while max_merges is None or done < max_merges:
+        plans = plan_compaction(s, fanout=fanout)
+        if not plans:
+            break
+        progressed = False
+        for plan in plans:
+            if max_merges is not None and done >= max_merges:
+                break
+            done += 1
+            try:
+                output = run_merge(client, s, plan)
+            except CorruptPart:
+                if _still_present(m.fetch(), plan.inputs):
+                    raise
+                report.merges_lost += 1
+                continue
+            if plan.rewrites:
+                report.rows_read += plan.rows
+                report.bytes_read += sum(b.bytes for b in plan.inputs)
+                report.rows_written += output.rows
+                report.bytes_written += output.bytes
+                report.parts_written += len(output.parts)
+            s_new, applied = m.apply(lambda cur, now, p=plan, o=output: st.apply_merge(cur, p.inputs, o))
+            if applied:
+                report.merges_applied += 1
+                progressed = True
+            else:
+                # The inputs were replaced (a concurrent merge) or the shard was
+                # finalized: our output parts are orphans now, gc removes them.
+                report.merges_lost += 1
+            s = s_new
+        s = m.fetch()
+        if s.is_tombstone:
+            break
+        if not progressed:
+            break
+    report.batches_after = len(s.batches)
+    return report
+
+
+def _still_present(state: st.ShardState, inputs: Sequence[st.BatchMeta]) -> bool:
+    have = set(state.batches)
+    return all(b in have for b in inputs)
+
+
+class BackgroundCompactor:
+    """One daemon thread per client that compacts shards after appends.
+
+    `request(shard)` is cheap and coalesces: a shard is compacted at most once
+    more however many appends asked for it meanwhile. Errors are recorded in
+    `errors` (the last few) and never reach the writer: compaction is an
+    optimization, and the next request retries it.
+    """
+
+    def __init__(self, client: Client):
+        self.client = client
+        self._cv = threading.Condition()
+        self._pending: dict[str, None] = {}
+        self._busy = False
+        self._thread: threading.Thread | None = None
+        self.errors: list[BaseException] = []
+        self.totals = CompactReport()
+
+    def request(self, shard: str) -> None:
+        with self._cv:
+            self._pending[shard] = None
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="shardflow-compactor", daemon=True)
+                self._thread.start()
+            self._cv.notify_all()
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Block until nothing is pending or running; True unless the timeout passed."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                if not self._cv.wait_for(lambda: bool(self._pending), timeout=30.0):
+                    self._thread = None
+                    return
+                shard = next(iter(self._pending))
+                del self._pending[shard]
+                self._busy = True
+            try:
+                r = compact(self.client, shard)
+                t = self.totals
+                t.merges_applied += r.merges_applied
+                t.merges_lost += r.merges_lost
+                t.rows_read += r.rows_read
+                t.rows_written += r.rows_written
+                t.bytes_read += r.bytes_read
+                t.bytes_written += r.bytes_written
+                t.parts_written += r.parts_written
+            except BaseException as e:  # noqa: BLE001 - background work must not die
+                self.errors = [*self.errors[-9:], e]
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()
