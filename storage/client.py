@@ -44,6 +44,7 @@ class Client:
         self.clock = clock
         self._verified: dict[tuple[str, int, int, int], None] = {}
         self._vlock = threading.Lock()
+        self._compactor: Any = None
 
     def __repr__(self) -> str:
         return f"Client(root={self.root!r})"
@@ -52,8 +53,20 @@ class Client:
         return Machine(self.consensus, ShardId(shard), self.clock)
 
     # ---- handles ----
-    def open_writer(self, shard: str, schema: pa.Schema | None = None, *, writer_id: str | None = None) -> WriteHandle:
+    def open_writer(
+        self,
+        shard: str,
+        schema: pa.Schema | None = None,
+        *,
+        writer_id: str | None = None,
+        compact: bool = True,
+    ) -> WriteHandle:
         """A writer for `shard`. With `schema`, creates the shard if it does not exist.
+
+        With `compact=True` (the default), every successful append wakes this
+        client's background compactor, which merges batches that are out of their
+        size tiers (see `storage.compact`); `compact=False` opts out (compact on
+        demand with `client.compact(shard)`).
 
         Raises:
             SchemaMismatch: the shard exists under another schema.
@@ -67,7 +80,7 @@ class Client:
             from .read import tombstone_error
 
             raise tombstone_error(m.shard_id)
-        return WriteHandle(self, m, s.schema, writer_id or new_id("w"))
+        return WriteHandle(self, m, s.schema, writer_id or new_id("w"), compact=compact)
 
     def open_leased_reader(
         self, shard: str, *, reader_id: str | None = None, lease_ms: int = DEFAULT_LEASE_MS, heartbeat: bool = True
@@ -172,6 +185,20 @@ class Client:
         from .compact import compact
 
         return compact(self, ShardId(shard), **kw)
+
+    @property
+    def compactor(self) -> Any:
+        """The background compactor (one daemon thread, started on first use)."""
+        with self._vlock:
+            if self._compactor is None:
+                from .compact import BackgroundCompactor
+
+                self._compactor = BackgroundCompactor(self)
+            return self._compactor
+
+    def wait_compaction(self, timeout: float | None = None) -> bool:
+        """Wait until background compaction has nothing pending; True unless timed out."""
+        return self._compactor is None or self._compactor.wait_idle(timeout)
 
     def gc(self, shard: str, **kw: Any) -> Any:
         from .gc import gc

@@ -76,12 +76,15 @@ class WriteHandle:
         Frontier(10)
     """
 
-    def __init__(self, client: Client, machine: Machine, schema: pa.Schema, writer_id: str):
+    def __init__(
+        self, client: Client, machine: Machine, schema: pa.Schema, writer_id: str, *, compact: bool = True
+    ):
         self.client = client
         self.machine = machine
         self.shard_id = machine.shard_id
         self.schema = schema
         self.writer_id = writer_id
+        self.compact = compact  # wake the client's background compactor after appends
 
     def __repr__(self) -> str:
         return f"WriteHandle(shard={self.shard_id}, writer={self.writer_id})"
@@ -90,6 +93,19 @@ class WriteHandle:
     def upper(self) -> Frontier:
         """The shard's current upper, read fresh from consensus."""
         return self.machine.fetch().upper
+
+    def _live_upper(self) -> Frontier:
+        """The current upper; raises Tombstone if the shard was finalized.
+
+        NB: a tombstone's upper is empty, which `append` would otherwise read as
+        "already past `upper`" and silently report as a no-op.
+        """
+        s = self.machine.fetch()
+        if s.is_tombstone:
+            from .read import tombstone_error
+
+            raise tombstone_error(self.shard_id)
+        return s.upper
 
     def _validate(self, updates: Any) -> pa.Table:
         return validate_updates(updates, self.schema, f"shard {self.shard_id}")
@@ -149,6 +165,9 @@ class WriteHandle:
         if isinstance(result, st.UpperMismatchResult):
             # The parts we wrote are orphans now; gc removes them after its grace period.
             raise UpperMismatch(self.shard_id, result.expected, result.current)
+        if self.compact and isinstance(result, st.Appended):
+            # Cheap and coalescing: the compactor thread plans (plan_compaction) and merges.
+            self.client.compactor.request(self.shard_id)
         return result
 
     def append(
@@ -170,7 +189,7 @@ class WriteHandle:
         table = self._validate(updates)
         check_bounds(self.shard_id, table, lo, up)
         while True:
-            cur = self.upper
+            cur = self._live_upper()
             if up <= cur:
                 return st.Appended(cur)
             if cur < lo:
@@ -200,7 +219,7 @@ class WriteHandle:
         if DIFF not in t.schema.names:
             t = t.append_column(pa.field(DIFF, pa.int64(), nullable=False), pa.repeat(pa.scalar(1, pa.int64()), t.num_rows))
         while True:
-            cur = self.upper
+            cur = self._live_upper()
             if cur.is_empty:
                 raise InvalidBounds(f"shard {self.shard_id}: closed (empty upper); cannot append")
             ts = max(cur.time or 0, int(at_least))
