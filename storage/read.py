@@ -151,6 +151,14 @@ class ReadHandle:
         if self._expired:
             raise LeaseExpired(f"shard {self.shard_id}: leased reader {self.reader_id} has expired; open a new reader")
 
+    def _check_lease(self, s: st.ShardState) -> None:
+        """Raise LeaseExpired if `s` no longer has this reader live (by the client's clock)."""
+        r = s.leased_readers.get(self.reader_id)
+        if r is None or r.lease_expires_ms <= self.client.clock():
+            self._expired = True
+            self._stop.set()
+            self._check_live()
+
     def _pin(self) -> int:
         with self._lock:
             return min(self._inflight) if self._inflight else self._last_seqno
@@ -223,9 +231,7 @@ class ReadHandle:
             s = self.machine.fetch()
             if s.is_tombstone:
                 raise tombstone_error(self.shard_id)
-            if self.reader_id not in s.leased_readers or s.leased_readers[self.reader_id].lease_expires_ms <= self.client.clock():
-                self._expired = True
-                self._check_live()
+            self._check_lease(s)
             if not s.since.less_equal(as_of):
                 raise ReadBeforeSince(f"shard {self.shard_id}: as_of {as_of} is before since {s.since.time}")
             if not s.upper.less_equal(as_of):
@@ -292,6 +298,9 @@ class ReadHandle:
             s = self.machine.fetch()
             if s.is_tombstone:
                 raise tombstone_error(self.shard_id)
+            # An expired reader no longer holds since back, so what it would read next
+            # may already be compacted or collected: it must stop.
+            self._check_lease(s)
             if frontier < s.upper:
                 with self._reading(s):
                     batches = [b for b in s.batches if frontier < b.upper and b.parts]
