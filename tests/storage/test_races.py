@@ -65,7 +65,7 @@ def test_threads_race_compare_and_append(tmp_path: Any) -> None:
     n_threads, rounds = 8, 20
     client = storage.open(str(tmp_path), fsync=False)
     shard = ShardId.new()
-    writers = [client.open_writer(shard, schema=SCHEMA, writer_id=f"w{i}") for i in range(n_threads)]
+    writers = [client.open_writer(shard, schema=SCHEMA, writer_id=f"w{i}", compact=False) for i in range(n_threads)]
     lower = 0
     for rnd in range(rounds):
         barrier = threading.Barrier(n_threads)
