@@ -38,6 +38,8 @@ from .operators import FrontierTracker, OffsetQueue, check_item, one_key, tmax_o
 __all__ = ["Committed", "WrittenBatch", "append_sink", "persist_sink"]
 
 OFFSETS_KEY = "offsets"
+#: The upper of the append that last committed offsets: desired == persisted below it.
+OFFSETS_UPPER_KEY = "offsets_upper"
 MAX_CAS_ATTEMPTS = 50
 _WRITE_THREADS = 4
 
@@ -73,6 +75,20 @@ class Committed:
 def committed_offsets(state: st.ShardState) -> dict[str, Any]:
     """The source offsets committed in `state` (partition key -> offset to resume after)."""
     return dict(state.metadata.get(OFFSETS_KEY) or {})
+
+
+def resume_point(state: st.ShardState) -> tuple[dict[str, Any], int | None]:
+    """(offsets, as_of) to resume a flow writing this shard; `as_of` is None when nothing was committed.
+
+    `as_of` is the upper of the append that committed the offsets (not the
+    current upper: another writer may have appended since, and the sink must
+    still correct that).
+    """
+    offs = committed_offsets(state)
+    up = state.metadata.get(OFFSETS_UPPER_KEY)
+    if not offs or up is None:
+        return {}, None
+    return offs, int(up)
 
 
 def _commit_parts(
@@ -249,7 +265,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             assert self.S <= self.P.time, (self.S, self.P)
             parts, rows, corrected = self._batch(self.P, f)
             offs = self.oq_peek(f)
-            md = {OFFSETS_KEY: {**self.offsets, **offs}} if offs else None
+            md = {OFFSETS_KEY: {**self.offsets, **offs}, OFFSETS_UPPER_KEY: f.time} if offs else None
             try:
                 _commit_parts(self.writer.writer_id, self.machine, parts, self.P, f, md)
             except UpperMismatch as e:
@@ -286,12 +302,6 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self.S = f.time if f.time is not None else self.S
         self.pending = [w for w in self.pending if not _lt(w.tmax, f)]
         self.oq.pop(f)
-        if self._reader is not None and self.S > 0:
-            # Hold since below S so that range reads over [S, P) stay exact (see _persisted_src).
-            try:
-                self._reader.downgrade_since(Frontier(self.S - 1))
-            except Exception:
-                self._reader = None
 
     def _batch(self, lower: Frontier, upper: Frontier) -> tuple[tuple[st.PartMeta, ...], int, bool]:
         """The parts to append as `[lower, upper)`; `corrected` when they had to be recomputed."""
@@ -342,11 +352,14 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         return "(" + " UNION ALL ".join(srcs) + ")"
 
     def _persisted_src(self, con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> tuple[str, st.ShardState]:
-        """A FROM clause over the shard's updates at times in `[lo, hi)` (exact: since is held below lo)."""
-        if self._reader is None:
-            self._reader = self.client.open_leased_reader(self.shard)
-            if self.S > 0 and self._reader.since.less_equal(self.S - 1):
-                self._reader.downgrade_since(Frontier(self.S - 1))
+        """A FROM clause over the shard's updates at times in `[lo, hi)`.
+
+        SUBTLE: exact only while the shard's since is `< lo` (compaction advances
+        times below since *to* since, which would pull older updates into the
+        range). The sink does not register a reader to hold since back: the
+        storage controller's read policy owns since, and it lags the upper; if it
+        ever passes a pending sync point we refuse rather than guess.
+        """
         s = self.machine.fetch()
         if lo < hi and lo > 0 and not s.since.less_equal(lo - 1):
             msg = (
@@ -402,7 +415,8 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             f"  WHERE {TIME} >= {self.S} AND {TIME} < {f.time}){grp} HAVING sum({DIFF}) <> 0)"
         )
         try:
-            row = con.sql(q).fetchone()
+            rows_ = con.sql(q).fetchall()
+            row = rows_[0] if rows_ else None
         finally:
             _unregister(con)
         if row is not None and row[0] == 0:
@@ -466,8 +480,9 @@ def persist_sink(
             upstream makes the fast path copy-free).
         client: the storage client.
         shard: the shard id (ask the storage controller for a collection's shard).
-        as_of: None to correct everything (fresh start), or the shard's upper
-            when the flow resumed from offsets committed in the shard.
+        as_of: None to correct everything (fresh start), or, when the flow
+            resumed from offsets committed in the shard, the upper they were
+            committed at (`resume_point(state)[1]`).
         schema: create the shard with this row schema if it does not exist.
 
     Returns:
