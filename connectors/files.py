@@ -1,0 +1,514 @@
+"""`FileSource`: CSV, JSON Lines and Parquet files under a glob, read once or tailed.
+
+Delivery: **exactly-once**, given that the sink commits each batch's offsets in
+the same compare-and-set as its data.
+
+Offsets: per partition, `{path: byte offset}`: every byte of `path` before the
+offset has been emitted (for CSV this includes the header line; for Parquet the
+offset is the file size once the file was read). Off-by-one rule: a resumed
+partition reads each file from its committed offset on, i.e. *after* the last
+emitted byte; a file not in the offsets is read from the start.
+
+Times: the partition's *byte clock*. All records of one read (a chunk of whole
+lines, or a whole Parquet file) get `_time = S`, where `S` is the sum of the
+partition's file offsets before the chunk (raised to the shard's upper when the
+job started, if that is larger). After the chunk the partition emits
+`Progress(S + chunk bytes)`. Times are thus derived from the offsets alone: a
+batch run over the same files yields the same times on every replay, and a
+resumed run continues where the committed offsets say. In continuous mode a
+chunk ends where the file ended when it was polled, so chunking (and hence the
+exact times) follows the writer's timing; only uncommitted data is ever re-read.
+
+Records: one per line (CSV without newlines inside quoted values; JSON Lines one
+object per line, unknown fields ignored, missing fields null). Blank lines are
+skipped. Parsing runs in `pyarrow.csv` / `pyarrow.json` over whole chunks; only
+when a chunk fails does the source bisect it to find the bad lines.
+
+Malformed records: with `on_error="raise"` (default) the first bad record raises
+`FileSourceError` naming the file, the 1-based line, the byte offset and what was
+wrong; nothing of that chunk is emitted. With `on_error="collect"` the good
+records are emitted as usual and the bad ones as an `ErrorBatch` (an
+`UpdateBatch` subclass with `ERRORS_SCHEMA`: file, line, offset, error, record)
+at the same time and with the same offsets. Route them with
+`split_errors(step_id, stream)`, which returns `.data` and `.errors` streams
+(Progress goes to both); sink `.errors` into the `<name>_errors` collection
+(`FileSource.errors_collection`).
+
+A partial line at the end of a file (no trailing newline yet) is not an error in
+continuous mode: it waits for the rest. In batch mode the file is complete, so a
+last line without newline is a record. A Parquet file is read once its footer is
+complete. Files must be append-only: one that shrinks raises `FileSourceError`.
+
+Example:
+    >>> import os, tempfile
+    >>> import pyarrow as pa
+    >>> from bytewax.dataflow import Dataflow
+    >>> import bytewax.operators as op
+    >>> from bytewax.testing import TestingSink, run_main
+    >>> d = tempfile.mkdtemp()
+    >>> with open(os.path.join(d, "a.csv"), "w") as f:
+    ...     _ = f.write("id,name\\n1,x\\n2,y\\n")
+    >>> src = FileSource(os.path.join(d, "*.csv"), format="csv", schema=pa.schema([("id", pa.int64()), ("name", pa.string())]))
+    >>> flow, out = Dataflow("files"), []
+    >>> op.output("out", op.input("in", flow, src), TestingSink(out))
+    >>> run_main(flow)
+    >>> out[0].table.to_pylist()
+    [{'id': 1, 'name': 'x', '_time': 0, '_diff': 1}, {'id': 2, 'name': 'y', '_time': 0, '_diff': 1}]
+    >>> list(out[0].offsets["files/0"].values()), out[1].frontier
+    ([16], Frontier(16))
+"""
+
+from __future__ import annotations
+
+import glob as globmod
+import io
+import os
+import time
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import bytewax.operators as op
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from bytewax.dataflow import Stream, operator
+
+from storage import Frontier, Progress, UpdateBatch
+from storage.errors import InvalidInput
+from storage.updates import DIFF, TIME, check_row_schema, update_schema
+
+from .base import Item, UpdatePartition, UpdateSource, awake_in, partition_key, stop_requested
+from .errors import FileSourceError
+
+__all__ = ["ERRORS_SCHEMA", "ErrorBatch", "FileSource", "FileSourceError", "SplitErrors", "split_errors"]
+
+Format = Literal["csv", "jsonl", "parquet"]
+
+#: Row schema of the `<name>_errors` collection.
+ERRORS_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),
+        ("line", pa.int64()),
+        ("offset", pa.int64()),
+        ("error", pa.string()),
+        ("record", pa.string()),
+    ]
+)
+
+_ONE = pa.scalar(1, pa.int64())
+_IDLE_PROGRESS_S = 1.0
+
+
+@dataclass(frozen=True)
+class ErrorBatch(UpdateBatch):
+    """Bad records (rows under `ERRORS_SCHEMA`) for the `<name>_errors` collection."""
+
+
+class FileSource(UpdateSource):
+    """Files matching `glob`, as a source of updates (see the module docstring).
+
+    Args:
+        glob: A `glob.glob` pattern (`**` allowed). Paths are used as found, so
+            they are the keys of the offsets: keep the pattern stable across runs.
+        format: `"csv"` (a header line by default), `"jsonl"` or `"parquet"`.
+        schema: The row schema. CSV columns are matched by position and the
+            header must name them; JSON fields and Parquet columns by name.
+        mode: `"batch"` reads every matching file to its end once, then EOF;
+            `"continuous"` keeps polling for new files and appended bytes until
+            `request_stop()`.
+        on_error: `"raise"` or `"collect"` (see the module docstring).
+        time: `"offset"`, the byte clock (the only choice so far).
+        name: Source name: partition keys are `"<name>/<i>"`, errors go to
+            `"<name>_errors"`.
+        partitions: Number of partitions; a file belongs to partition
+            `crc32(path) % partitions`.
+        header: CSV only: whether each file starts with a header line.
+        block_size: Bytes read per chunk (whole lines; a longer line is read whole).
+        poll_interval: Seconds between polls in continuous mode.
+        resume: `{partition key: {path: byte offset}}` from the shard's metadata.
+        resume_upper: The shard's upper at start; times never go below it.
+
+    Raises:
+        InvalidInput: a bad option.
+    """
+
+    def __init__(
+        self,
+        glob: str,
+        *,
+        format: Format,
+        schema: pa.Schema,
+        mode: Literal["batch", "continuous"] = "batch",
+        on_error: Literal["raise", "collect"] = "raise",
+        time: Literal["offset"] = "offset",
+        name: str = "files",
+        partitions: int = 1,
+        header: bool = True,
+        block_size: int = 16 << 20,
+        poll_interval: float = 0.25,
+        resume: Mapping[str, Any] | None = None,
+        resume_upper: Frontier | None = None,
+    ) -> None:
+        super().__init__(resume=resume, resume_upper=resume_upper)
+        where = f"FileSource {name!r}"
+        if format not in ("csv", "jsonl", "parquet"):
+            raise InvalidInput(f"{where}: format must be 'csv', 'jsonl' or 'parquet', got {format!r}")
+        if mode not in ("batch", "continuous"):
+            raise InvalidInput(f"{where}: mode must be 'batch' or 'continuous', got {mode!r}")
+        if on_error not in ("raise", "collect"):
+            raise InvalidInput(f"{where}: on_error must be 'raise' or 'collect', got {on_error!r}")
+        if time != "offset":
+            raise InvalidInput(f"{where}: time must be 'offset' (the byte clock), got {time!r}")
+        if not isinstance(partitions, int) or partitions < 1:
+            raise InvalidInput(f"{where}: partitions must be an int >= 1, got {partitions!r}")
+        if block_size < 1:
+            raise InvalidInput(f"{where}: block_size must be >= 1, got {block_size!r}")
+        check_row_schema(schema, where)
+        self.glob = glob
+        self.format: Format = format
+        self.schema = schema
+        self.mode = mode
+        self.on_error = on_error
+        self.name = name
+        self.partitions = partitions
+        self.header = header
+        self.block_size = block_size
+        self.poll_interval = poll_interval
+        self.update_schema = update_schema(schema)
+        self.errors_collection = f"{name}_errors"
+
+    def list_parts(self) -> list[str]:
+        return [partition_key(self.name, p) for p in range(self.partitions)]
+
+    def build_partition(self, key: str, resume_offset: Any) -> _FilePartition:
+        if resume_offset is not None and not isinstance(resume_offset, Mapping):
+            msg = f"FileSource {self.name!r}: resume offset of {key} must be {{path: byte offset}}, got {resume_offset!r}"
+            raise InvalidInput(msg)
+        index = self.list_parts().index(key)
+        return _FilePartition(self, key, index, dict(resume_offset or {}))
+
+    def files(self, index: int) -> list[str]:
+        """The files of partition `index`, sorted by path."""
+        paths = sorted(p for p in globmod.glob(self.glob, recursive=True) if os.path.isfile(p))
+        if self.partitions == 1:
+            return paths
+        return [p for p in paths if zlib.crc32(p.encode()) % self.partitions == index]
+
+    # ---- parsing (pure: bytes -> table) ----
+    def parse(self, data: bytes) -> pa.Table:
+        """Parse whole lines of CSV/JSONL (no header) into a table under `schema`.
+
+        Raises pyarrow's ArrowInvalid or ValueError on a malformed record.
+        """
+        if not data.strip():
+            return self.schema.empty_table()
+        if self.format == "csv":
+            t = pacsv.read_csv(
+                io.BytesIO(data),
+                read_options=pacsv.ReadOptions(column_names=self.schema.names, use_threads=False),
+                parse_options=pacsv.ParseOptions(newlines_in_values=False),
+                convert_options=pacsv.ConvertOptions(column_types=self.schema),
+            )
+        else:
+            t = pajson.read_json(
+                io.BytesIO(data),
+                read_options=pajson.ReadOptions(use_threads=False, block_size=max(len(data) + 1, 1 << 16)),
+                parse_options=pajson.ParseOptions(
+                    explicit_schema=self.schema, unexpected_field_behavior="ignore"
+                ),
+            )
+            t = t.select(self.schema.names)
+        return _conform(t, self.schema)
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    for field in schema:
+        if not field.nullable and t.column(field.name).null_count:
+            raise ValueError(f"column {field.name!r} is null but the schema says not null")
+    return t.cast(schema)
+
+
+def _with_time_diff(t: pa.Table, ts: int) -> pa.Table:
+    n = t.num_rows
+    t = t.append_column(pa.field(TIME, pa.int64(), nullable=False), pa.repeat(pa.scalar(ts, pa.int64()), n))
+    return t.append_column(pa.field(DIFF, pa.int64(), nullable=False), pa.repeat(_ONE, n))
+
+
+def _short(e: BaseException) -> str:
+    """pyarrow's message without its trailing context lines."""
+    msg = str(e).strip().splitlines()
+    return msg[0] if msg else type(e).__name__
+
+
+class _FilePartition(UpdatePartition):
+    def __init__(self, src: FileSource, key: str, index: int, offsets: dict[str, int]) -> None:
+        self.src = src
+        self.key = key
+        self.keys = tuple(src.list_parts())
+        self.index = index
+        self.offset = offsets  # {path: byte offset}; what the next batch will claim
+        self._lines: dict[str, int] = {}  # path -> newlines before offset, when known
+        self._clock = sum(int(v) for v in offsets.values())
+        if src.resume_upper is not None and src.resume_upper.time is not None:
+            self._clock = max(self._clock, src.resume_upper.time)
+        self._batch_files: list[str] | None = src.files(index) if src.mode == "batch" else None
+        self._awake: datetime | None = None
+        self._last_progress = 0.0
+        self._done = False
+
+    def _progress(self) -> Progress:
+        self._last_progress = time.monotonic()
+        return Progress(Frontier(self._clock), partition=self.key, partitions=self.keys)
+
+    def next_batch(self) -> list[Item]:
+        if self._done:
+            raise StopIteration()
+        if self.src.mode == "continuous" and stop_requested():
+            self._done = True
+            return [self._progress()]
+        files = self._batch_files if self._batch_files is not None else self.src.files(self.index)
+        for path in files:
+            items = self._read(path)
+            if items is not None:
+                self._awake = None
+                return items
+        if self.src.mode == "batch":
+            self._done = True
+            return [self._progress()]
+        self._awake = awake_in(self.src.poll_interval)
+        if time.monotonic() - self._last_progress >= _IDLE_PROGRESS_S:
+            return [self._progress()]
+        return []
+
+    def next_awake(self) -> datetime | None:
+        return self._awake
+
+    def close(self) -> None:
+        pass
+
+    # ---- one chunk ----
+    def _read(self, path: str) -> list[Item] | None:
+        """Emit the next chunk of `path`, or None when it has nothing new (yet)."""
+        off = int(self.offset.get(path, 0))
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            return None  # deleted after the glob; whatever was read stays read
+        if size < off:
+            msg = f"{path}: file shrank to {size} bytes below the committed offset {off}; files must be append-only"
+            raise FileSourceError(msg, path=path, offset=off)
+        if size == off:
+            return None
+        if self.src.format == "parquet":
+            return self._read_parquet(path, size) if off == 0 else None
+        final = self.src.mode == "batch"
+        data = _read_lines(path, off, self.src.block_size, final)
+        if not data:
+            return None  # only a partial line so far: wait for the rest
+        body_start = 0
+        if off == 0 and self.src.format == "csv" and self.src.header:
+            nl = data.find(b"\n")
+            body_start = len(data) if nl < 0 else nl + 1
+            self._check_header(path, data[:body_start])
+            self._lines[path] = 0
+        body = data[body_start:]
+        try:
+            good = self.src.parse(body)
+            bad: list[tuple[int, int, str, bytes]] = []
+        except (pa.ArrowInvalid, ValueError):
+            good, bad = self._diagnose(path, off + body_start, body)
+        if bad and self.src.on_error == "raise":
+            line_base = self._line_base(path, off + body_start)
+            idx, rec_off, what, _ = bad[0]
+            line = line_base + idx + 1
+            raise FileSourceError(f"{path}: line {line} (byte {rec_off}): {what}", path=path, line=line, offset=rec_off)
+        ts = self._clock
+        items: list[Item] = []
+        new_offsets = {**self.offset, path: off + len(data)}
+        if bad:
+            line_base = self._line_base(path, off + body_start)
+            errs = pa.table(
+                {
+                    "file": pa.array([path] * len(bad), pa.string()),
+                    "line": pa.array([line_base + b[0] + 1 for b in bad], pa.int64()),
+                    "offset": pa.array([b[1] for b in bad], pa.int64()),
+                    "error": pa.array([b[2] for b in bad], pa.string()),
+                    "record": pa.array([b[3].decode("utf-8", "replace") for b in bad], pa.string()),
+                },
+                schema=ERRORS_SCHEMA,
+            )
+            items.append(ErrorBatch(_with_time_diff(errs, ts), Frontier(ts), Frontier(ts + 1), offsets={self.key: new_offsets}))
+        if path in self._lines:
+            self._lines[path] += data.count(b"\n")
+        items.insert(0, UpdateBatch(_with_time_diff(good, ts), Frontier(ts), Frontier(ts + 1), offsets={self.key: new_offsets}))
+        self.offset = new_offsets
+        self._clock = ts + len(data)
+        items.append(self._progress())
+        return items
+
+    def _check_header(self, path: str, line: bytes) -> None:
+        try:
+            names = pacsv.read_csv(io.BytesIO(line)).column_names if line.strip() else []
+        except pa.ArrowInvalid as e:
+            raise FileSourceError(f"{path}: line 1 (byte 0): bad CSV header: {_short(e)}", path=path, line=1, offset=0) from None
+        if names != self.src.schema.names:
+            msg = f"{path}: line 1 (byte 0): CSV header names columns {names}, the schema says {self.src.schema.names}"
+            raise FileSourceError(msg, path=path, line=1, offset=0)
+
+    def _line_base(self, path: str, off: int) -> int:
+        """Number of newlines in `path` before byte `off` (error path only after a resume)."""
+        n = self._lines.get(path)
+        if n is None:
+            with open(path, "rb") as f:
+                n = 0
+                left = off
+                while left > 0:
+                    buf = f.read(min(left, 1 << 20))
+                    if not buf:
+                        break
+                    n += buf.count(b"\n")
+                    left -= len(buf)
+            self._lines[path] = n
+        return n
+
+    def _diagnose(self, path: str, start: int, body: bytes) -> tuple[pa.Table, list[tuple[int, int, str, bytes]]]:
+        """Find the bad lines of a chunk that failed to parse, by bisection.
+
+        Returns the good records as a table and the bad ones as
+        `(line index in chunk, byte offset, what was wrong, raw line)`.
+        """
+        entries: list[tuple[int, int, bytes]] = []  # (line index, byte offset, line)
+        pos = 0
+        for i, line in enumerate(body.split(b"\n")):
+            if line.strip():
+                entries.append((i, start + pos, line))
+            pos += len(line) + 1
+        bad: list[tuple[int, int, str, bytes]] = []
+        first_only = self.src.on_error == "raise"
+        parse: Callable[[bytes], pa.Table] = self.src.parse
+
+        def blob(lo: int, hi: int) -> bytes:
+            return b"\n".join(e[2] for e in entries[lo:hi]) + b"\n"
+
+        def bisect(lo: int, hi: int) -> None:
+            if lo >= hi or (first_only and bad):
+                return
+            try:
+                parse(blob(lo, hi))
+                return
+            except (pa.ArrowInvalid, ValueError) as e:
+                if hi - lo == 1:
+                    i, rec_off, line = entries[lo]
+                    bad.append((i, rec_off, _short(e), line))
+                    return
+            mid = (lo + hi) // 2
+            bisect(lo, mid)
+            bisect(mid, hi)
+
+        bisect(0, len(entries))
+        if first_only:
+            return self.src.schema.empty_table(), bad
+        bad_idx = {b[0] for b in bad}
+        good = parse(b"\n".join(e[2] for e in entries if e[0] not in bad_idx) + b"\n")
+        return good, bad
+
+    def _read_parquet(self, path: str, size: int) -> list[Item] | None:
+        try:
+            t = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            if self.src.mode == "continuous" and not _parquet_complete(path):
+                return None  # still being written: wait for the footer
+            return self._bad_file(path, size, f"not a readable Parquet file: {_short(e)}")
+        try:
+            missing = [n for n in self.src.schema.names if n not in t.column_names]
+            if missing:
+                raise ValueError(f"missing column {missing[0]!r} (the schema says {self.src.schema.names})")
+            t = _conform(t.select(self.src.schema.names), self.src.schema)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
+            return self._bad_file(path, size, _short(e))
+        ts = self._clock
+        self.offset = {**self.offset, path: size}
+        self._clock = ts + size
+        return [UpdateBatch(_with_time_diff(t, ts), Frontier(ts), Frontier(ts + 1), offsets={self.key: self.offset}), self._progress()]
+
+    def _bad_file(self, path: str, size: int, what: str) -> list[Item]:
+        if self.src.on_error == "raise":
+            raise FileSourceError(f"{path}: {what}", path=path, offset=0)
+        ts = self._clock
+        errs = pa.table(
+            {"file": [path], "line": pa.nulls(1, pa.int64()), "offset": [0], "error": [what], "record": pa.nulls(1, pa.string())},
+            schema=ERRORS_SCHEMA,
+        )
+        self.offset = {**self.offset, path: size}
+        self._clock = ts + size
+        off = {self.key: self.offset}
+        return [
+            UpdateBatch(_with_time_diff(self.src.schema.empty_table(), ts), Frontier(ts), Frontier(ts + 1), offsets=off),
+            ErrorBatch(_with_time_diff(errs, ts), Frontier(ts), Frontier(ts + 1), offsets=off),
+            self._progress(),
+        ]
+
+
+def _parquet_complete(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return f.read(4) == b"PAR1"
+    except OSError:
+        return False
+
+
+def _read_lines(path: str, off: int, block: int, final: bool) -> bytes:
+    """Bytes of `path` from `off`: at most about `block` bytes, ending after a newline.
+
+    A line longer than `block` is read whole. At end of file, a last line without
+    newline is included only if `final` (the file is complete).
+    """
+    with open(path, "rb") as f:
+        f.seek(off)
+        buf = f.read(block)
+        while True:
+            at_eof = len(buf) < block or not buf
+            nl = buf.rfind(b"\n")
+            if at_eof:
+                return buf if final else buf[: nl + 1]
+            if nl >= 0:
+                return buf[: nl + 1]
+            more = f.read(block)
+            if not more:
+                return buf if final else b""
+            buf += more
+            block *= 2
+
+
+@dataclass(frozen=True)
+class SplitErrors:
+    """The two outputs of `split_errors`."""
+
+    data: Stream[Item]
+    errors: Stream[Item]
+
+
+@operator
+def split_errors(step_id: str, up: Stream[Item]) -> SplitErrors:
+    """Split a source stream into its data and its bad records (`ErrorBatch`).
+
+    Progress items go to both outputs, so both collections' uppers advance. The
+    errors come out as plain `UpdateBatch`es under `ERRORS_SCHEMA`, with the
+    source's offsets, ready for a sink into the `<name>_errors` collection.
+    """
+
+    def data(x: Item) -> list[Item]:
+        return [] if isinstance(x, ErrorBatch) else [x]
+
+    def errors(x: Item) -> list[Item]:
+        if isinstance(x, ErrorBatch):
+            return [UpdateBatch(x.table, x.lower, x.upper, x.offsets)]
+        return [x] if isinstance(x, Progress) else []
+
+    return SplitErrors(op.flat_map("data", up, data), op.flat_map("errors", up, errors))
+
