@@ -169,6 +169,11 @@ class DesiredStore:
         d, p = self._t(key, "desired"), self._t(key, "persisted")
         self.con.execute(f"CREATE OR REPLACE TABLE {p} AS SELECT * FROM {d}")
 
+    def desired_is_persisted(self, key: str) -> None:
+        """desired := persisted (a collection that starts from what is stored)."""
+        d, p = self._t(key, "desired"), self._t(key, "persisted")
+        self.con.execute(f"CREATE OR REPLACE TABLE {d} AS SELECT * FROM {p}")
+
     def corrections(self, key: str) -> pa.Table:
         """`desired - persisted`, consolidated: row columns + `_diff`, no zero diffs."""
         d, p = self._t(key, "desired"), self._t(key, "persisted")
