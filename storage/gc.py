@@ -1,0 +1,228 @@
+"""Garbage collection, finalization and integrity checks of a shard's parts.
+
+- `gc(client, shard)` deletes the parts no live state version references, and
+  orphaned parts (written by a lost compare-and-set or merge) once they are
+  older than a grace period; then it truncates consensus below the oldest
+  state version a live leased reader still pins.
+- `finalize(client, shard)` closes the upper, then the since (the shard becomes
+  a tombstone), forgets the batches and deletes every part.
+- `verify(client, shard)` checks every part's existence and sha256.
+
+Which versions are live. A leased reader pins the oldest state version
+(seqno) it may still be reading from (`LeasedReaderState.seqno`, moved forward
+by its heartbeat). Every version from `pin = min(pinned seqnos of readers whose
+lease is live)` (the head when there is none) up to the head is live. A part
+referenced by a live version is never deleted; so a reader in the middle of a
+snapshot, whose version is >= its pin, keeps every part it reads.
+
+Orphans. A writer puts its parts *before* the CAS that references them, so a
+part that no version references may be about to become referenced. Such a
+part is only deleted once its blob mtime is older than `grace_ms` (wall clock:
+mtimes are wall-clock times, whatever clock the client was opened with).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from . import state as st
+from .errors import CorruptPart
+from .machine import Machine
+
+if TYPE_CHECKING:
+    from .client import Client
+
+# Writers put parts, then CAS; a merge of a big run takes a while. A part younger
+# than this may still be on its way into the state, so gc leaves it alone.
+DEFAULT_GRACE_MS = 15 * 60 * 1000
+FINALIZER_ID = "finalize"
+_SCAN_LIMIT = 500
+
+
+@dataclass
+class GcReport:
+    """What one `gc` call did (or, with `dry_run=True`, would do)."""
+
+    head_seqno: int = 0
+    pinned_seqno: int = 0  # versions below this were truncated
+    parts_deleted: int = 0  # referenced only by versions below the pin
+    orphans_deleted: int = 0  # referenced by no retained version, older than the grace period
+    orphans_kept: int = 0  # unreferenced but younger than the grace period
+    bytes_deleted: int = 0
+    versions_truncated: int = 0
+    deleted: list[str] = field(default_factory=list, repr=False)
+
+
+@dataclass
+class VerifyReport:
+    """Result of `verify`: every part's existence and sha256."""
+
+    shard_id: str
+    tombstone: bool = False
+    batches: int = 0
+    parts_checked: int = 0
+    bytes_checked: int = 0
+    problems: list[CorruptPart] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _keys(s: st.ShardState) -> set[str]:
+    return {p.key for b in s.batches for p in b.parts}
+
+
+def _scan(m: Machine, from_seqno: int, to_seqno: int) -> list[st.ShardState]:
+    """Decode every stored version of the shard with `from_seqno <= seqno <= to_seqno`."""
+    out = []
+    nxt = from_seqno
+    while nxt <= to_seqno:
+        rows = m.consensus.scan(m.key, nxt, _SCAN_LIMIT)
+        if not rows:
+            break
+        for r in rows:
+            if r.seqno > to_seqno:
+                return out
+            out.append(st.ShardState.decode(r.data, f"shard {m.shard_id} seqno {r.seqno}"))
+        nxt = rows[-1].seqno + 1
+    return out
+
+
+def live_pin(s: st.ShardState, now_ms: int) -> int:
+    """The oldest seqno a live leased reader may still read from (the head's seqno if none)."""
+    pins = [r.seqno for r in s.leased_readers.values() if r.lease_expires_ms > now_ms]
+    return min([s.seqno, *pins])
+
+
+def gc(client: Client, shard: str, *, grace_ms: int = DEFAULT_GRACE_MS, dry_run: bool = False) -> GcReport:
+    """Delete the shard's unreachable parts and truncate consensus below the live pin.
+
+    Never deletes a part referenced by a state version at or after the oldest
+    seqno pinned by a live leased reader. Works on a tombstone too (it then
+    deletes whatever parts are left, subject to the grace period for orphans).
+
+    Args:
+        grace_ms: orphans (parts no retained version references) younger than
+            this are kept: they may belong to an append or merge in flight.
+            0 deletes every orphan; only safe when nothing writes the shard.
+        dry_run: report what would be deleted and truncated, change nothing.
+
+    Example:
+        >>> import pyarrow as pa, storage, tempfile
+        >>> client = storage.open(tempfile.mkdtemp())
+        >>> shard = storage.ShardId.new()
+        >>> w = client.open_writer(shard, schema=pa.schema([("k", pa.string())]), compact=False)
+        >>> for t in range(6):
+        ...     _ = w.compare_and_append(pa.table({"k": ["a"], "_time": [t], "_diff": [1]}), t, t + 1)
+        >>> _ = client.compact(shard)
+        >>> r = client.gc(shard)
+        >>> r.parts_deleted, r.versions_truncated > 0
+        (6, True)
+    """
+    m = client.machine(shard)
+    head = m.fetch()
+    now = client.clock()
+    pin = live_pin(head, now)
+    report = GcReport(head_seqno=head.seqno, pinned_seqno=pin)
+    # SUBTLE: scan from the oldest stored version, not from the pin: a part that only
+    # versions below the pin reference is garbage *now*, while one that no stored
+    # version references at all may be an append in flight (grace period).
+    versions = _scan(m, 0, head.seqno)
+    live: set[str] = set()
+    dead: set[str] = set()
+    for v in versions:
+        (live if v.seqno >= pin else dead).update(_keys(v))
+    live |= _keys(head)
+    dead -= live
+    wall_now = time.time()
+    prefix = f"{m.shard_id}/"
+    to_delete: list[tuple[str, int, bool]] = []
+    for meta in client.blob.list(prefix):
+        if meta.key in live:
+            continue
+        if meta.key in dead:
+            to_delete.append((meta.key, meta.size, False))
+        elif (wall_now - meta.mtime_s) * 1000 >= grace_ms:
+            to_delete.append((meta.key, meta.size, True))
+        else:
+            report.orphans_kept += 1
+    for key, size, orphan in to_delete:
+        if not dry_run:
+            client.blob.delete(key)
+        report.deleted.append(key)
+        report.bytes_deleted += size
+        if orphan:
+            report.orphans_deleted += 1
+        else:
+            report.parts_deleted += 1
+    # Truncate only after the deletes: if we crash in between, the parts are still
+    # found (as referenced-below-the-pin, or as orphans after the grace period).
+    oldest = versions[0].seqno if versions else pin
+    if pin > oldest:
+        report.versions_truncated = pin - oldest if dry_run else m.consensus.truncate(m.key, pin)
+    return report
+
+
+def finalize(client: Client, shard: str) -> None:
+    """Finalize `shard`: close its upper, then its since; forget its batches; delete its parts.
+
+    Afterwards the shard is a tombstone: every later read or write raises
+    `Tombstone`. Each step is its own CAS and a no-op once done, so a crash
+    anywhere is resumed by running `finalize` again; on a finalized shard it
+    does nothing. The caller (the storage controller) first makes sure no one
+    still needs the data: finalization drops every reader's hold.
+
+    Raises:
+        ShardNotFound: no shard with this id exists.
+    """
+    m = client.machine(shard)
+    m.apply(lambda s, now: (st.finalize_upper(s, writer_id=FINALIZER_ID, now_ms=now), None))
+    m.apply(lambda s, now: (st.finalize_since(s), None))
+    s, _ = m.apply(lambda s, now: (st.finalize_batches(s), None))
+    # INVARIANT: the head is a tombstone without batches, so no version from here on
+    # references a part; every part under the shard's prefix is garbage.
+    assert s.is_tombstone and not s.batches, (s.since, s.upper, len(s.batches))
+    for meta in list(client.blob.list(f"{m.shard_id}/")):
+        client.blob.delete(meta.key)
+    if s.seqno > 0:
+        m.consensus.truncate(m.key, s.seqno)
+
+
+def verify(client: Client, shard: str) -> VerifyReport:
+    """Check that every part of every batch exists and matches its sha256.
+
+    Reads every byte (no cache). On a tombstone there is nothing to check
+    and the report says `tombstone=True`. For `shardflow fsck`.
+
+    Returns:
+        A `VerifyReport`; each problem is a `CorruptPart` naming the shard, the
+        batch `[lower, upper)` and the part key.
+    """
+    m = client.machine(shard)
+    s = m.fetch()
+    report = VerifyReport(shard_id=m.shard_id, tombstone=s.is_tombstone, batches=len(s.batches))
+    for b in s.batches:
+        for p in b.parts:
+            report.parts_checked += 1
+            data = client.blob.get(p.key)
+            if data is None:
+                report.problems.append(client._corrupt(m.shard_id, b, p, "missing"))
+                continue
+            report.bytes_checked += len(data)
+            if len(data) != p.bytes:
+                report.problems.append(
+                    client._corrupt(m.shard_id, b, p, f"size {len(data)} bytes, expected {p.bytes}")
+                )
+                continue
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != p.sha256:
+                report.problems.append(
+                    client._corrupt(
+                        m.shard_id, b, p, f"sha256 {digest[:12]}.. does not match {p.sha256[:12]}.."
+                    )
+                )
+    return report
