@@ -56,7 +56,14 @@ from .catalog import (
     validate_name,
 )
 from .desired import DesiredStore, as_rows, rows_schema
-from .policy import DEFAULT_POLICY, MutableAntichain, ReadPolicy, ValidFrom, coerce_policy, policy_to_json
+from .policy import (
+    DEFAULT_POLICY,
+    MutableAntichain,
+    ReadPolicy,
+    ValidFrom,
+    coerce_policy,
+    policy_to_json,
+)
 from .tables import TableWrite, append_tables
 
 log = logging.getLogger("storage.controller")
