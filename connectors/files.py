@@ -259,17 +259,22 @@ class _FilePartition(UpdatePartition):
         self._awake: datetime | None = None
         self._last_progress = 0.0
         self._done = False
+        self._progressed: int | None = None  # the last Progress emitted
+
+    def _final(self) -> list[Item]:
+        self._done = True
+        return [] if self._progressed == self._clock else [self._progress()]
 
     def _progress(self) -> Progress:
         self._last_progress = time.monotonic()
+        self._progressed = self._clock
         return Progress(Frontier(self._clock), partition=self.key, partitions=self.keys)
 
     def next_batch(self) -> list[Item]:
         if self._done:
             raise StopIteration()
         if self.src.mode == "continuous" and stop_requested():
-            self._done = True
-            return [self._progress()]
+            return self._final()
         files = self._batch_files if self._batch_files is not None else self.src.files(self.index)
         for path in files:
             items = self._read(path)
@@ -277,8 +282,7 @@ class _FilePartition(UpdatePartition):
                 self._awake = None
                 return items
         if self.src.mode == "batch":
-            self._done = True
-            return [self._progress()]
+            return self._final()
         self._awake = awake_in(self.src.poll_interval)
         if time.monotonic() - self._last_progress >= _IDLE_PROGRESS_S:
             return [self._progress()]
@@ -314,6 +318,7 @@ class _FilePartition(UpdatePartition):
             nl = data.find(b"\n")
             body_start = len(data) if nl < 0 else nl + 1
             self._check_header(path, data[:body_start])
+        if off == 0:
             self._lines[path] = 0
         body = data[body_start:]
         try:
@@ -322,7 +327,7 @@ class _FilePartition(UpdatePartition):
         except (pa.ArrowInvalid, ValueError):
             good, bad = self._diagnose(path, off + body_start, body)
         if bad and self.src.on_error == "raise":
-            line_base = self._line_base(path, off + body_start)
+            line_base = self._line_base(path, off) + (1 if body_start else 0)
             idx, rec_off, what, _ = bad[0]
             line = line_base + idx + 1
             raise FileSourceError(f"{path}: line {line} (byte {rec_off}): {what}", path=path, line=line, offset=rec_off)
@@ -330,7 +335,7 @@ class _FilePartition(UpdatePartition):
         items: list[Item] = []
         new_offsets = {**self.offset, path: off + len(data)}
         if bad:
-            line_base = self._line_base(path, off + body_start)
+            line_base = self._line_base(path, off) + (1 if body_start else 0)
             errs = pa.table(
                 {
                     "file": pa.array([path] * len(bad), pa.string()),
