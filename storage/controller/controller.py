@@ -1059,7 +1059,8 @@ class StorageController:
         """Write `desired - persisted` at the persisted upper, advancing it to at least now."""
         for attempt in range(self.max_write_retries + 1):
             self._check_epoch()
-            if c.persisted_upper is None:
+            if c.persisted_upper is None or c.write_frontier > c.persisted_upper:
+                # Someone else wrote (we saw the upper move): what we believe is stale.
                 self._resync(c, self._shard_upper(c))
             upper = c.persisted_upper
             assert upper is not None and upper.time is not None

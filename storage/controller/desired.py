@@ -55,6 +55,11 @@ def as_rows(data: Any, schema: pa.Schema, where: str) -> pa.Table:
     return t.cast(want)
 
 
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
 class DesiredStore:
     """One DuckDB database file holding `desired` and `persisted` per differential collection.
 
@@ -132,7 +137,7 @@ class DesiredStore:
         try:
             stmts = duckdb.extract_statements(sql)
         except duckdb.Error as e:
-            raise InvalidInput(f"Delete: cannot parse filter {filter_sql!r}: {e}") from None
+            raise InvalidInput(f"Delete: cannot parse filter {filter_sql!r}: {_first_line(e)}") from None
         if len(stmts) != 1:
             raise InvalidInput(f"Delete: filter {filter_sql!r} must be one SQL predicate")
         try:
@@ -140,7 +145,7 @@ class DesiredStore:
             n = self.con.execute(f"SELECT count(*) FROM {table} WHERE ({filter_sql})").fetchone()
             self.con.execute(sql)
         except duckdb.Error as e:
-            raise InvalidInput(f"Delete: filter {filter_sql!r} failed: {e}") from None
+            raise InvalidInput(f"Delete: filter {filter_sql!r} failed: {_first_line(e)}") from None
         return int(n[0]) if n else 0
 
     def replace(self, key: str, rows: pa.Table) -> None:
