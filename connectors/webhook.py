@@ -135,7 +135,9 @@ class WebhookServer:
     def start(self) -> WebhookServer:
         """Serve in a background thread; returns self."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"webhook-{self.port}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"webhook-{self.port}", daemon=True
+            )
             self._thread.start()
         return self
 
