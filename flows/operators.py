@@ -200,14 +200,13 @@ class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
         return out
 
     def on_eof(self) -> tuple[Iterable[Item], bool]:
-        # End of input: nothing more will come, so flush what is left at its own times.
-        if not self.pending:
-            return [], StatefulBatchLogic.DISCARD
-        tm = max(t for _, t in self.pending)
-        f = Frontier(tm + 1)
-        if self.emitted is not None and f <= self.emitted:
-            f = Frontier(self.emitted.time + 1) if self.emitted.time is not None else f
-        return self._flush(f), StatefulBatchLogic.DISCARD
+        # SUBTLE: updates at or beyond the final frontier are dropped, not flushed. A
+        # stopped continuous source ends with its partitions at different frontiers;
+        # flushing the faster ones' data would commit times the slower ones have not
+        # reached, and on resume those would be below the sink's as_of and lost. Their
+        # offsets are not committed, so a resumed run re-reads them. (A batch source
+        # ends with Progress(last time + 1), so nothing is left here.)
+        return [], StatefulBatchLogic.DISCARD
 
     def snapshot(self) -> None:
         return None
@@ -226,7 +225,8 @@ def consolidate(step_id: str, up: Stream[Any]) -> Stream[Any]:
     emitted (see `OffsetQueue`); an offsets-only advance yields an empty batch.
 
     Runs on one worker (one key): DuckDB consolidates with its own threads.
-    On end of input any remaining updates are flushed with `upper = max time + 1`.
+    At end of input, updates at or beyond the final frontier are dropped (their
+    offsets are not committed, so a resumed run reads them again).
     """
     keyed = one_key("key", up)
     out = op.stateful_batch("consolidate", keyed, lambda _resume: _ConsolidateLogic(step_id))

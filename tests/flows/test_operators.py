@@ -117,12 +117,13 @@ def test_consolidate_cancelling_diffs_emit_only_progress(runner):
     assert [type(x).__name__ for x in out] == ["Progress"]
 
 
-def test_consolidate_flushes_at_eof(runner):
-    items = [UpdateBatch(upd([("a", 1, 1), ("b", 6, 1)])), P(2)]
+def test_consolidate_keeps_beyond_frontier_at_eof(runner):
+    items = [UpdateBatch(upd([("a", 1, 1), ("b", 6, 1)]), offsets={"s/0": 0}), P(2)]
     out = run_consolidate(runner, items)
     check_tiling(out)
-    assert out[-1] == Progress(Frontier(7))
-    assert flat(out)[0] == [("a", 1, 1), ("b", 6, 1)]
+    assert out[-1] == Progress(Frontier(2))
+    # "b" at 6 is not emitted, and neither is the offset that covers it
+    assert flat(out) == ([("a", 1, 1)], {})
 
 
 def run_sql(runner, items, query, schema=None):

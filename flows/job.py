@@ -1,0 +1,396 @@
+"""Running flows: load a flow file, resume from committed offsets, run batch or continuous.
+
+A flow file is a Python file that defines
+
+    def build(ctx: flows.job.FlowContext) -> bytewax.dataflow.Dataflow
+
+(or, for flows that need nothing from shardflow, a module-level `flow`
+Dataflow). `ctx` gives the storage client and controller, the run mode, the
+tick, and helpers that name collections through the storage controller and
+wire sinks with the right resume point:
+
+    def build(ctx):
+        flow = Dataflow("counter")
+        shard = ctx.collection("counts", SCHEMA)            # via the controller
+        offsets = ctx.resume_offsets("counts")               # partition key -> offset
+        src = op.input("in", flow, MySource(resume=offsets, continuous=ctx.continuous))
+        ctx.persist("sink", consolidate("cons", src), "counts")
+        return flow
+
+`run_flow(path, data_dir, mode=...)` then runs it (bytewax `cli_main`, `-w` workers)
+and returns a `Summary`. In continuous mode SIGINT/SIGTERM set
+`connectors.base.STOP`; sources emit a final Progress and end, so the sinks
+flush (their `on_eof` runs) and the run returns normally. A second signal
+aborts at once.
+
+Exactly-once: a sink commits its input's source offsets in the same CAS as the
+data (`flows.sinks.OFFSETS_KEY`), with the upper of that append
+(`OFFSETS_UPPER_KEY`). `ctx.resume_offsets(name)` reads them back for the
+source, and `ctx.persist` passes that upper to `persist_sink` as `as_of`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+import bytewax.operators as op
+import pyarrow as pa
+from bytewax.dataflow import Dataflow, Stream
+
+import storage
+from connectors import base as sources
+from storage import Client, Frontier
+from storage.errors import InvalidInput
+
+from .sinks import Committed, append_sink, persist_sink, resume_point
+
+__all__ = ["FlowContext", "JobStats", "Summary", "load_flow", "open_controller", "run", "run_flow"]
+
+Mode = Literal["batch", "continuous"]
+
+
+def open_controller(client: Client, *, read_only: bool = False) -> Any:
+    """The storage controller for `client` (no background thread: the job drives nothing)."""
+    try:
+        from storage.controller import StorageController
+    except ImportError:  # the package __init__ may not be there yet
+        from storage.controller.controller import StorageController  # type: ignore[no-redef]
+    try:
+        return StorageController.open(client, read_only=read_only, tick_interval_ms=None)
+    except TypeError:
+        return StorageController.open(client, read_only=read_only)
+
+
+def _collection_desc(name: str, schema: pa.Schema, data_source: str) -> Any:
+    try:
+        from storage.controller import CollectionDesc
+    except ImportError:
+        from storage.controller.catalog import CollectionDesc  # type: ignore[no-redef]
+    return CollectionDesc(name, schema, data_source=data_source)
+
+
+# --------------------------------------------------------------------------------------------
+# stats and summary
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobStats:
+    """Counters fed by the sinks' `Committed` streams (thread-safe; workers are threads)."""
+
+    started: float = field(default_factory=time.monotonic)
+    rows: int = 0
+    batches: int = 0
+    uppers: dict[str, Frontier] = field(default_factory=dict)
+    commit_lag_ms: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def on_commit(self, name: str, c: Committed) -> None:
+        with self._lock:
+            self.rows += c.rows
+            self.batches += 1 if c.rows else 0
+            self.uppers[name] = c.upper
+
+    def snapshot(self) -> tuple[int, int, dict[str, Frontier], float]:
+        with self._lock:
+            return self.rows, self.batches, dict(self.uppers), time.monotonic() - self.started
+
+
+@dataclass(frozen=True)
+class Summary:
+    """What a run did: rows and non-empty batches committed, wall seconds, each collection's upper."""
+
+    rows: int
+    batches: int
+    seconds: float
+    frontiers: Mapping[str, Frontier]
+
+    def __str__(self) -> str:
+        fr = ", ".join(f"{n}={f}" for n, f in sorted(self.frontiers.items())) or "-"
+        return f"{self.rows} rows in {self.batches} batches, {self.seconds:.2f}s; frontier {fr}"
+
+
+# --------------------------------------------------------------------------------------------
+# the context a flow file builds against
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlowContext:
+    """What `build(ctx)` gets.
+
+    Attributes:
+        client: the storage client (`storage.open(data_dir)`).
+        controller: the storage controller; collections are named through it.
+        mode: "batch" (finite sources; end with Progress(last + 1) then EOF) or
+            "continuous" (run until `connectors.base.STOP`).
+        tick: seconds between idle progress ticks in continuous mode.
+        workers: bytewax workers per process.
+        stats: counters the sinks wired by `persist`/`append` update.
+    """
+
+    client: Client
+    controller: Any
+    mode: Mode = "batch"
+    tick: float = 1.0
+    workers: int = 1
+    stats: JobStats = field(default_factory=JobStats)
+    shards: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def continuous(self) -> bool:
+        return self.mode == "continuous"
+
+    def collection(self, name: str, schema: pa.Schema, *, data_source: str = "ingestion") -> str:
+        """Create (or look up: an identical re-create is a no-op) collection `name`; return its shard id."""
+        self.controller.create_collections([_collection_desc(name, schema, data_source)])
+        self.shards[name] = str(self.controller.collection(name).shard_id)
+        return self.shards[name]
+
+    def shard(self, name: str) -> str:
+        """The shard id of collection `name` (looked up once through the controller, then cached).
+
+        SUBTLE: the controller is asked only while the flow is built: another
+        writable controller (a second copy of this job) fences this one, and the
+        sinks write their shards directly, so a fenced controller must not stop them.
+        """
+        if name not in self.shards:
+            self.shards[name] = str(self.controller.collection(name).shard_id)
+        return self.shards[name]
+
+    def resume_offsets(self, *names: str) -> dict[str, Any]:
+        """The source offsets committed in the named collections (merged; partition key -> offset).
+
+        A source feeding several collections should be resumed from one of them:
+        offsets of different sinks are not merged by any order here.
+        """
+        out: dict[str, Any] = {}
+        for n in names:
+            offs, _ = resume_point(self.client.state(self.shard(n)))
+            out.update(offs)
+        return out
+
+    def resume_as_of(self, name: str) -> int | None:
+        """The `as_of` for `persist_sink` into `name`: the upper its offsets were committed at."""
+        return resume_point(self.client.state(self.shard(name)))[1]
+
+    def persist(self, step_id: str, up: Stream[Any], name: str, *, schema: pa.Schema | None = None) -> Stream[Committed]:
+        """`persist_sink` into collection `name`, resuming at its committed offsets; counted in `stats`."""
+        shard = self.collection(name, schema) if schema is not None else self.shard(name)
+        out = persist_sink(step_id, up, self.client, shard, as_of=self.resume_as_of(name))
+        op.inspect(f"{step_id}_stats", out, lambda _s, c: self.stats.on_commit(name, c))
+        return out
+
+    def append(
+        self, step_id: str, up: Stream[Any], name: str, *, schema: pa.Schema | None = None, batch_duration: float = 1.0
+    ) -> Stream[Committed]:
+        """`append_sink` into collection `name`; counted in `stats`."""
+        shard = self.collection(name, schema) if schema is not None else self.shard(name)
+        out = append_sink(step_id, up, self.client, shard, batch_duration=batch_duration)
+        op.inspect(f"{step_id}_stats", out, lambda _s, c: self.stats.on_commit(name, c))
+        return out
+
+
+def load_flow(path: str | os.PathLike[str], ctx: FlowContext) -> Dataflow:
+    """Import the flow file at `path` and return its Dataflow (`build(ctx)` or `flow`)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InvalidInput(f"flow file {path!r} does not exist")
+    mod_name = "shardflow_flow_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    spec.loader.exec_module(mod)
+    if callable(getattr(mod, "build", None)):
+        flow = mod.build(ctx)
+    elif isinstance(getattr(mod, "flow", None), Dataflow):
+        flow = mod.flow
+    else:
+        raise InvalidInput(f"flow file {path!r} defines neither `build(ctx) -> Dataflow` nor a `flow` Dataflow")
+    if not isinstance(flow, Dataflow):
+        raise InvalidInput(f"flow file {path!r}: build(ctx) returned {type(flow).__name__}, not a bytewax Dataflow")
+    return flow
+
+
+# --------------------------------------------------------------------------------------------
+# running
+# --------------------------------------------------------------------------------------------
+
+
+class _Signals:
+    """SIGINT/SIGTERM -> `connectors.base.request_stop()`; a second signal aborts."""
+
+    def __init__(self) -> None:
+        self.old: dict[int, Any] = {}
+        self.count = 0
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.count += 1
+        if self.count > 1:
+            raise KeyboardInterrupt
+        sources.request_stop()
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self.old[s] = signal.signal(s, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self.old.items():
+            signal.signal(s, h)
+
+
+class _ProgressLine:
+    """A live `rich` status line: rows, rows/s, frontier lag (for millisecond times)."""
+
+    def __init__(self, stats: JobStats, enabled: bool):
+        self.stats = stats
+        self.enabled = enabled
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def text(self) -> str:
+        rows, batches, uppers, secs = self.stats.snapshot()
+        rate = rows / secs if secs > 0 else 0.0
+        now = int(time.time() * 1000)
+        lags = []
+        for name, up in sorted(uppers.items()):
+            if up.time is not None and up.time > 10**12:  # epoch milliseconds: show the lag
+                lags.append(f"{name} lag {max(0, now - up.time) / 1000:.1f}s")
+            else:
+                lags.append(f"{name} @ {up}")
+        return f"{rows:,} rows  {rate:,.0f} rows/s  {batches} batches  " + ("  ".join(lags) or "")
+
+    def __enter__(self) -> _ProgressLine:
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name="shardflow-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+
+        with Live(self.text(), console=Console(stderr=True), refresh_per_second=4, transient=True) as live:
+            while not self._stop.wait(0.25):
+                live.update(self.text())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
+
+
+def run(
+    flow: Dataflow,
+    ctx: FlowContext,
+    *,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+    progress: bool = False,
+    handle_signals: bool = True,
+) -> Summary:
+    """Run an already built flow with bytewax's `cli_main` and return its summary.
+
+    Batch mode returns when every source ended. Continuous mode runs until
+    SIGINT/SIGTERM (or `connectors.base.request_stop()`), then flushes and returns.
+    With `handle_signals=False` the caller installed the handlers (and cleared
+    `connectors.base.STOP`) itself, e.g. before building the flow.
+    """
+    import contextlib
+
+    from bytewax.run import cli_main
+
+    if handle_signals:
+        sources.reset_stop()
+    ctx.stats.started = time.monotonic()
+    sig = _Signals() if handle_signals else contextlib.nullcontext()
+    with sig, _ProgressLine(ctx.stats, progress and ctx.continuous):
+        cli_main(
+            flow,
+            workers_per_process=ctx.workers,
+            process_id=process_id,
+            addresses=addresses,
+            epoch_interval=timedelta(seconds=10),
+        )
+    rows, batches, uppers, secs = ctx.stats.snapshot()
+    return Summary(rows, batches, secs, uppers)
+
+
+def run_flow(
+    path: str | os.PathLike[str],
+    data_dir: str | os.PathLike[str],
+    *,
+    mode: Mode = "batch",
+    workers: int = 1,
+    tick: float = 1.0,
+    progress: bool = False,
+    process_id: int | None = None,
+    addresses: list[str] | None = None,
+    client: Client | None = None,
+    configure: Callable[[FlowContext], None] | None = None,
+) -> Summary:
+    """Load the flow file at `path` against the shards under `data_dir` and run it.
+
+    Args:
+        path: a flow file (`build(ctx)` or `flow`).
+        data_dir: the storage root (`storage.open(data_dir)`), unless `client` is given.
+        mode: "batch" or "continuous".
+        workers: bytewax workers per process (`-w`).
+        tick: idle progress interval for continuous sources, seconds.
+        progress: show the live progress line (continuous mode).
+        process_id, addresses: bytewax multi-process settings (`-i`, `-a`).
+        configure: called with the context before `build` (tests, CLI options).
+
+    Returns:
+        The `Summary` (rows, batches, seconds, frontier per collection).
+    """
+    if mode not in ("batch", "continuous"):
+        raise InvalidInput(f"mode must be 'batch' or 'continuous', got {mode!r}")
+    if workers < 1:
+        raise InvalidInput(f"workers must be >= 1, got {workers}")
+    client = client or storage.open(data_dir)
+    # Signals first: a SIGTERM while the flow is being built still stops it cleanly.
+    sources.reset_stop()
+    with _Signals():
+        return _run_flow(path, client, mode, workers, tick, progress, process_id, addresses, configure)
+
+
+def _run_flow(
+    path: str | os.PathLike[str],
+    client: Client,
+    mode: Mode,
+    workers: int,
+    tick: float,
+    progress: bool,
+    process_id: int | None,
+    addresses: list[str] | None,
+    configure: Callable[[FlowContext], None] | None,
+) -> Summary:
+    ctl = open_controller(client)
+    try:
+        ctx = FlowContext(client, ctl, mode, tick, workers)
+        if configure is not None:
+            configure(ctx)
+        flow = load_flow(path, ctx)
+        summary = run(flow, ctx, process_id=process_id, addresses=addresses, progress=progress, handle_signals=False)
+        # Report every collection's final upper, not only those that committed in this run.
+        fr = dict(summary.frontiers)
+        for name in list(fr):
+            fr[name] = client.state(ctx.shard(name)).upper
+        return Summary(summary.rows, summary.batches, summary.seconds, fr)
+    finally:
+        close = getattr(ctl, "close", None)
+        if close is not None:
+            close()
