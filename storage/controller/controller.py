@@ -1256,7 +1256,6 @@ class StorageController:
             self._sync_catalog()
             for c in list(self._colls.values()):
                 self._refresh_upper(c)
-            self._refresh_introspection()
             if not self.read_only:
                 self._check_epoch()
                 for c in list(self._colls.values()):
@@ -1266,11 +1265,18 @@ class StorageController:
                         else:
                             self._tick_forward(c)
                 for c in list(self._colls.values()):
-                    if c.kind == "differential":
+                    if c.kind == "differential" and c.name not in sysc.DIFFERENTIAL:
                         self._diff_commit(c)
                 for c in list(self._dropped.values()):
                     if c.since.is_empty:
                         self._finalize(c)
+            # Introspection last, so it shows this tick's frontiers.
+            self._refresh_introspection()
+            if not self.read_only:
+                for n in sysc.DIFFERENTIAL:
+                    c = self._colls.get(n)
+                    if c is not None and c.kind == "differential":
+                        self._diff_commit(c)
                 self._maybe_compact()
             self.ticks += 1
 

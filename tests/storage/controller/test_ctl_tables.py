@@ -9,7 +9,13 @@ import pytest
 from ctl_helpers import KV, contents
 
 from storage.controller import CollectionDesc
-from storage.errors import IdentifierMissing, InvalidUppers, ReadOnly, UpdateBeyondUpper, UpperMismatch
+from storage.errors import (
+    IdentifierMissing,
+    InvalidUppers,
+    ReadOnly,
+    UpdateBeyondUpper,
+    UpperMismatch,
+)
 from storage.frontier import Frontier
 
 
