@@ -1,0 +1,102 @@
+"""Read-only mode, allow_writes and fencing across two processes; the drop -> finalize crash test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pyarrow as pa
+from ctl_helpers import KV, contents
+
+import storage
+from storage.controller import CATALOG_KEY, Append, CollectionDesc, StorageController, step_back
+from storage.controller.controller import CRASH_ENV
+
+CHILD = os.path.join(os.path.dirname(__file__), "_ctl_child.py")
+
+
+def heads(client: storage.Client) -> dict[str, int]:
+    return {k: client.consensus.head(k).seqno for k in client.consensus.list_keys("")}
+
+
+def test_read_only_writes_nothing(client, clock, ctl):
+    ctl.create_collections([CollectionDesc("kv", KV), CollectionDesc("ev", KV, data_source="webhook")])
+    ctl.differential_write("kv", Append(pa.table({"k": ["a"], "v": [1]}, schema=KV)))
+    ctl.close()
+    ro = StorageController.open(client, clock=clock, tick_interval_ms=None, read_only=True)
+    try:
+        before = heads(client)
+        blobs = sorted(client.blob.list(""))
+        clock.advance(10_000)
+        h = ro.acquire_read_holds(["kv"])[0]
+        ro.set_read_policy({"kv": step_back()})
+        h.release()
+        assert ro.differential_write("kv", Append(pa.table({"k": ["b"], "v": [2]}, schema=KV))) is None
+        assert not ro.report_sink_status("s", "running")
+        ro.tick()
+        assert heads(client) == before
+        assert sorted(client.blob.list("")) == blobs
+        # ...but desired is current, and is written once allowed.
+        assert sorted(ro.desired("kv").column("k").to_pylist()) == ["a", "b"]
+        ro.allow_writes()
+        assert client.consensus.head(CATALOG_KEY).seqno > before[CATALOG_KEY]
+        ro.tick()
+        assert contents(client, ro.collection("kv").shard_id) == [("a", 1, 1), ("b", 2, 1)]
+    finally:
+        ro.close()
+
+
+def test_fencing_across_processes(root):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    child = subprocess.Popen([sys.executable, CHILD, "fence", root], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "ready"
+        time.sleep(0.3)  # let the old writer write a few times
+        client = storage.open(root, fsync=False)
+        new = StorageController.open(client, tick_interval_ms=None, read_only=True, compact=False)
+        try:
+            new.allow_writes()
+            out, _ = child.communicate(timeout=20)
+            assert child.returncode == 0, out
+            assert out.startswith("fenced"), out
+            assert int(out.split()[1]) > 0
+            # The new writer owns the collection; its desired started from what was persisted.
+            new.differential_write("kv", Append(pa.table({"k": ["new"], "v": [0]}, schema=KV)))
+            shard = new.collection("kv").shard_id
+            got = contents(client, shard)
+            want = sorted(tuple(d.values()) for d in new.desired("kv").to_pylist())
+            assert got == want and ("new", 0, 1) in got
+            assert client.state(shard).critical_readers["controller"].opaque == new.epoch
+        finally:
+            new.close()
+            client.close()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_drop_finalize_crash_resumes(root):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), CRASH_ENV: "drop_recorded"}
+    p = subprocess.run([sys.executable, CHILD, "drop", root], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == -9, (p.returncode, p.stdout, p.stderr)
+    shard = p.stdout.split()[0]
+    client = storage.open(root, fsync=False)
+    try:
+        # The crash hit between the steps: dropped in the catalog, not finalized.
+        from storage.controller.catalog import CatalogStore
+
+        cat = CatalogStore(client.consensus).head()
+        assert "doomed" not in cat.collections and shard in cat.unfinalized_shards
+        assert not client.state(shard).is_tombstone
+        ctl = StorageController.open(client, tick_interval_ms=None, compact=False)
+        try:
+            assert client.state(shard).is_tombstone
+            assert CatalogStore(client.consensus).head().unfinalized_shards == ()
+        finally:
+            ctl.close()
+    finally:
+        client.close()
