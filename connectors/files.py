@@ -52,9 +52,11 @@ Example:
     >>> flow, out = Dataflow("files"), []
     >>> op.output("out", op.input("in", flow, src), TestingSink(out))
     >>> run_main(flow)
-    >>> out[0].table.to_pylist()
+    >>> out[0].frontier  # the initial progress
+    Frontier(0)
+    >>> out[1].table.to_pylist()
     [{'id': 1, 'name': 'x', '_time': 0, '_diff': 1}, {'id': 2, 'name': 'y', '_time': 0, '_diff': 1}]
-    >>> list(out[0].offsets["files/0"].values()), out[1].frontier
+    >>> list(out[1].offsets["files/0"].values()), out[2].frontier
     ([16], Frontier(16))
 """
 
@@ -273,6 +275,8 @@ class _FilePartition(UpdatePartition):
     def next_batch(self) -> list[Item]:
         if self._done:
             raise StopIteration()
+        if self._progressed is None:
+            return [self._progress()]  # initial: downstream learns this partition exists
         if self.src.mode == "continuous" and stop_requested():
             return self._final()
         files = self._batch_files if self._batch_files is not None else self.src.files(self.index)

@@ -9,6 +9,8 @@ Offset: the number of the last emitted tick. Off-by-one rule: a partition
 resumed with offset `i` continues with tick `i + 1` (resume *after* the last
 emitted tick).
 
+Every partition first emits an initial `Progress` (so downstream knows it exists).
+
 Times: tick `i` carries `_time = gen.time_of(i)` (`start_time + i * tick_ms`).
 After tick `i` the partition emits `Progress(gen.time_of(i + 1))`: the next tick
 cannot be earlier. The last tick of a batch run emits `Progress(time_of(i) + 1)`
@@ -24,7 +26,7 @@ Example:
     >>> op.output("out", op.input("in", flow, LoadgenSource(Counter(rows_per_tick=2), "counter", ticks=3)), TestingSink(out))
     >>> run_main(flow)
     >>> [(type(x).__name__, x.num_rows if hasattr(x, "num_rows") else x.frontier.time) for x in out]
-    [('UpdateBatch', 2), ('Progress', 1000), ('UpdateBatch', 2), ('Progress', 2000), ('UpdateBatch', 2), ('Progress', 2001)]
+    [('Progress', 0), ('UpdateBatch', 2), ('Progress', 1000), ('UpdateBatch', 2), ('Progress', 2000), ('UpdateBatch', 2), ('Progress', 2001)]
     >>> out[-2].offsets
     {'counter/0': 2}
 """
@@ -137,16 +139,20 @@ class _LoadgenPartition(UpdatePartition):
         if self._done:
             raise StopIteration()
         gen, end = self.src.generator, self.src.ticks
+        items: list[Item] = []
+        if self._frontier is None:
+            # Initial progress, so downstream knows this partition exists before
+            # its first tick: just past the last tick an earlier run emitted.
+            # SUBTLE: never above what that run promised (time_of(i + 1) or
+            # time_of(i) + 1), and never above the next tick's time.
+            last = self.next_tick - 1
+            self._frontier = gen.time_of(last) + 1 if last >= 0 else gen.time_of(0)
+            items.append(self._progress(self._frontier))
         if stop_requested() or (end is not None and self.next_tick >= end):
             self._done = True
-            # Final progress: what we already promised, else just past the last
-            # tick emitted by an earlier run. SUBTLE: never below an emitted
-            # frontier (after tick i we promised time_of(i + 1) > time_of(i) + 1).
-            if self._frontier is None:
-                last = self.next_tick - 1
-                self._frontier = gen.time_of(last) + 1 if last >= 0 else gen.time_of(0)
-            return [self._progress(self._frontier)]
-        items: list[Item] = []
+            # The final progress already went out with the last tick, or as the
+            # initial progress when there was nothing left to do.
+            return items
         stop_at = min(self._due(), self.next_tick + _MAX_TICKS_PER_CALL)
         if end is not None:
             stop_at = min(stop_at, end)

@@ -282,6 +282,7 @@ class _PgPartition(UpdatePartition):
         self.stop_at: int | None = None  # batch mode: the flush LSN when streaming started
         self._awake: datetime | None = None
         self._done = False
+        self._started = False
         if resume is not None:
             self._check_slot_for_resume(resume)
 
@@ -399,6 +400,12 @@ class _PgPartition(UpdatePartition):
     def next_batch(self) -> list[Item]:
         if self._done:
             raise StopIteration()
+        if not self._started:
+            # Initial progress, so downstream knows this partition exists before
+            # the (possibly long) snapshot: nothing before the resume point comes.
+            self._started = True
+            self.frontier = 0 if self.last is None else self.last + 1
+            return [Progress(Frontier(self.frontier), partition=self.key, partitions=self.keys)]
         if self.last is None:
             return self._snapshot()
         if self.src.mode == "continuous" and stop_requested():

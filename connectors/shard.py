@@ -31,7 +31,7 @@ Example:
     >>> op.output("out", op.input("in", flow, ShardSource(client, shard, as_of=2, mode="batch", name="up")), TestingSink(out))
     >>> run_main(flow)
     >>> [(x.table.to_pylist(), x.offsets) if hasattr(x, "table") else x.frontier for x in out]
-    [([{'k': 'a', '_time': 2, '_diff': 1}], {'up/0': 3}), Frontier(3), ([{'k': 'b', '_time': 3, '_diff': 1}], {'up/0': 5}), Frontier(5)]
+    [Frontier(0), ([{'k': 'a', '_time': 2, '_diff': 1}], {'up/0': 3}), Frontier(3), ([{'k': 'b', '_time': 3, '_diff': 1}], {'up/0': 5}), Frontier(5)]
 """
 
 from __future__ import annotations
@@ -130,6 +130,11 @@ class _ShardPartition(UpdatePartition):
     def next_batch(self) -> list[Item]:
         if self._done:
             raise StopIteration()
+        if self._progressed is None:
+            # Initial progress: downstream learns this partition exists.
+            if self.src.mode == "batch":
+                self._end = self.reader.machine.fetch().upper
+            return [self._progress(self.frontier or 0)]
         if self.src.mode == "continuous" and stop_requested():
             return self._stop()
         self._awake = awake_in(self.src.poll_interval)

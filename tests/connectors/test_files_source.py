@@ -50,7 +50,8 @@ def test_batch_csv_offsets_and_byte_clock(tmp_path: Path) -> None:
     out = run(src())
     assert [(r["id"], r["_time"]) for r in rows(out)] == [(1, 0), (2, 0), (3, 16)]
     a, b = str(tmp_path / "a.csv"), str(tmp_path / "b.csv")
-    assert out[-2].offsets == {"files/0": {a: 16, b: 12}}
+    assert [x.offsets for x in out if isinstance(x, UpdateBatch)][-1] == {"files/0": {a: 16, b: 12}}
+    assert out[0] == Progress(Frontier(0), partition="files/0", partitions=("files/0",)), "initial progress"
     assert out[-1] == Progress(Frontier(28), partition="files/0", partitions=("files/0",))
     assert [repr(x) for x in run(src())] == [repr(x) for x in out], "replay is deterministic"
     # Resume after the committed offsets: only appended bytes, at times after the upper.
@@ -69,7 +70,7 @@ def test_jsonl_and_parquet(tmp_path: Path) -> None:
     pq.write_table(pa.table({"name": ["p", "q"], "id": [7, 8], "junk": [0, 0]}), tmp_path / "x.parquet")
     out = run(FileSource(str(tmp_path / "*.parquet"), format="parquet", schema=SCHEMA))
     assert [(r["id"], r["name"]) for r in rows(out)] == [(7, "p"), (8, "q")]
-    assert out[0].offsets["files/0"] == {str(tmp_path / "x.parquet"): os.path.getsize(tmp_path / "x.parquet")}
+    assert out[1].offsets["files/0"] == {str(tmp_path / "x.parquet"): os.path.getsize(tmp_path / "x.parquet")}
 
 
 def test_malformed_raises_naming_file_line_and_problem(tmp_path: Path) -> None:
@@ -87,12 +88,14 @@ def test_malformed_raises_naming_file_line_and_problem(tmp_path: Path) -> None:
     j = tmp_path / "bad.jsonl"
     write(j, '{"id": 1}\n{"id": 2,,}\n')
     part = FileSource(str(j), format="jsonl", schema=SCHEMA).build_part("s", "files/0", None)
+    assert [type(x) for x in part.next_batch()] == [Progress]  # the initial progress
     with pytest.raises(FileSourceError, match=r"bad.jsonl: line 2 \(byte 10\): .*"):
         part.next_batch()
 
     h = tmp_path / "hdr.csv"
     write(h, "id,nom\n1,a\n")
     part = FileSource(str(h), format="csv", schema=SCHEMA).build_part("s", "files/0", None)
+    part.next_batch()
     with pytest.raises(FileSourceError, match=r"line 1 .*header names columns \['id', 'nom'\]"):
         part.next_batch()
 
@@ -114,7 +117,7 @@ def test_collect_mode_routes_bad_records_to_errors(tmp_path: Path) -> None:
     got = [(r["line"], r["offset"], r["record"]) for r in errs[0].table.to_pylist()]
     assert got == [(3, 12, "x,b"), (5, 20, "4")]
     assert "Expected 2 columns" in errs[0].table.column("error")[1].as_py()
-    assert errs[0].offsets == data[0].offsets
+    assert errs[0].offsets == [x for x in data if isinstance(x, UpdateBatch)][0].offsets
     assert [x.frontier for x in errors if isinstance(x, Progress)] == [x.frontier for x in data if isinstance(x, Progress)]
 
 

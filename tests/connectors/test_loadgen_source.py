@@ -44,7 +44,7 @@ def test_deterministic_and_equal_to_the_generator() -> None:
     assert table(a, g.update_schemas()["bids"]).equals(generate(g, range(12))["bids"])
     assert [x.offsets for x in a if isinstance(x, UpdateBatch)] == [{"bids/0": i} for i in range(12)]
     fronts = [x.frontier.time for x in a if isinstance(x, Progress)]
-    assert fronts == [g.time_of(i + 1) for i in range(11)] + [g.time_of(11) + 1]
+    assert fronts == [0] + [g.time_of(i + 1) for i in range(11)] + [g.time_of(11) + 1]
 
 
 def test_resume_after_last_emitted_tick() -> None:

@@ -139,7 +139,7 @@ def test_kill_write_more_restart_exactly_once(db: Db, pg_dsn: str) -> None:
     mk = lambda **kw: PostgresSource(pg_dsn, "orders", publication="orders_pub", max_changes=6, **kw)  # noqa: E731
 
     # Run 1: the snapshot and some polls; only the first two batches become durable.
-    part, items = drive(mk(), 1)
+    part, items = drive(mk(), 2)  # the initial progress, then the snapshot
     before = db.states[-1][1]
     db.txn("UPDATE orders SET name = 'changed' WHERE id <= 3")
     for i in range(16, 30):

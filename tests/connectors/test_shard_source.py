@@ -52,7 +52,7 @@ def test_snapshot_then_listen_then_resume(shard: tuple[storage.Client, str, stor
     batches = [x for x in items if isinstance(x, UpdateBatch)]
     assert batches[-1].offsets == {"in/0": 9}
     fronts = [x.frontier.time for x in items if isinstance(x, Progress)]
-    assert fronts == [5, 9]
+    assert fronts == [0, 5, 9]
     request_stop()
     try:
         assert part.next_batch() == []
@@ -82,4 +82,4 @@ def test_batch_mode_stops_at_the_upper_seen_at_start(shard: tuple[storage.Client
             break
     part.close()
     assert updates(items) == [("a", 1, 1), ("b", 2, 1)]
-    assert [x.frontier.time for x in items if isinstance(x, Progress)] == [2, 5]
+    assert [x.frontier.time for x in items if isinstance(x, Progress)] == [0, 2, 5]
