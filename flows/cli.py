@@ -311,10 +311,16 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from flows.job import run_file
+    import storage
+    from flows.job import run_flow
 
-    return int(run_file(args.flow, data=args.data, consensus=args.consensus, mode=args.mode,
-                        workers=args.workers, tick=args.tick, progress=not args.no_progress) or 0)
+    if args.workers < 1:
+        raise storage.InvalidInput(f"--workers must be >= 1, got {args.workers}")
+    client = storage.open(args.data, consensus=args.consensus)
+    summary = run_flow(args.flow, args.data, mode=args.mode, workers=args.workers, tick=args.tick,
+                       progress=not args.no_progress and sys.stderr.isatty(), client=client)
+    print(f"{args.mode} run of {args.flow}: {summary}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

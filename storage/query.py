@@ -43,6 +43,12 @@ def check_name(name: str) -> tuple[str | None, str]:
     return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
 
 
+def _schema_alias(parts: tuple[str | None, str]) -> tuple[str | None, str]:
+    """`system.x` (the controller's introspection names) is queried as `sys.x`: see the module doc."""
+    schema, base = parts
+    return ("sys", base) if schema == "system" else (schema, base)
+
+
 def _qualified(schema: str | None, name: str) -> str:
     return f"{qident(schema)}.{qident(name)}" if schema else qident(name)
 
@@ -101,7 +107,7 @@ def connect(
     Raises:
         InvalidInput: a bad view name. ReadBeforeSince / NotYetReadable: see snapshot.
     """
-    checked = {name: check_name(name) for name in collections}
+    checked = {name: _schema_alias(check_name(name)) for name in collections}
     con = duckdb.connect(":memory:")
     stack = ExitStack()
     as_ofs: dict[str, int | None] = {}
@@ -116,7 +122,7 @@ def connect(
             as_ofs[name] = _create_views(con, stack, reader, name, schema, base, as_of, timeout)
         con.execute(
             "CREATE MACRO changes(name, t_from, t_to) AS TABLE "
-            f"SELECT * FROM query_table('__changes_' || replace(name, '.', '__')) "
+            f"SELECT * FROM query_table('__changes_' || replace(regexp_replace(name, '^system[.]', 'sys.'), '.', '__')) "
             f"WHERE {TIME} > t_from AND {TIME} <= t_to"
         )
     except BaseException:
@@ -151,7 +157,7 @@ def _create_views(
     # SUBTLE: views are lazy; the reader pins this state version until the connection
     # closes, so gc cannot delete a part a view still reads.
     stack.enter_context(reader._reading(s))
-    hidden = _hidden(name)
+    hidden = _hidden(f"{schema}.{base}" if schema else base)
     src = parts_source(reader.client, s, [b for b in s.batches if b.parts], con, f"__parts_{hidden}")
     con.execute(f"CREATE VIEW {qident(hidden)} AS SELECT * FROM {src}")
     cols = [qident(c) for c in s.schema.names]
