@@ -231,6 +231,10 @@ class MonotonicAppender:
             ctl._wake.set()
         return fut.result()
 
+    def __call__(self, rows: Any) -> Any:
+        """`append(rows)`: an appender is a callable sink (e.g. a webhook's `on_batch`)."""
+        return self.append(rows)
+
     def flush(self) -> None:
         """Commit everything queued now, in one write."""
         with self._ctl._lock:
@@ -1294,6 +1298,11 @@ class StorageController:
         self._advance(c, Frontier(now))
 
     def _maybe_compact(self) -> None:
+        """Since moved: let compaction advance times to it (at most once per interval per shard).
+
+        Uses the client's background compactor when there is one (so the
+        controller's lock is not held across merges), else `client.compact`.
+        """
         if not self.compact_enabled:
             return
         now = time.monotonic()
@@ -1305,11 +1314,15 @@ class StorageController:
             c.last_compact = now
             c.compacted_since = c.handle.since
             try:
-                self.client.compact(c.shard_id)
+                compactor = getattr(self.client, "compactor", None)
+                if compactor is not None:
+                    compactor.request(c.shard_id)
+                else:
+                    self.client.compact(c.shard_id)
             except ModuleNotFoundError as e:
                 if e.name not in ("storage.compact", "compact"):
                     raise
-                self.compact_enabled = False  # storage.compact is not there (yet)
+                self.compact_enabled = False  # storage.compact is not there
                 return
             except Fenced:
                 raise

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 from ctl_helpers import KV, contents
 
-from storage.controller import Append, CollectionDesc, Delete, StorageController
+import storage
+from storage.controller import Append, CollectionDesc, Delete, StorageController, step_back
 from storage.errors import IdentifierInvalid, InvalidInput, InvalidUppers, ReadOnly, UpperMismatch
 from storage.frontier import Frontier
 
@@ -168,3 +169,27 @@ def test_differential_desired_survives_restart(client, clock, ctl):
         assert contents(client, ctl2.collection("kv").shard_id) == [("b", 2, 1)]
     finally:
         ctl2.close()
+
+
+def test_background_ticker_and_compaction(tmp_path):
+    """With a real clock and interval, idle uppers move forward and since reaches the shard."""
+    client = storage.open(str(tmp_path / "rt"), fsync=False)
+    ctl = StorageController.open(client, tick_interval_ms=50, compact_interval_ms=0)
+    try:
+        ctl.create_collections([CollectionDesc("events", KV, data_source="webhook")])
+        a = ctl.monotonic_appender("events")
+        a(rows(("a", 1)))  # an appender is callable (webhook on_batch)
+        ctl.set_read_policy({"events": step_back()})
+        shard = ctl.collection("events").shard_id
+        u0 = client.state(shard).upper
+        deadline = time.monotonic() + 10
+        while client.state(shard).upper <= u0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.state(shard).upper > u0
+        assert ctl.ticks > 0
+        while client.state(shard).since < u0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.state(shard).since >= u0
+    finally:
+        ctl.close()
+        client.close()
