@@ -644,6 +644,8 @@ class StorageController:
         self._dropped[c.shard_id] = c
         c.policy = ValidFrom(Frontier.EMPTY)
         self._refresh_implied(c)
+        if c.since.is_empty and c.shard_id in self._dropped:
+            self._finalize(c)  # since was empty already (so it did not change): finalize now
 
     def _finalize_unfinalized(self, shards: Iterable[str]) -> None:
         """Finalize dropped shards with no holds left (all of them, after a restart)."""

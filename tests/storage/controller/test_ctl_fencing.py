@@ -11,8 +11,16 @@ import pyarrow as pa
 from ctl_helpers import KV, contents
 
 import storage
-from storage.controller import CATALOG_KEY, Append, CollectionDesc, StorageController, step_back
+from storage.controller import (
+    CATALOG_KEY,
+    Append,
+    CollectionDesc,
+    StorageController,
+    ValidFrom,
+    step_back,
+)
 from storage.controller.controller import CRASH_ENV
+from storage.frontier import Frontier
 
 CHILD = os.path.join(os.path.dirname(__file__), "_ctl_child.py")
 
@@ -100,3 +108,53 @@ def test_drop_finalize_crash_resumes(root):
             ctl.close()
     finally:
         client.close()
+
+
+def test_fencing_in_process(client, clock):
+    import pytest
+
+    from storage.errors import Fenced
+
+    fenced = []
+    old = StorageController.open(client, clock=clock, tick_interval_ms=None, compact=False, on_fenced=fenced.append)
+    old.create_collections([CollectionDesc("kv", KV, read_policy=ValidFrom(0))])
+    w = client.open_writer(old.collection("kv").shard_id)
+    w.compare_and_append(pa.table({"k": [], "v": [], "_time": [], "_diff": []},
+                                  schema=pa.schema([*KV, ("_time", pa.int64()), ("_diff", pa.int64())])), 0, 50)
+    (h,) = old.acquire_read_holds(["kv"])
+    old.set_read_policy({"kv": ValidFrom(30)})
+    assert old.frontiers("kv")[0] == Frontier(0)
+    new = StorageController.open(client, clock=clock, tick_interval_ms=None, compact=False, read_only=True)
+    try:
+        new.allow_writes()
+        assert new.epoch == old.epoch + 1
+        # The old controller's next critical-since CAS notices: releasing the hold moves since.
+        h.release()
+        assert old.fenced and len(fenced) == 1
+        with pytest.raises(Fenced):
+            old.differential_write("kv", Append(pa.table({"k": ["x"], "v": [1]}, schema=KV)))
+        with pytest.raises(Fenced):
+            old.tick()
+        # The new writer is unaffected.
+        new.differential_write("kv", Append(pa.table({"k": ["y"], "v": [2]}, schema=KV)))
+        assert contents(client, new.collection("kv").shard_id) == [("y", 2, 1)]
+    finally:
+        old.close()
+        new.close()
+
+
+def test_fenced_by_catalog(client, clock):
+    import pytest
+
+    from storage.errors import Fenced
+
+    old = StorageController.open(client, clock=clock, tick_interval_ms=None, compact=False)
+    new = StorageController.open(client, clock=clock, tick_interval_ms=None, compact=False)
+    try:
+        with pytest.raises(Fenced, match="epoch 1 was fenced by epoch 2"):
+            old.create_collections([CollectionDesc("kv", KV)])
+        assert old.fenced
+        new.create_collections([CollectionDesc("kv", KV)])
+    finally:
+        old.close()
+        new.close()
