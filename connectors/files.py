@@ -65,6 +65,7 @@ from __future__ import annotations
 import glob as globmod
 import io
 import os
+import re
 import time
 import zlib
 from collections.abc import Callable, Mapping
@@ -240,10 +241,17 @@ def _with_time_diff(t: pa.Table, ts: int) -> pa.Table:
     return t.append_column(pa.field(DIFF, pa.int64(), nullable=False), pa.repeat(_ONE, n))
 
 
-def _short(e: BaseException) -> str:
-    """pyarrow's message without its trailing context lines."""
-    msg = str(e).strip().splitlines()
-    return msg[0] if msg else type(e).__name__
+def _short(e: BaseException, names: list[str] | None = None) -> str:
+    """pyarrow's message, first line only, with "In CSV column #i: Row #j:" turned into the column's name."""
+    lines = str(e).strip().splitlines()
+    msg = lines[0] if lines else type(e).__name__
+    m = _CSV_PREFIX.match(msg)
+    if m and names is not None and int(m.group(1)) < len(names):
+        msg = f"column {names[int(m.group(1))]!r}: " + msg[m.end() :]
+    return msg
+
+
+_CSV_PREFIX = re.compile(r"In CSV column #(\d+): (?:Row #\d+: )?")
 
 
 class _FilePartition(UpdatePartition):
@@ -412,7 +420,7 @@ class _FilePartition(UpdatePartition):
             except (pa.ArrowInvalid, ValueError) as e:
                 if hi - lo == 1:
                     i, rec_off, line = entries[lo]
-                    bad.append((i, rec_off, _short(e), line))
+                    bad.append((i, rec_off, _short(e, self.src.schema.names), line))
                     return
             mid = (lo + hi) // 2
             bisect(lo, mid)

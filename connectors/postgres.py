@@ -219,6 +219,14 @@ class PostgresSource(UpdateSource):
         with self._ack_lock:
             return self._acked.get(key)
 
+    def row_schema(self) -> pa.Schema:
+        """The table's row schema as this source emits it (connects and checks the setup).
+
+        Use it to create the collection before the flow runs.
+        """
+        with _connect(self.dsn) as conn:
+            return _arrow_schema(self.check_setup(conn))
+
     # ---- introspection, shared with the partition ----
     def check_setup(self, conn: psycopg.Connection[Any]) -> list[_Column]:
         """Validate wal_level, table, replica identity and publication; return the columns."""
@@ -271,9 +279,7 @@ class _PgPartition(UpdatePartition):
         self.offset = resume
         self.conn = _connect(src.dsn)
         self.columns = src.check_setup(self.conn)
-        self.row_schema = pa.schema(
-            [pa.field(c.name, pg_type_to_arrow(c.type_oid, c.typmod), nullable=not c.not_null) for c in self.columns]
-        )
+        self.row_schema = _arrow_schema(self.columns)
         self.schema = update_schema(self.row_schema)
         self.last: int | None = resume  # end LSN of the last emitted transaction (or C)
         self.confirmed: int | None = None  # the slot's confirmed_flush_lsn as we last set/saw it
@@ -533,6 +539,12 @@ class _PgPartition(UpdatePartition):
 
 
 _UNCHANGED: Any = object()
+
+
+def _arrow_schema(columns: list[_Column]) -> pa.Schema:
+    return pa.schema(
+        [pa.field(c.name, pg_type_to_arrow(c.type_oid, c.typmod), nullable=not c.not_null) for c in columns]
+    )
 
 
 def _cstring(m: bytes, pos: int) -> tuple[str, int]:
