@@ -1280,9 +1280,9 @@ class StorageController:
             self._refresh_introspection()
             if not self.read_only:
                 for n in sysc.DIFFERENTIAL:
-                    c = self._colls.get(n)
-                    if c is not None and c.kind == "differential":
-                        self._diff_commit(c)
+                    sc = self._colls.get(n)
+                    if sc is not None and sc.kind == "differential":
+                        self._diff_commit(sc)
                 self._maybe_compact()
             self.ticks += 1
 
