@@ -231,7 +231,7 @@ class PostgresSource(UpdateSource):
     def check_setup(self, conn: psycopg.Connection[Any]) -> list[_Column]:
         """Validate wal_level, table, replica identity and publication; return the columns."""
         t = self.qualified
-        wal = conn.execute("SHOW wal_level").fetchone()[0]
+        wal = _one(conn, "SHOW wal_level")[0]
         if wal != "logical":
             raise PostgresCdcError(
                 f"PostgreSQL wal_level is {wal!r}, CDC of {t} needs 'logical': run "
@@ -349,8 +349,8 @@ class _PgPartition(UpdatePartition):
             if res.status != psycopg.pq.ExecStatus.TUPLES_OK:
                 msg = (res.error_message or b"").decode(errors="replace").strip()
                 raise PostgresCdcError(f"cannot create replication slot {s.slot!r}: {msg}")
-            consistent = parse_lsn(res.get_value(0, 1).decode())
-            snapshot_name = res.get_value(0, 2).decode()
+            consistent = parse_lsn(bytes(res.get_value(0, 1) or b"").decode())
+            snapshot_name = bytes(res.get_value(0, 2) or b"").decode()
             data = self._copy_table(snapshot_name)
         finally:
             rconn.close()
@@ -424,7 +424,7 @@ class _PgPartition(UpdatePartition):
 
     def _poll(self) -> list[Item]:
         s = self.src
-        flush = parse_lsn(self.conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])
+        flush = parse_lsn(_one(self.conn, "SELECT pg_current_wal_flush_lsn()::text")[0])
         if s.mode == "batch" and self.stop_at is None:
             self.stop_at = flush
         limit = s.max_changes + sum(m for _, m in self.unacked)
@@ -588,6 +588,12 @@ def _decode_tuple(m: bytes, pos: int) -> tuple[list[Any], int]:
         else:
             raise PostgresCdcError(f"pgoutput: unexpected tuple column kind {k!r}")
     return vals, pos
+
+
+def _one(conn: psycopg.Connection[Any], query: str) -> tuple[Any, ...]:
+    row = conn.execute(query).fetchone()
+    assert row is not None  # INVARIANT: SHOW and SELECT of a function return one row
+    return tuple(row)
 
 
 def _connect(dsn: str, autocommit: bool = True) -> psycopg.Connection[Any]:

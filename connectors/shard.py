@@ -166,7 +166,7 @@ class _ShardPartition(UpdatePartition):
                     self.frontier = 0
                     return self._stop()
                 return []  # nothing readable yet: wait for the first write
-            as_of = upper.time - 1
+            as_of = upper.time - 1  # type: ignore[operator]  # not empty: checked above
         elif upper.less_equal(as_of):
             if self.src.mode == "batch":
                 raise ConnectorError(
@@ -194,7 +194,7 @@ class _ShardPartition(UpdatePartition):
                 pending = ev
                 continue
             f = ev.frontier
-            if f.is_empty:
+            if f.time is None:
                 # The input was finalized: nothing more will ever come.
                 if pending is not None:
                     raise ConnectorError(f"ShardSource {self.src.name!r}: shard {self.src.shard} closed with data at an empty upper")
@@ -205,11 +205,13 @@ class _ShardPartition(UpdatePartition):
             table = pending.table if pending is not None else self.reader.schema.empty_table()
             if pending is not None and self._end is not None and pending.upper is not None and self._end < pending.upper:
                 table = table.filter(pc.less(table.column("_time"), pa.scalar(f.time, pa.int64())))
-            if pending is not None or f.time > (self.frontier or 0):
+            t = f.time
+            assert t is not None  # INVARIANT: capped to _end only while _end is before f
+            if pending is not None or t > (self.frontier or 0):
                 lower = Frontier(self.frontier or 0)
-                items.append(UpdateBatch(table, lower, f, offsets={self.key: f.time}))
-                items.append(self._progress(f.time))
-                self.frontier = f.time
+                items.append(UpdateBatch(table, lower, f, offsets={self.key: t}))
+                items.append(self._progress(t))
+                self.frontier = t
                 self.offset = f.time
             pending = None
         return items
