@@ -194,8 +194,10 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     client = _open(args)
     ctl = _controller(client)
-    shard = _resolve(ctl, args.name)
-    ctl.close()
+    try:
+        shard = _resolve(ctl, args.name)
+    finally:
+        ctl.close()
     with client.open_leased_reader(shard) as r:
         as_of = args.as_of
         if as_of is None:
@@ -344,6 +346,9 @@ COMMANDS = {
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not getattr(args, "debug", False):
+        # bytewax is Rust: without --debug, no Rust backtraces on top of our one-line error.
+        os.environ["RUST_BACKTRACE"] = "0"
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
@@ -355,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         import storage
 
+        # bytewax wraps errors raised inside a flow (BytewaxRuntimeError); the cause is what matters.
+        root: BaseException = e
+        while root.__cause__ is not None and not isinstance(root, (storage.ShardflowError, duckdb.Error)):
+            root = root.__cause__
+        if isinstance(root, Exception):
+            e = root
         if isinstance(e, storage.ShardflowError):
             msg = str(e)
         elif isinstance(e, duckdb.Error):
