@@ -216,6 +216,13 @@ class Client:
         return verify(self, ShardId(shard))
 
     def close(self) -> None:
+        """Let background compaction finish, then close consensus.
+
+        SUBTLE: the compactor is a daemon thread; one still inside DuckDB when the
+        interpreter exits aborts the process (SIGABRT), so close waits for it.
+        """
+        if self._compactor is not None:
+            self._compactor.wait_idle()
         self.consensus.close()
 
 
