@@ -379,18 +379,87 @@ def _run_flow(
     configure: Callable[[FlowContext], None] | None,
 ) -> Summary:
     ctl = open_controller(client)
+    ctx = FlowContext(client, ctl, mode, tick, workers)
+    housekeeper = _Housekeeper(ctx, interval=tick if mode == "continuous" else None)
     try:
-        ctx = FlowContext(client, ctl, mode, tick, workers)
         if configure is not None:
             configure(ctx)
         flow = load_flow(path, ctx)
-        summary = run(flow, ctx, process_id=process_id, addresses=addresses, progress=progress, handle_signals=False)
+        housekeeper.report("running")
+        with housekeeper:
+            summary = run(flow, ctx, process_id=process_id, addresses=addresses, progress=progress, handle_signals=False)
+        housekeeper.report("completed" if mode == "batch" else "stopped")
         # Report every collection's final upper, not only those that committed in this run.
         fr = dict(summary.frontiers)
         for name in list(fr):
             fr[name] = client.state(ctx.shard(name)).upper
         return Summary(summary.rows, summary.batches, summary.seconds, fr)
+    except BaseException as e:
+        housekeeper.report("failed", _root_message(e))
+        raise
     finally:
+        housekeeper.final_tick()
         close = getattr(ctl, "close", None)
         if close is not None:
             close()
+
+
+def _root_message(e: BaseException) -> str:
+    while e.__cause__ is not None and not isinstance(e, storage.ShardflowError):
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}"
+
+
+class _Housekeeper:
+    """Drives the job's storage controller: sink statuses, read policies, introspection, compaction.
+
+    The controller is opened without its own thread (`tick_interval_ms=None`), so
+    this ticks it: every `interval` seconds while a continuous job runs, and once
+    when any job ends. SUBTLE: a newer copy of the job fences this controller;
+    then ticking stops quietly, because the sinks write their shards directly and
+    must not be stopped by it.
+    """
+
+    def __init__(self, ctx: FlowContext, interval: float | None):
+        self.ctx = ctx
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._dead = False
+
+    def report(self, status: str, error: str | None = None) -> None:
+        if self._dead:
+            return
+        try:
+            for name in sorted(self.ctx.shards):
+                self.ctx.controller.report_sink_status(name, status, error)
+        except Exception:  # noqa: BLE001 - fenced or read-only: the data path goes on regardless
+            self._dead = True
+
+    def tick(self) -> None:
+        if self._dead:
+            return
+        try:
+            self.ctx.controller.tick()
+        except Exception:  # noqa: BLE001 - see the class docstring
+            self._dead = True
+
+    def final_tick(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.tick()
+
+    def _loop(self) -> None:
+        assert self.interval is not None
+        while not self._stop.wait(self.interval):
+            self.tick()
+
+    def __enter__(self) -> _Housekeeper:
+        if self.interval:
+            self._thread = threading.Thread(target=self._loop, name="shardflow-housekeeper", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
