@@ -11,11 +11,11 @@ import os
 import time
 
 import bytewax.operators as op
+import pyarrow as pa
 from bytewax.dataflow import Dataflow
 
 from connectors.loadgen import Auction
 from connectors.loadgen_source import LoadgenSource
-
 from flows.operators import consolidate, sql
 
 TICKS = int(os.environ.get("SHARDFLOW_DEMO_TICKS", "200"))
@@ -49,7 +49,7 @@ def build(ctx):  # type: ignore[no-untyped-def]
         ctx.collection(name, schemas[name])
         src = LoadgenSource(gen, name, ticks=TICKS, resume=ctx.resume_offsets(name))
         ctx.persist(f"{name}_sink", consolidate(f"{name}_cons", op.input(name, flow, src)), name)
-    import pyarrow as pa
+
 
     bids_schema = schemas["bids"].remove(schemas["bids"].get_field_index("bid_time")).append(pa.field("band", pa.string()))
     bids_schema = pa.schema([bids_schema.field(n) for n in ("id", "auction_id", "buyer", "amount", "band")])
@@ -65,7 +65,6 @@ def run_demo(data: str, *, ticks: int = TICKS, seed: int = SEED, consensus: str 
     from rich.table import Table
 
     import storage
-
     from flows.job import open_controller, run_flow
 
     os.environ["SHARDFLOW_DEMO_TICKS"] = str(ticks)
