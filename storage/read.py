@@ -95,6 +95,24 @@ def snapshot_sql(s: st.ShardState, src: str, as_of: int) -> str:
     )
 
 
+def is_collapsed(b: st.BatchMeta, as_of: int) -> bool:
+    """True iff `b` holds each row at most once, at one time `<= as_of`: its snapshot needs no GROUP BY.
+
+    That is a consolidated batch (compaction's output) whose since reached its
+    last time, so the merge advanced every update to `upper - 1` (see
+    `storage.compact.advance_time`).
+    """
+    if not b.consolidated or b.upper.is_empty or b.since.is_empty:
+        return False
+    last = b.upper.time - 1  # type: ignore[operator]
+    return b.since.time >= last and last <= as_of  # type: ignore[operator]
+
+
+def collapsed_sql(s: st.ShardState, src: str) -> str:
+    cols = ", ".join([*(qident(n) for n in s.schema.names), DIFF])
+    return f"SELECT {cols} FROM {src}"
+
+
 def snapshot_schema(schema: pa.Schema) -> pa.Schema:
     return schema.append(pa.field(DIFF, pa.int64(), nullable=False))
 
@@ -237,8 +255,9 @@ class ReadHandle:
             if not s.upper.less_equal(as_of):
                 return s
             if time.monotonic() >= deadline:
+                waited = DEFAULT_TIMEOUT_S if timeout is None else timeout
                 raise NotYetReadable(
-                    f"shard {self.shard_id}: as_of {as_of} is not readable yet (upper {s.upper}) after {timeout}s"
+                    f"shard {self.shard_id}: as_of {as_of} is not readable yet (upper {s.upper}) after waiting {waited:g}s"
                 )
             _sleep_backoff(attempt)
             attempt += 1
@@ -260,8 +279,15 @@ class ReadHandle:
             batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
             con = duckdb.connect()
             try:
+                # A snapshot is a multiset: no order to keep, which lets DuckDB aggregate
+                # and materialise in parallel.
+                con.execute("SET preserve_insertion_order = false")
                 src = parts_source(self.client, s, batches, con, "__parts")
-                out = con.sql(snapshot_sql(s, src, as_of)).to_arrow_table()
+                if len(batches) == 1 and is_collapsed(batches[0], as_of):
+                    sql = collapsed_sql(s, src)
+                else:
+                    sql = snapshot_sql(s, src, as_of)
+                out = con.sql(sql).to_arrow_table()
             finally:
                 con.close()
         return out.cast(snapshot_schema(s.schema))
@@ -291,6 +317,10 @@ class ReadHandle:
             raise tombstone_error(self.shard_id)
         if not s0.since.less_equal(as_of):
             raise ReadBeforeSince(f"shard {self.shard_id}: as_of {as_of} is before since {s0.since.time}")
+        # SUBTLE: the checks above run at the call, not at the first next(): the loop is a separate generator.
+        return self._listen(as_of, timeout)
+
+    def _listen(self, as_of: int, timeout: float | None) -> Iterator[UpdateBatch | Progress]:
         frontier = Frontier(as_of + 1)
         last_event = time.monotonic()
         attempt = 0

@@ -49,12 +49,17 @@ class PartMeta:
 
 @dataclass(frozen=True)
 class BatchMeta:
-    """Updates at times in `[lower, upper)`; times below `since` may have been advanced to it."""
+    """Updates at times in `[lower, upper)`; times below `since` may have been advanced to it.
+
+    `consolidated`: the parts hold at most one update per (row, time) and no zero
+    diffs (compaction's output). Appended batches make no such promise.
+    """
 
     lower: Frontier
     upper: Frontier
     since: Frontier
     parts: tuple[PartMeta, ...] = ()
+    consolidated: bool = False
 
     @property
     def rows(self) -> int:
@@ -69,12 +74,15 @@ class BatchMeta:
         return not self.parts
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "lower": self.lower.to_json(),
             "upper": self.upper.to_json(),
             "since": self.since.to_json(),
             "parts": [p.to_json() for p in self.parts],
         }
+        if self.consolidated:  # only when set: older states decode unchanged
+            d["consolidated"] = True
+        return d
 
     @classmethod
     def from_json(cls, d: Mapping[str, Any]) -> BatchMeta:
@@ -83,6 +91,7 @@ class BatchMeta:
             Frontier(d["upper"]),
             Frontier(d["since"]),
             tuple(PartMeta.from_json(p) for p in d["parts"]),
+            bool(d.get("consolidated", False)),
         )
 
 
