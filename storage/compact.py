@@ -111,8 +111,11 @@ def _tier_of(rows: int, fanout: int) -> int:
     return t
 
 
-def plan_compaction(state: st.ShardState, *, fanout: int = FANOUT) -> list[MergePlan]:
+def plan_compaction(state: st.ShardState, *, fanout: int = FANOUT, full: bool = False) -> list[MergePlan]:
     """The merges that bring `state`'s batches back into size tiers. Pure: no IO, no clock.
+
+    With `full=True`, one merge of every batch (a major compaction: one rewrite
+    of the whole shard, e.g. before heavy reading; on demand only).
 
     Returns non-overlapping runs of adjacent batches (oldest first), each of at
     least two batches; empty when nothing is to be done or the shard is a
@@ -134,6 +137,8 @@ def plan_compaction(state: st.ShardState, *, fanout: int = FANOUT) -> list[Merge
         raise ValueError(f"compaction fanout must be >= 2, got {fanout}")
     if state.is_tombstone or len(state.batches) < 2:
         return []
+    if full:
+        return [MergePlan(state.batches, state.since)]
     # Each group: [tier, rows, first index, last index (inclusive)].
     groups: list[list[int]] = []
     for i, b in enumerate(state.batches):
@@ -201,9 +206,13 @@ def merge_sql(state: st.ShardState, src: str, adv: int | None) -> str:
 def run_merge(client: Client, state: st.ShardState, plan: MergePlan) -> st.BatchMeta:
     """Read, advance, consolidate and write one merge's output. Does not touch the state."""
     if not plan.rewrites:
-        parts = tuple(p for b in plan.inputs for p in b.parts)
-        since = max(plan.since, *(b.since for b in plan.inputs))
-        return st.BatchMeta(plan.lower, plan.upper, since, parts)
+        data = [b for b in plan.inputs if b.parts]
+        if not data:
+            return st.BatchMeta(plan.lower, plan.upper, plan.since)
+        # SUBTLE: the parts are kept as they are, so the output keeps their batch's since
+        # and consolidation: claiming the plan's since would promise times were advanced.
+        (b,) = data
+        return st.BatchMeta(plan.lower, plan.upper, b.since, b.parts, b.consolidated)
     adv = advance_time(plan.since, plan.upper)
     con = duckdb.connect()
     try:
@@ -213,7 +222,7 @@ def run_merge(client: Client, state: st.ShardState, plan: MergePlan) -> st.Batch
         con.close()
     out = out.cast(update_schema(state.schema))
     parts = write_parts(client, state.shard_id, out) if out.num_rows else ()
-    return st.BatchMeta(plan.lower, plan.upper, plan.since, parts)
+    return st.BatchMeta(plan.lower, plan.upper, plan.since, parts, consolidated=True)
 
 
 def compact(
@@ -222,13 +231,15 @@ def compact(
     *,
     max_merges: int | None = None,
     fanout: int = FANOUT,
+    full: bool = False,
 ) -> CompactReport:
     """Run merges on `shard` until `plan_compaction` has nothing left (or `max_merges` ran).
 
     Each merge is applied with CAS only if its inputs are still in the state; a
     merge that lost that race counts in `merges_lost` and its output parts are
     left for gc. Safe to run concurrently with writers, readers and other
-    compactions, in this process or others.
+    compactions, in this process or others. `full=True` merges every batch into
+    one (see `plan_compaction`).
 
     Raises:
         Tombstone: the shard was finalized.
@@ -255,7 +266,7 @@ def compact(
     report.batches_before = report.batches_after = len(s.batches)
     done = 0
     while max_merges is None or done < max_merges:
-        plans = plan_compaction(s, fanout=fanout)
+        plans = plan_compaction(s, fanout=fanout, full=full)
         if not plans:
             break
         progressed = False
@@ -286,9 +297,8 @@ def compact(
                 report.merges_lost += 1
             s = s_new
         s = m.fetch()
-        if s.is_tombstone:
-            break
-        if not progressed:
+        # A full compaction is one round: under steady appends it would never finish.
+        if s.is_tombstone or not progressed or full:
             break
     report.batches_after = len(s.batches)
     return report

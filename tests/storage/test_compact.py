@@ -326,3 +326,58 @@ def test_many_parts_merge_through_duckdb_matches_plain_consolidation(client: sto
     with client.open_leased_reader(shard) as r:
         last = 10 * FANOUT * FANOUT - 1
         assert _snap(r, last) == _model(ups, last)
+
+
+def test_full_compaction_collapses_to_one_batch_and_snapshot_skips_grouping(client: storage.Client) -> None:
+    shard = storage.ShardId.new()
+    ups = _fill(client, shard, 14)
+    r = client.open_leased_reader(shard)
+    last = 139
+    r.downgrade_since(last)
+    rep = client.compact(shard, full=True)
+    s = client.state(shard)
+    assert rep.merges_applied == 1 and len(s.batches) == 1
+    (b,) = s.batches
+    assert b.consolidated and b.since == Frontier(last)
+    from storage.read import is_collapsed
+
+    assert is_collapsed(b, last)
+    assert _snap(r, last) == _model(ups, last)
+    # The state round-trips the flag; older states (no key) decode as not consolidated.
+    assert st.ShardState.decode(s.encode(), "t").batches == s.batches
+    assert "consolidated" not in st.BatchMeta(Frontier(0), Frontier(1), Frontier(0)).to_json()
+    r.expire()
+
+
+def test_partially_advanced_batch_is_not_collapsed(client: storage.Client) -> None:
+    shard = storage.ShardId.new()
+    ups = _fill(client, shard, FANOUT + 1)
+    r = client.open_leased_reader(shard)
+    r.downgrade_since(25)  # inside the first merge's range: times >= 25 keep their own values
+    client.compact(shard, full=True)
+    (b,) = client.state(shard).batches
+    from storage.read import is_collapsed
+
+    assert b.consolidated and not is_collapsed(b, 10**6)
+    for as_of in (25, 40, 10 * FANOUT + 9):
+        assert _snap(r, as_of) == _model(ups, as_of)
+    r.expire()
+
+
+def test_non_rewriting_merge_keeps_its_parts_since_and_flag(client: storage.Client) -> None:
+    shard = storage.ShardId.new()
+    w = client.open_writer(shard, schema=SCHEMA, compact=False)
+    w.compare_and_append(_upd([("a", 1, 0, 1), ("a", 1, 1, 1)]), 0, 5)
+    w.compare_and_append(_upd([]), 5, 10)  # an idle tick
+    w.compare_and_append(_upd([("b", 1, 12, 1)] * 3), 10, 15)
+    r = client.open_leased_reader(shard)
+    r.downgrade_since(14)
+    s = client.state(shard)
+    [plan] = plan_compaction(s)
+    assert (plan.lower.time, plan.upper.time, plan.rewrites) == (5, 15, False)
+    out = run_merge(client, s, plan)
+    # The parts are not rewritten, so the output must not claim they were advanced.
+    assert out.parts == s.batches[2].parts and out.since == Frontier(0) and not out.consolidated
+    client.compact(shard)
+    assert _snap(r, 14) == [("a", 1, 2), ("b", 1, 3)]
+    r.expire()
