@@ -1,0 +1,169 @@
+"""Append throughput: shardflow `compare_and_append` vs `pyarrow.parquet.write_table` alone.
+
+Writes `--rows` updates (k string, v int64, _time, _diff) in `--batch-rows`
+batches through `WriteHandle.compare_and_append` into a fresh shard
+(`storage.open(tmpdir)`), and, in the same run, the same pre-generated batches
+with `pq.write_table` to plain files (same compression as parts: snappy, with
+statistics). Batch generation is not timed. Prints rows/s both ways and the
+ratio shardflow / baseline (target >= 0.7).
+
+    .venv/bin/python bench/append.py                      # 10M rows, fsync on and off
+    .venv/bin/python bench/append.py --no-fsync --repeat 5 --summary best
+    .venv/bin/python bench/append.py --rows 1000000 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import shutil
+import sys
+import tempfile
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import fmt_rate, machine, peak_rss_mb, rate, ratio_line, rss_mb, summarise, timed  # noqa: E402
+
+import storage  # noqa: E402
+from storage.updates import update_schema  # noqa: E402
+
+SCHEMA = pa.schema([("k", pa.string()), ("v", pa.int64())])
+TARGET = 0.7
+
+
+def make_batches(rows: int, batch_rows: int, seed: int = 42) -> list[pa.Table]:
+    """Batch i holds times in [i, i+1): keys 'key-<n>' over 1M distinct values, random v, diff +1."""
+    phys = update_schema(SCHEMA)
+    out = []
+    for i, off in enumerate(range(0, rows, batch_rows)):
+        n = min(batch_rows, rows - off)
+        u1 = pc.random(n, initializer=seed + 2 * i)
+        u2 = pc.random(n, initializer=seed + 2 * i + 1)
+        ki = pc.cast(pc.floor(pc.multiply(u1, 1_000_000)), pa.int64())
+        keys = pc.binary_join_element_wise("key-", pc.cast(ki, pa.string()), "")
+        v = pc.cast(pc.floor(pc.multiply(pc.subtract(u2, 0.5), float(1 << 41))), pa.int64())
+        out.append(
+            pa.Table.from_arrays(
+                [keys, v, pa.repeat(pa.scalar(i, pa.int64()), n), pa.repeat(pa.scalar(1, pa.int64()), n)],
+                schema=phys,
+            )
+        )
+    return out
+
+
+def run_shardflow(
+    batches: list[pa.Table], fsync: bool, prof: cProfile.Profile | None = None, compact: bool = False
+) -> float:
+    tmp = tempfile.mkdtemp(prefix="sf-bench-append-")
+    try:
+        client = storage.open(tmp, fsync=fsync)
+        shard = storage.ShardId.new()
+        try:
+            w = client.open_writer(shard, schema=SCHEMA, compact=compact)
+        except TypeError:  # a storage without background compaction
+            w = client.open_writer(shard, schema=SCHEMA)
+        if prof is not None:
+            prof.enable()
+        with timed() as t:
+            for i, b in enumerate(batches):
+                w.compare_and_append(b, expected_upper=i, new_upper=i + 1)
+        if prof is not None:
+            prof.disable()
+        if compact and hasattr(client, "wait_compaction"):
+            client.wait_compaction(timeout=120)  # not timed: it runs after the appends return
+        got = client.inspect(shard)
+        want = sum(b.num_rows for b in batches)
+        assert got["rows"] == want and got["upper"] == len(batches), (got["rows"], want, got["upper"])
+        client.close()
+        return t[0]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_baseline(batches: list[pa.Table], fsync: bool = False) -> float:
+    tmp = tempfile.mkdtemp(prefix="sf-bench-pq-")
+    try:
+        with timed() as t:
+            for i, b in enumerate(batches):
+                path = os.path.join(tmp, f"b{i:06d}.parquet")
+                pq.write_table(b, path, compression="snappy", write_statistics=True)
+                if fsync:
+                    fd = os.open(path, os.O_RDONLY)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+        return t[0]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=10_000_000)
+    ap.add_argument("--batch-rows", type=int, default=100_000)
+    ap.add_argument("--repeat", type=int, default=5, help="timed runs per side and mode (default 5)")
+    ap.add_argument("--summary", choices=["best", "median"], default="median", help="how repeats are combined")
+    ap.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=None,
+                    help="shardflow blob fsync on/off; default: run both")
+    ap.add_argument("--baseline-fsync", action="store_true",
+                    help="also time write_table + fsync per file (informational)")
+    ap.add_argument("--compact", action=argparse.BooleanOptionalAction, default=False,
+                    help="let the writer wake background compaction (default off: measure the write path alone)")
+    ap.add_argument("--profile", action="store_true", help="cProfile one shardflow run; print top costs")
+    a = ap.parse_args(argv)
+
+    print(f"machine: {machine()}")
+    print(f"pyarrow {pa.__version__}; rows={a.rows:,} batch_rows={a.batch_rows:,} repeat={a.repeat} ({a.summary}); "
+          f"background compaction {'on' if a.compact else 'off'}")
+    batches = make_batches(a.rows, a.batch_rows)
+    rows = sum(b.num_rows for b in batches)
+    print(f"generated {len(batches)} batches, {sum(b.nbytes for b in batches) / 2**20:.0f} MiB in memory; rss {rss_mb():.0f} MiB")
+    # Warm-up, untimed: imports, sqlite init, allocator, and page-cache pages. On a VM,
+    # the first touch of guest memory is several times slower than reusing freed
+    # pages, so whichever side ran first would pay for it; one full pass evens that out.
+    run_shardflow(batches[:3], fsync=False)
+    run_baseline(batches)
+
+    modes = [True, False] if a.fsync is None else [a.fsync]
+    for fsync in modes:
+        sf, base, base_fs = [], [], []
+        for r in range(max(1, a.repeat)):
+            # Interleave, alternating who goes first, and sync() before each run so no
+            # run inherits the previous one's dirty-page writeback.
+            runs: list[tuple[list[float], str]] = [(base, "base"), (sf, "sf")]
+            if a.baseline_fsync:
+                runs.append((base_fs, "base_fs"))
+            for out, which in runs[::-1] if r % 2 else runs:
+                os.sync()
+                if which == "sf":
+                    out.append(run_shardflow(batches, fsync, compact=a.compact))
+                else:
+                    out.append(run_baseline(batches, fsync=which == "base_fs"))
+        sf_r, base_r = rate(rows, summarise(sf, a.summary)), rate(rows, summarise(base, a.summary))
+        tag = "fsync=on " if fsync else "fsync=off"
+        print(f"[{tag}] baseline pq.write_table: {fmt_rate(base_r)}  (runs s: {', '.join(f'{x:.2f}' for x in base)})")
+        print(f"[{tag}] shardflow c_and_a      : {fmt_rate(sf_r)}  (runs s: {', '.join(f'{x:.2f}' for x in sf)})")
+        if base_fs:
+            print(f"[{tag}] baseline + fsync/file  : {fmt_rate(rate(rows, summarise(base_fs, a.summary)))}")
+        print(ratio_line(f"[{tag}] shardflow / baseline", sf_r, base_r, TARGET))
+    print(f"peak rss {peak_rss_mb():.0f} MiB")
+
+    if a.profile:
+        prof = cProfile.Profile()
+        run_shardflow(batches, fsync=modes[-1], prof=prof, compact=a.compact)
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
+        print(f"--- cProfile, fsync={'on' if modes[-1] else 'off'}, by tottime ---")
+        print("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
