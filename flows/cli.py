@@ -81,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", parents=[common], help="show collections: shard, since, upper, batches, sizes, lag")
     i.add_argument("name", nargs="?", help="one collection (default: all)")
     i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--system", action="store_true", help="include the introspection collections (system.*)")
 
     c = sub.add_parser("compact", parents=[common], help="compact collections now")
     c.add_argument("name", nargs="?", help="one collection (default: all)")
@@ -124,6 +125,23 @@ def _resolve(ctl: Any, name: str) -> str:
         known = ", ".join(sorted(cat)) or "none"
         raise storage.IdentifierMissing(f"collection {name!r} does not exist (known: {known})")
     return cat[name]
+
+
+def _referenced(catalog: dict[str, str], sql: str) -> dict[str, str]:
+    """The collections `sql` mentions (by name, as `sys.x` for `system.x`, or in changes('x', ...)).
+
+    Only those get views: each view holds a reader and an as_of, and `--as-of T`
+    must not fail because an unrelated collection cannot be read at T.
+    """
+    import re
+
+    words = set(re.findall(r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)?", sql.lower()))
+    out = {}
+    for name, shard in catalog.items():
+        alias = "sys." + name[len("system."):] if name.startswith("system.") else name
+        if name in words or alias in words:
+            out[name] = shard
+    return out
 
 
 def _print_table(table: Any, title: str | None = None) -> None:
@@ -178,7 +196,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     client = _open(args)
     ctl = _controller(client)
     try:
-        with storage.query.connect(client, _catalog(ctl), as_of=args.as_of) as con:
+        cat = _referenced(_catalog(ctl), args.sql)
+        with storage.query.connect(client, cat, as_of=args.as_of) as con:
             table = con.sql(args.sql).to_arrow_table() if args.sql.strip() else None
             if table is None:
                 raise storage.InvalidInput("query: empty SQL")
@@ -233,7 +252,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ctl = _controller(client)
     try:
         cat = _catalog(ctl)
-        names = [args.name] if args.name else sorted(cat)
+        names = [args.name] if args.name else sorted(n for n in cat if args.system or not n.startswith("system."))
         if args.name:
             _resolve(ctl, args.name)
         infos = {n: client.inspect(cat[n]) for n in names}
@@ -252,7 +271,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         t.add_column(col, justify="right" if col in ("since", "upper", "batches", "rows", "bytes") else "left")
     for n, info in infos.items():
         up = storage.Frontier(info["upper"])
-        t.add_row(n, info["shard_id"][:13] + "…", str(info["since"]), str(info["upper"]), _lag_ms(up),
+        t.add_row(n, info["shard_id"][:9] + "…", str(info["since"]), str(info["upper"]), _lag_ms(up),
                   str(len(info["batches"])), f"{info['rows']:,}", f"{info['bytes']:,}")
     Console().print(t)
     if args.name:

@@ -42,11 +42,18 @@ LIMIT 8
 
 def build(ctx):  # type: ignore[no-untyped-def]
     """auctions, users: loadgen -> consolidate -> persist; bids: loadgen -> consolidate -> sql -> persist."""
+    from storage.controller import ValidFrom
+
     gen = Auction(seed=SEED)
     flow = Dataflow("auction_demo")
     schemas = gen.schemas()
+    # The demo's times are synthetic (tick i is at i * 1000), so the default read policy
+    # (one second behind the upper) would compact away all history. Keep it all, so that
+    # `--as-of` and `changes()` can go back in time.
+    keep_history = ValidFrom(0)
     for name in ("auctions", "users"):
         ctx.collection(name, schemas[name])
+        ctx.controller.set_read_policy({name: keep_history})
         src = LoadgenSource(gen, name, ticks=TICKS, resume=ctx.resume_offsets(name))
         ctx.persist(f"{name}_sink", consolidate(f"{name}_cons", op.input(name, flow, src)), name)
 
@@ -54,6 +61,7 @@ def build(ctx):  # type: ignore[no-untyped-def]
     bids_schema = schemas["bids"].remove(schemas["bids"].get_field_index("bid_time")).append(pa.field("band", pa.string()))
     bids_schema = pa.schema([bids_schema.field(n) for n in ("id", "auction_id", "buyer", "amount", "band")])
     ctx.collection("bids", bids_schema)
+    ctx.controller.set_read_policy({"bids": keep_history})
     src = LoadgenSource(gen, "bids", ticks=TICKS, resume=ctx.resume_offsets("bids"))
     bids = sql("bids_sql", consolidate("bids_cons", op.input("bids", flow, src)), BIDS_SQL, schema=schemas["bids"])
     ctx.persist("bids_sink", bids, "bids")

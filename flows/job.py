@@ -437,6 +437,13 @@ class _Housekeeper:
             self._dead = True
 
     def tick(self) -> None:
+        # Sinks commit through the shard machine directly, which does not wake the
+        # client's background compactor: ask it here (cheap; it coalesces requests).
+        for shard in self.ctx.shards.values():
+            try:
+                self.ctx.client.compactor.request(shard)
+            except Exception:  # noqa: BLE001 - compaction is an optimization
+                pass
         if self._dead:
             return
         try:
@@ -445,10 +452,20 @@ class _Housekeeper:
             self._dead = True
 
     def final_tick(self) -> None:
+        """Last tick, then compact every shard the job wrote, synchronously, before the process exits."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
-        self.tick()
+        if not self._dead:
+            try:
+                self.ctx.controller.tick()
+            except Exception:  # noqa: BLE001 - see the class docstring
+                self._dead = True
+        for shard in self.ctx.shards.values():
+            try:
+                self.ctx.client.compact(shard)
+            except Exception:  # noqa: BLE001 - compaction is an optimization; the next run retries
+                pass
 
     def _loop(self) -> None:
         assert self.interval is not None

@@ -25,7 +25,7 @@ from typing import Any
 
 import duckdb
 
-from .errors import InvalidInput
+from .errors import InvalidInput, NotYetReadable, ReadBeforeSince
 from .frontier import MAX_TIME
 from .read import ReadHandle, parts_source, snapshot_sql
 from .updates import DIFF, TIME, qident
@@ -119,7 +119,11 @@ def connect(
             schema, base = checked[name]
             reader: ReadHandle = client.open_leased_reader(shard)
             stack.callback(reader.expire)
-            as_ofs[name] = _create_views(con, stack, reader, name, schema, base, as_of, timeout)
+            try:
+                as_ofs[name] = _create_views(con, stack, reader, name, schema, base, as_of, timeout)
+            except (ReadBeforeSince, NotYetReadable) as e:
+                # Say which collection: the user named collections, not shards.
+                raise type(e)(f"collection {name}: {e}") from None
         con.execute(
             "CREATE MACRO changes(name, t_from, t_to) AS TABLE "
             f"SELECT * FROM query_table('__changes_' || replace(regexp_replace(name, '^system[.]', 'sys.'), '.', '__')) "

@@ -26,7 +26,8 @@ DEFAULT_TIMEOUT_S = 10.0
 
 
 def _sleep_backoff(attempt: int) -> None:
-    time.sleep(min(0.005 * (1.5**attempt), 0.1))
+    # SUBTLE: cap the exponent; 1.5 ** attempt overflows a float after ~1750 polls of a long listen.
+    time.sleep(min(0.005 * (1.5 ** min(attempt, 16)), 0.1))
 
 
 def tombstone_error(shard_id: str) -> Tombstone:
@@ -331,6 +332,15 @@ class ReadHandle:
             # An expired reader no longer holds since back, so what it would read next
             # may already be compacted or collected: it must stop.
             self._check_lease(s)
+            # SUBTLE: exactness needs since <= frontier - 1 on every poll, not only at the start.
+            # Compaction advances times below since up to since; once since passes what was
+            # delivered, an update already delivered could reappear at time since >= frontier.
+            assert frontier.time is not None  # INVARIANT: we return right after an empty frontier
+            if not s.since.less_equal(frontier.time - 1):
+                raise ReadBeforeSince(
+                    f"shard {self.shard_id}: listen delivered times < {frontier.time} but since moved to "
+                    f"{s.since}; hold the reader's since at or before the listen's progress"
+                )
             if frontier < s.upper:
                 with self._reading(s):
                     batches = [b for b in s.batches if frontier < b.upper and b.parts]

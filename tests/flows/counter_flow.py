@@ -9,7 +9,7 @@ COUNTER_PARTS, COUNTER_INTERVAL (seconds per tick).
 from __future__ import annotations
 
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -56,12 +56,12 @@ class _Part(UpdatePartition):
             self.finished = True
             return [self._progress()]
         if self.next >= self.ticks:
-            self.awake = datetime.now(timezone.utc) + timedelta(seconds=0.05)
+            self.awake = datetime.now(UTC) + timedelta(seconds=0.05)
             return []
         i = self.next
         self.next += 1
         self.offset = i
-        self.awake = datetime.now(timezone.utc) + timedelta(seconds=self.interval)
+        self.awake = datetime.now(UTC) + timedelta(seconds=self.interval)
         return [UpdateBatch(tick_table(self.p, i, self.rows), offsets={self.key: i}), self._progress()]
 
     def next_awake(self):

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource
-from conftest import rows_of, upd
+from flowtest_util import rows_of, upd
 
 from flows.operators import FrontierTracker, OffsetQueue, consolidate, sql
 from storage import Frontier, Progress, UpdateBatch

@@ -9,13 +9,20 @@ import pyarrow as pa
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource
-from conftest import upd
+from flowtest_util import upd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
 
 import storage
 from flows.operators import consolidate
-from flows.sinks import Committed, PersistLogic, _PartWriter, append_sink, persist_sink, resume_point
+from flows.sinks import (
+    Committed,
+    PersistLogic,
+    _PartWriter,
+    append_sink,
+    persist_sink,
+    resume_point,
+)
 from storage import Frontier, Progress, UpdateBatch
 
 SCHEMA = pa.schema([("k", pa.string())])
