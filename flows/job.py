@@ -391,7 +391,7 @@ def _run_flow(
         housekeeper.report("completed" if mode == "batch" else "stopped")
         # Report every collection's final upper, not only those that committed in this run.
         fr = dict(summary.frontiers)
-        for name in list(fr):
+        for name in set(fr) | set(ctx.shards):
             fr[name] = client.state(ctx.shard(name)).upper
         return Summary(summary.rows, summary.batches, summary.seconds, fr)
     except BaseException as e:
