@@ -86,7 +86,45 @@ def _cas_sql(p: str, op: CasOp) -> tuple[str, tuple[Any, ...]]:
     return _INSERT_IF_HEAD.format(p=p), (op.key, op.new.seqno, op.new.data, op.key, op.expected)
 
 
-class SqliteConsensus:
+class _SqlConsensus:
+    """What both backends share: the same SQL for reads, one connection per thread and process.
+
+    Subclasses provide `_con()`, `compare_and_set_many` and `truncate` (their
+    transaction handling differs; their SQL does not).
+    """
+
+    P = "?"
+    _local: threading.local
+
+    def _con(self) -> Any:
+        raise NotImplementedError
+
+    def compare_and_set_many(self, ops: Sequence[CasOp]) -> bool:
+        raise NotImplementedError
+
+    def head(self, key: str) -> VersionedData | None:
+        row = self._con().execute(_HEAD.format(p=self.P), (key,)).fetchone()
+        return None if row is None else VersionedData(int(row[0]), bytes(row[1]))
+
+    def compare_and_set(self, key: str, expected: int | None, new: VersionedData) -> bool:
+        return self.compare_and_set_many([CasOp(key, expected, new)])
+
+    def scan(self, key: str, from_seqno: int, limit: int = 1000) -> list[VersionedData]:
+        rows = self._con().execute(_SCAN.format(p=self.P), (key, from_seqno, limit)).fetchall()
+        return [VersionedData(int(s), bytes(d)) for s, d in rows]
+
+    def list_keys(self, prefix: str = "") -> list[str]:
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return [r[0] for r in self._con().execute(_KEYS.format(p=self.P), (like,)).fetchall()]
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+
+class SqliteConsensus(_SqlConsensus):
     """Consensus in one SQLite file; safe across threads and processes (WAL, BEGIN IMMEDIATE)."""
 
     P = "?"
@@ -133,13 +171,6 @@ class SqliteConsensus:
             return out
         raise TimeoutError(f"sqlite consensus {self.path}: database stayed locked")
 
-    def head(self, key: str) -> VersionedData | None:
-        row = self._con().execute(_HEAD.format(p=self.P), (key,)).fetchone()
-        return None if row is None else VersionedData(int(row[0]), bytes(row[1]))
-
-    def compare_and_set(self, key: str, expected: int | None, new: VersionedData) -> bool:
-        return self.compare_and_set_many([CasOp(key, expected, new)])
-
     def compare_and_set_many(self, ops: Sequence[CasOp]) -> bool:
         for op in ops:
             _check(op.key, op.expected, op.new)
@@ -157,26 +188,12 @@ class SqliteConsensus:
 
         return bool(self._write(run))
 
-    def scan(self, key: str, from_seqno: int, limit: int = 1000) -> list[VersionedData]:
-        rows = self._con().execute(_SCAN.format(p=self.P), (key, from_seqno, limit)).fetchall()
-        return [VersionedData(int(s), bytes(d)) for s, d in rows]
-
     def truncate(self, key: str, seqno: int) -> int:
         """Delete versions below `seqno`, but only if a version at or above it exists."""
         return int(self._write(lambda con: con.execute(_TRUNCATE.format(p=self.P), (key, seqno, key, seqno)).rowcount))
 
-    def list_keys(self, prefix: str = "") -> list[str]:
-        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        return [r[0] for r in self._con().execute(_KEYS.format(p=self.P), (like,)).fetchall()]
 
-    def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
-            con.close()
-            self._local.con = None
-
-
-class PostgresConsensus:
+class PostgresConsensus(_SqlConsensus):
     """Consensus on PostgreSQL, for several processes or machines. Same SQL as SQLite.
 
     Each thread gets its own connection. A compare-and-set that collides with a
@@ -203,13 +220,6 @@ class PostgresConsensus:
             self._local.pid = os.getpid()
         return con
 
-    def head(self, key: str) -> VersionedData | None:
-        row = self._con().execute(_HEAD.format(p=self.P), (key,)).fetchone()
-        return None if row is None else VersionedData(int(row[0]), bytes(row[1]))
-
-    def compare_and_set(self, key: str, expected: int | None, new: VersionedData) -> bool:
-        return self.compare_and_set_many([CasOp(key, expected, new)])
-
     def compare_and_set_many(self, ops: Sequence[CasOp]) -> bool:
         for op in ops:
             _check(op.key, op.expected, op.new)
@@ -230,23 +240,9 @@ class PostgresConsensus:
             return False
         return True
 
-    def scan(self, key: str, from_seqno: int, limit: int = 1000) -> list[VersionedData]:
-        rows = self._con().execute(_SCAN.format(p=self.P), (key, from_seqno, limit)).fetchall()
-        return [VersionedData(int(s), bytes(d)) for s, d in rows]
-
     def truncate(self, key: str, seqno: int) -> int:
         cur = self._con().execute(_TRUNCATE.format(p=self.P), (key, seqno, key, seqno))
         return int(cur.rowcount)
-
-    def list_keys(self, prefix: str = "") -> list[str]:
-        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        return [r[0] for r in self._con().execute(_KEYS.format(p=self.P), (like,)).fetchall()]
-
-    def close(self) -> None:
-        con = getattr(self._local, "con", None)
-        if con is not None:
-            con.close()
-            self._local.con = None
 
 
 def open_consensus(url: str | None, default_path: str) -> Consensus:
