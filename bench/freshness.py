@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import duckdb
 import pyarrow as pa
@@ -88,11 +88,11 @@ def run_ours(rate: int, seconds: float, every: float) -> list[int]:
             # Keep the offered rate exact whatever the loop overhead: emit what is due.
             n = int(rate * (time.monotonic() - self.t0)) - self.seq
             if n <= 0:
-                self.awake = datetime.now(timezone.utc) + timedelta(seconds=every)
+                self.awake = datetime.now(UTC) + timedelta(seconds=every)
                 return []
             t = make(n, self.seq, now)
             self.seq += n
-            self.awake = datetime.now(timezone.utc) + timedelta(seconds=every)
+            self.awake = datetime.now(UTC) + timedelta(seconds=every)
             return [UpdateBatch(t, offsets={"fresh/0": self.seq}), Progress(Frontier(now + 1), "fresh/0", ("fresh/0",))]
 
         def next_awake(self):

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -48,7 +49,7 @@ def batch(i: int):
 
 
 def child_ours(n_batches: int) -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     import bytewax.operators as op
     import pyarrow as pa
@@ -74,7 +75,7 @@ def child_ours(n_batches: int) -> None:
             return [UpdateBatch(batch(i))]
 
         def next_awake(self):
-            return datetime.now(timezone.utc)
+            return datetime.now(UTC)
 
         def snapshot(self):
             return self.i

@@ -36,7 +36,7 @@ from __future__ import annotations
 import threading
 from abc import abstractmethod
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -82,7 +82,7 @@ def partition_key(source_name: str, partition: Any) -> str:
 
 def awake_in(seconds: float) -> datetime:
     """A tz-aware UTC `next_awake` value `seconds` from now."""
-    return datetime.now(timezone.utc) + timedelta(seconds=seconds)
+    return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 class UpdatePartition(StatefulSourcePartition[Item, Any]):

@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import bytewax.operators as op
@@ -262,7 +262,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
                 return out
             assert self.P.time is not None
             # INVARIANT: the sync point never passes the persisted upper.
-            assert self.S <= self.P.time, (self.S, self.P)
+            assert self.P.time >= self.S, (self.S, self.P)
             parts, rows, corrected = self._batch(self.P, f)
             offs = self.oq_peek(f)
             md = {OFFSETS_KEY: {**self.offsets, **offs}, OFFSETS_UPPER_KEY: f.time} if offs else None
@@ -283,7 +283,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             out.append(Committed(self.shard, lower, f, rows, offs, self.now_ms(), corrected))
             return out
         # Lost the race too often: try again later rather than spin.
-        self._retry_at = datetime.now(timezone.utc) + timedelta(seconds=self.retry_interval)
+        self._retry_at = datetime.now(UTC) + timedelta(seconds=self.retry_interval)
         return out
 
     def oq_peek(self, f: Frontier) -> dict[str, Any]:
@@ -297,7 +297,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
 
     def _synced(self, f: Frontier) -> None:
         """Desired == persisted below `f` (and `P >= f`): move S, drop what is covered."""
-        if not f.is_empty and self.P < f:
+        if not f.is_empty and f > self.P:
             self.P = f
         self.S = f.time if f.time is not None else self.S
         self.pending = [w for w in self.pending if not _lt(w.tmax, f)]
@@ -308,7 +308,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         lo = lower.time
         assert lo is not None
         due = [w for w in self.pending if _lt(w.tmin, upper)]
-        fast = self.S == lo and all(w.tmin >= lo and _lt(w.tmax, upper) for w in due)
+        fast = lo == self.S and all(w.tmin >= lo and _lt(w.tmax, upper) for w in due)
         if fast:
             # In sync: the workers' parts are exactly desired - persisted on [lower, upper).
             return tuple(p for w in due for p in w.parts), sum(w.rows for w in due), False
@@ -398,7 +398,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
 
     def _absorb(self, f: Frontier) -> None:
         """With `S < f <= P`: if persisted accumulates to desired below `f`, move S to `f`."""
-        if f.time is None or self.S >= f.time or self._absorbed == f:
+        if f.time is None or f.time <= self.S or self._absorbed == f:
             return
         self._absorbed = f
         due = [w for w in self.pending if w.tmin < f.time]
@@ -545,7 +545,7 @@ class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
         if not self.buf and not self.offsets:
             return None
         wait = max(0.0, self.last_commit + self.batch_duration - self.clock())
-        return datetime.now(timezone.utc) + timedelta(seconds=wait)
+        return datetime.now(UTC) + timedelta(seconds=wait)
 
     def on_eof(self) -> tuple[Iterable[Committed], bool]:
         return self.flush(), StatefulBatchLogic.DISCARD

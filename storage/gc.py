@@ -78,7 +78,7 @@ def _keys(s: st.ShardState) -> set[str]:
 
 def _scan(m: Machine, from_seqno: int, to_seqno: int) -> list[st.ShardState]:
     """Decode every stored version of the shard with `from_seqno <= seqno <= to_seqno`."""
-    out = []
+    out: list[st.ShardState] = []
     nxt = from_seqno
     while nxt <= to_seqno:
         rows = m.consensus.scan(m.key, nxt, _SCAN_LIMIT)
