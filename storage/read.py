@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -23,6 +24,40 @@ if TYPE_CHECKING:
 
 DEFAULT_LEASE_MS = 60_000
 DEFAULT_TIMEOUT_S = 10.0
+
+
+_SNAP_DB_LOCK = threading.Lock()
+_SNAP_DB: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (pid, database)
+
+
+def snapshot_cursor() -> duckdb.DuckDBPyConnection:
+    """A fresh cursor on one process-wide in-memory DuckDB used for snapshot queries.
+
+    Measured (bench/snapshot.py, 8M rows): `duckdb.connect()` + `close()` cost ~23 ms
+    per snapshot (a new database each time: ~10% of a compacted snapshot), a cursor on
+    a shared database ~0. Each cursor is its own DuckDB connection, so concurrent
+    snapshots from several threads are safe and `register`ed tables stay per cursor.
+    SUBTLE: re-created after a fork (a DuckDB instance must not cross fork()).
+
+    Settings (global to this database, which runs nothing but snapshots):
+    - preserve_insertion_order=false: a snapshot is a multiset, so DuckDB may
+      aggregate and materialise in parallel without keeping input order.
+    - threads = 2 x cores on machines of <= 2 cores: measured on 2 cores, the
+      GROUP BY over 10M (string, int) keys takes 0.85 s with 4 threads vs 1.25 s
+      with 2 (DuckDB's default; 3 threads: 0.84 s, 6: 0.87 s); plain reads are not
+      slower. Larger machines keep DuckDB's default (not measured).
+    """
+    global _SNAP_DB
+    pid = os.getpid()
+    with _SNAP_DB_LOCK:
+        if _SNAP_DB is None or _SNAP_DB[0] != pid:
+            db = duckdb.connect()
+            db.execute("SET preserve_insertion_order = false")
+            cores = os.cpu_count() or 1
+            if cores <= 2:
+                db.execute(f"SET threads = {2 * cores}")
+            _SNAP_DB = (pid, db)
+        return _SNAP_DB[1].cursor()
 
 
 def _sleep_backoff(attempt: int) -> None:
@@ -278,11 +313,8 @@ class ReadHandle:
         s = self.wait_for_upper_past(as_of, timeout)
         with self._reading(s):
             batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
-            con = duckdb.connect()
+            con = snapshot_cursor()  # insertion order not preserved: a snapshot is a multiset
             try:
-                # A snapshot is a multiset: no order to keep, which lets DuckDB aggregate
-                # and materialise in parallel.
-                con.execute("SET preserve_insertion_order = false")
                 src = parts_source(self.client, s, batches, con, "__parts")
                 if len(batches) == 1 and is_collapsed(batches[0], as_of):
                     sql = collapsed_sql(s, src)
