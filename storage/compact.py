@@ -287,7 +287,10 @@ def compact(
                 report.rows_written += output.rows
                 report.bytes_written += output.bytes
                 report.parts_written += len(output.parts)
-            s_new, applied = m.apply(lambda cur, now, p=plan, o=output: st.apply_merge(cur, p.inputs, o))
+            def merge(cur: st.ShardState, now: int, p: MergePlan = plan, o: st.BatchMeta = output) -> tuple[st.ShardState | None, bool]:
+                return st.apply_merge(cur, p.inputs, o)
+
+            s_new, applied = m.apply(merge)
             if applied:
                 report.merges_applied += 1
                 progressed = True
