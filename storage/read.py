@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 import time
@@ -58,6 +59,17 @@ def snapshot_cursor() -> duckdb.DuckDBPyConnection:
                 db.execute(f"SET threads = {2 * cores}")
             _SNAP_DB = (pid, db)
         return _SNAP_DB[1].cursor()
+
+
+@atexit.register
+def _close_snapshot_db() -> None:
+    """Close the shared database before interpreter teardown (DuckDB objects alive then
+    make its bindings print "leaked instance" warnings after everything else)."""
+    global _SNAP_DB
+    with _SNAP_DB_LOCK:
+        if _SNAP_DB is not None and _SNAP_DB[0] == os.getpid():
+            _SNAP_DB[1].close()
+        _SNAP_DB = None
 
 
 def _sleep_backoff(attempt: int) -> None:

@@ -8,6 +8,7 @@ object per row: validation uses Arrow compute, consolidation runs in DuckDB.
 
 from __future__ import annotations
 
+import atexit
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -33,7 +34,33 @@ def duck() -> duckdb.DuckDBPyConnection:
     if con is None:
         con = duckdb.connect(":memory:")
         _local.con = con
+        with _all_lock:
+            # Keyed by thread id: a reused id replaces (and drops) a dead thread's connection.
+            _all[threading.get_ident()] = con
     return con
+
+
+_all: dict[int, duckdb.DuckDBPyConnection] = {}
+_all_lock = threading.Lock()
+
+
+@atexit.register
+def _close_duck() -> None:
+    """Close every thread's transient connection before interpreter teardown.
+
+    SUBTLE: daemon threads (the compactor, bytewax workers) may still hold one at
+    exit; DuckDB objects alive during teardown make its bindings print pages of
+    "leaked instance" warnings after everything else, e.g. after pytest's summary.
+    """
+    with _all_lock:
+        cons = list(_all.values())
+        _all.clear()
+    for con in cons:
+        try:
+            con.close()
+        except Exception:  # noqa: BLE001 - closing at exit is best effort
+            pass
+    _local.__dict__.pop("con", None)
 
 
 def qident(name: str) -> str:
