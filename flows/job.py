@@ -136,6 +136,13 @@ class FlowContext:
         tick: seconds between idle progress ticks in continuous mode.
         workers: bytewax workers per process.
         stats: counters the sinks wired by `persist`/`append` update.
+        process_id: this process in a multi-process run (0 when single-process).
+            Only process 0 writes through the controller: it creates the
+            collections, records read policies and sink statuses, and compacts.
+            Every other process opens the controller read-only, so the copies do
+            not fence each other; there `collection()` only looks a collection up
+            (process 0 must have created it) and `set_read_policy` changes only
+            that process' view.
     """
 
     client: Client
@@ -145,6 +152,7 @@ class FlowContext:
     workers: int = 1
     stats: JobStats = field(default_factory=JobStats)
     shards: dict[str, str] = field(default_factory=dict)
+    process_id: int = 0
 
     @property
     def continuous(self) -> bool:
@@ -152,7 +160,13 @@ class FlowContext:
 
     def collection(self, name: str, schema: pa.Schema, *, data_source: str = "ingestion") -> str:
         """Create (or look up: an identical re-create is a no-op) collection `name`; return its shard id."""
-        self.controller.create_collections([_collection_desc(name, schema, data_source)])
+        try:
+            self.controller.create_collections([_collection_desc(name, schema, data_source)])
+        except storage.ReadOnly as e:
+            raise InvalidInput(
+                f"collection {name!r} does not exist yet and process {self.process_id} does not create "
+                "collections (process 0 does; start it first)"
+            ) from e
         self.shards[name] = str(self.controller.collection(name).shard_id)
         return self.shards[name]
 
@@ -340,6 +354,7 @@ def run_flow(
     addresses: list[str] | None = None,
     client: Client | None = None,
     configure: Callable[[FlowContext], None] | None = None,
+    on_built: Callable[[FlowContext], None] | None = None,
 ) -> Summary:
     """Load the flow file at `path` against the shards under `data_dir` and run it.
 
@@ -350,8 +365,13 @@ def run_flow(
         workers: bytewax workers per process (`-w`).
         tick: idle progress interval for continuous sources, seconds.
         progress: show the live progress line (continuous mode).
-        process_id, addresses: bytewax multi-process settings (`-i`, `-a`).
+        process_id, addresses: bytewax multi-process settings (`-i`, `-a`). A
+            process other than 0 opens the controller read-only and does not
+            compact (see `FlowContext.process_id`), so process 0 must have built
+            the flow (created its collections) before the others build it.
         configure: called with the context before `build` (tests, CLI options).
+        on_built: called with the context after `build`, just before the flow runs
+            (the CLI starts the other processes of a multi-process run there).
 
     Returns:
         The `Summary` (rows, batches, seconds, frontier per collection).
@@ -364,7 +384,7 @@ def run_flow(
     # Signals first: a SIGTERM while the flow is being built still stops it cleanly.
     sources.reset_stop()
     with _Signals():
-        return _run_flow(path, client, mode, workers, tick, progress, process_id, addresses, configure)
+        return _run_flow(path, client, mode, workers, tick, progress, process_id, addresses, configure, on_built)
 
 
 def _run_flow(
@@ -377,14 +397,18 @@ def _run_flow(
     process_id: int | None,
     addresses: list[str] | None,
     configure: Callable[[FlowContext], None] | None,
+    on_built: Callable[[FlowContext], None] | None = None,
 ) -> Summary:
-    ctl = open_controller(client)
-    ctx = FlowContext(client, ctl, mode, tick, workers)
-    housekeeper = _Housekeeper(ctx, interval=tick if mode == "continuous" else None)
+    primary = not process_id  # None or 0
+    ctl = open_controller(client, read_only=not primary)
+    ctx = FlowContext(client, ctl, mode, tick, workers, process_id=process_id or 0)
+    housekeeper = _Housekeeper(ctx, interval=tick if mode == "continuous" else None, primary=primary)
     try:
         if configure is not None:
             configure(ctx)
         flow = load_flow(path, ctx)
+        if on_built is not None:
+            on_built(ctx)
         housekeeper.report("running")
         with housekeeper:
             summary = run(flow, ctx, process_id=process_id, addresses=addresses, progress=progress, handle_signals=False)
@@ -418,11 +442,15 @@ class _Housekeeper:
     when any job ends. SUBTLE: a newer copy of the job fences this controller;
     then ticking stops quietly, because the sinks write their shards directly and
     must not be stopped by it.
+
+    Only the primary (process 0 of a multi-process run) asks for compaction; the
+    others' read-only controllers record nothing, so ticking them is harmless.
     """
 
-    def __init__(self, ctx: FlowContext, interval: float | None):
+    def __init__(self, ctx: FlowContext, interval: float | None, *, primary: bool = True):
         self.ctx = ctx
         self.interval = interval
+        self.primary = primary
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dead = False
@@ -439,7 +467,7 @@ class _Housekeeper:
     def tick(self) -> None:
         # Sinks commit through the shard machine directly, which does not wake the
         # client's background compactor: ask it here (cheap; it coalesces requests).
-        for shard in self.ctx.shards.values():
+        for shard in self.ctx.shards.values() if self.primary else ():
             try:
                 self.ctx.client.compactor.request(shard)
             except Exception:  # noqa: BLE001 - compaction is an optimization
@@ -461,7 +489,7 @@ class _Housekeeper:
                 self.ctx.controller.tick()
             except Exception:  # noqa: BLE001 - see the class docstring
                 self._dead = True
-        for shard in self.ctx.shards.values():
+        for shard in self.ctx.shards.values() if self.primary else ():
             try:
                 self.ctx.client.compact(shard)
             except Exception:  # noqa: BLE001 - compaction is an optimization; the next run retries
