@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -31,10 +32,18 @@ def _data_default() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--data", default=_data_default(), metavar="DIR",
-                        help="data directory: consensus.sqlite and blob/ (default: %(default)s, or $SHARDFLOW_DATA)")
-    common.add_argument("--consensus", default=os.environ.get("SHARDFLOW_CONSENSUS"), metavar="URL",
-                        help="consensus URL, e.g. postgresql://user@127.0.0.1:5432/db (default: SQLite under --data)")
+    common.add_argument(
+        "--data",
+        default=_data_default(),
+        metavar="DIR",
+        help="data directory: consensus.sqlite and blob/ (default: %(default)s, or $SHARDFLOW_DATA)",
+    )
+    common.add_argument(
+        "--consensus",
+        default=os.environ.get("SHARDFLOW_CONSENSUS"),
+        metavar="URL",
+        help="consensus URL, e.g. postgresql://user@127.0.0.1:5432/db (default: SQLite under --data)",
+    )
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
     p = argparse.ArgumentParser(
@@ -45,61 +54,151 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    d = sub.add_parser("demo", parents=[common], help="run the auction demo flow into --data and print a query",
-                       description="Generate auctions and bids (deterministic load generator), run them through a flow "
-                       "with a SQL step into collections under --data, then print the top bids per auction.")
-    d.add_argument("--ticks", type=int, default=200, help="load generator ticks to run (default: %(default)s)")
+    d = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run the auction demo flow into --data and print a query",
+        description="Generate auctions and bids (deterministic load generator), run them through a flow "
+        "with a SQL step into collections under --data, then print the top bids per auction.",
+    )
+    d.add_argument(
+        "--ticks", type=int, default=200, help="load generator ticks to run (default: %(default)s)"
+    )
     d.add_argument("--seed", type=int, default=1, help="load generator seed (default: %(default)s)")
 
-    r = sub.add_parser("run", parents=[common], help="run a flow file",
-                       description="Run a flow defined in a Python file (see examples/). Batch mode exits when the "
-                       "sources are exhausted; continuous mode runs until SIGINT/SIGTERM, then flushes and exits 0.")
+    r = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a flow file",
+        description="Run a flow defined in a Python file (see examples/). Batch mode exits when the "
+        "sources are exhausted; continuous mode runs until SIGINT/SIGTERM, then flushes and exits 0.",
+    )
     r.add_argument("flow", metavar="FLOW.py", help="a Python file that defines the flow")
-    r.add_argument("--mode", choices=["batch", "continuous"], default="batch", help="default: %(default)s")
-    r.add_argument("-w", "--workers", type=int, default=1, help="bytewax worker threads per process (default: 1)")
-    r.add_argument("--tick", type=float, default=1.0, metavar="SECONDS",
-                   help="continuous mode: tick idle uppers forward this often (default: %(default)s)")
+    r.add_argument(
+        "--mode", choices=["batch", "continuous"], default="batch", help="default: %(default)s"
+    )
+    r.add_argument(
+        "-w",
+        "--workers",
+        type=int,
+        default=1,
+        help="bytewax worker threads per process (default: 1)",
+    )
+    r.add_argument(
+        "-p",
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="bytewax processes on this machine, talking over 127.0.0.1 (default: 1). This process is "
+        "process 0: it creates the collections and does the housekeeping; the others only run the flow",
+    )
+    # A child of a multi-process run (`-p N` starts them; not for direct use: process 0 must build first).
+    r.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("--addresses", default=None, help=argparse.SUPPRESS)
+    r.add_argument("--summary-file", default=None, help=argparse.SUPPRESS)
+    r.add_argument(
+        "--tick",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="continuous mode: tick idle uppers forward this often (default: %(default)s)",
+    )
     r.add_argument("--no-progress", action="store_true", help="no live progress line")
 
-    q = sub.add_parser("query", parents=[common], help="run SQL over every collection",
-                       description="Every collection under --data is a view of its snapshot; introspection "
-                       "collections are in schema sys. The table function changes(name, from, to) returns raw "
-                       "updates with from < _time <= to.")
+    q = sub.add_parser(
+        "query",
+        parents=[common],
+        help="run SQL over every collection",
+        description="Every collection under --data is a view of its snapshot; introspection "
+        "collections are in schema sys. The table function changes(name, from, to) returns raw "
+        "updates with from < _time <= to.",
+    )
     q.add_argument("sql", help="a DuckDB SQL query")
-    q.add_argument("--as-of", type=int, default=None, metavar="T", help="read at time T (default: latest readable)")
-    q.add_argument("--format", choices=["table", "csv", "json", "parquet"], default="table", help="default: %(default)s")
+    q.add_argument(
+        "--as-of",
+        type=int,
+        default=None,
+        metavar="T",
+        help="read at time T (default: latest readable)",
+    )
+    q.add_argument(
+        "--format",
+        choices=["table", "csv", "json", "parquet"],
+        default="table",
+        help="default: %(default)s",
+    )
     q.add_argument("-o", "--output", metavar="FILE", help="write to FILE (required for parquet)")
 
-    t = sub.add_parser("tail", parents=[common], help="print a collection's updates as they commit",
-                       description="Print the snapshot at --as-of (default: latest) as updates, then every update "
-                       "as it commits, like Materialize's SUBSCRIBE. Stops on Ctrl-C or after --timeout idle seconds.")
+    t = sub.add_parser(
+        "tail",
+        parents=[common],
+        help="print a collection's updates as they commit",
+        description="Print the snapshot at --as-of (default: latest) as updates, then every update "
+        "as it commits, like Materialize's SUBSCRIBE. Stops on Ctrl-C or after --timeout idle seconds.",
+    )
     t.add_argument("name", help="collection name")
     t.add_argument("--as-of", type=int, default=None, metavar="T")
-    t.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="stop after this long with no progress")
+    t.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop after this long with no progress",
+    )
     t.add_argument("--no-snapshot", action="store_true", help="only updates after --as-of")
 
-    i = sub.add_parser("inspect", parents=[common], help="show collections: shard, since, upper, batches, sizes, lag")
+    i = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="show collections: shard, since, upper, batches, sizes, lag",
+    )
     i.add_argument("name", nargs="?", help="one collection (default: all)")
     i.add_argument("--json", action="store_true", help="print JSON")
-    i.add_argument("--system", action="store_true", help="include the introspection collections (system.*)")
+    i.add_argument(
+        "--system", action="store_true", help="include the introspection collections (system.*)"
+    )
 
     c = sub.add_parser("compact", parents=[common], help="compact collections now")
     c.add_argument("name", nargs="?", help="one collection (default: all)")
-    g = sub.add_parser("gc", parents=[common], help="delete unreferenced parts and old state versions")
+    g = sub.add_parser(
+        "gc", parents=[common], help="delete unreferenced parts and old state versions"
+    )
     g.add_argument("name", nargs="?", help="one collection (default: all)")
-    sub.add_parser("fsck", parents=[common], help="verify every part's sha256 and every shard's invariants")
+    sub.add_parser(
+        "fsck", parents=[common], help="verify every part's sha256 and every shard's invariants"
+    )
     return p
 
 
 # ---------------------------------------------------------------- helpers
 
+# Every storage client a command opened; main() closes them. SUBTLE: a client's
+# background compactor still inside DuckDB when the interpreter exits aborts the
+# process (SIGABRT); close() waits for it.
+_CLIENTS: list[Any] = []
+
+
+def _storage_open(args: argparse.Namespace) -> Any:
+    import storage
+
+    client = storage.open(args.data, consensus=args.consensus)
+    _CLIENTS.append(client)
+    return client
+
 
 def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
     import storage
 
-    if not create and not os.path.exists(os.path.join(args.data, "consensus.sqlite")) and not args.consensus:
-        raise storage.InvalidInput(f"--data {args.data}: no shardflow data here (run a flow first, e.g. `shardflow demo`)")
-    return storage.open(args.data, consensus=args.consensus)
+    if (
+        not create
+        and not os.path.exists(os.path.join(args.data, "consensus.sqlite"))
+        and not args.consensus
+    ):
+        raise storage.InvalidInput(
+            f"--data {args.data}: no shardflow data here (run a flow first, e.g. `shardflow demo`)"
+        )
+    return _storage_open(args)
 
 
 def _controller(client: Any, read_only: bool = True) -> Any:
@@ -138,7 +237,7 @@ def _referenced(catalog: dict[str, str], sql: str) -> dict[str, str]:
     words = set(re.findall(r"[a-z_][a-z0-9_]*(?:\.[a-z_][a-z0-9_]*)?", sql.lower()))
     out = {}
     for name, shard in catalog.items():
-        alias = "sys." + name[len("system."):] if name.startswith("system.") else name
+        alias = "sys." + name[len("system.") :] if name.startswith("system.") else name
         if name in words or alias in words:
             out[name] = shard
     return out
@@ -191,16 +290,28 @@ def _emit(table: Any, fmt: str, output: str | None) -> None:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    import duckdb
+
     import storage
 
     client = _open(args)
     ctl = _controller(client)
     try:
         cat = _referenced(_catalog(ctl), args.sql)
+        if not args.sql.strip():
+            raise storage.InvalidInput("query: empty SQL")
         with storage.query.connect(client, cat, as_of=args.as_of) as con:
-            table = con.sql(args.sql).to_arrow_table() if args.sql.strip() else None
-            if table is None:
-                raise storage.InvalidInput("query: empty SQL")
+            try:
+                table = con.sql(args.sql).to_arrow_table()
+            except duckdb.CatalogException as e:
+                # DuckDB names the missing table; say which collections there are.
+                known = (
+                    ", ".join(sorted(n for n in _catalog(ctl) if not n.startswith("system.")))
+                    or "none"
+                )
+                raise storage.IdentifierMissing(
+                    f"query: {str(e).splitlines()[0]} (collections: {known})"
+                ) from e
             _emit(table, args.format, args.output)
     finally:
         ctl.close()
@@ -222,7 +333,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
         if as_of is None:
             up = client.state(shard).upper
             as_of = max((up.time or 1) - 1, 0) if not up.is_empty else storage.frontier.MAX_TIME
-        events = r.listen(as_of, timeout=args.timeout) if args.no_snapshot else r.subscribe(as_of, timeout=args.timeout)
+        events = (
+            r.listen(as_of, timeout=args.timeout)
+            if args.no_snapshot
+            else r.subscribe(as_of, timeout=args.timeout)
+        )
         out = sys.stdout
         try:
             for ev in events:
@@ -252,7 +367,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     ctl = _controller(client)
     try:
         cat = _catalog(ctl)
-        names = [args.name] if args.name else sorted(n for n in cat if args.system or not n.startswith("system."))
+        names = (
+            [args.name]
+            if args.name
+            else sorted(n for n in cat if args.system or not n.startswith("system."))
+        )
         if args.name:
             _resolve(ctl, args.name)
         infos = {n: client.inspect(cat[n]) for n in names}
@@ -268,11 +387,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     t = Table(title=f"collections in {args.data}")
     for col in ("collection", "shard", "since", "upper", "lag", "batches", "rows", "bytes"):
-        t.add_column(col, justify="right" if col in ("since", "upper", "batches", "rows", "bytes") else "left")
+        t.add_column(
+            col,
+            justify="right" if col in ("since", "upper", "batches", "rows", "bytes") else "left",
+        )
     for n, info in infos.items():
         up = storage.Frontier(info["upper"])
-        t.add_row(n, info["shard_id"][:9] + "…", str(info["since"]), str(info["upper"]), _lag_ms(up),
-                  str(len(info["batches"])), f"{info['rows']:,}", f"{info['bytes']:,}")
+        t.add_row(
+            n,
+            info["shard_id"][:9] + "…",
+            str(info["since"]),
+            str(info["upper"]),
+            _lag_ms(up),
+            str(len(info["batches"])),
+            f"{info['rows']:,}",
+            f"{info['bytes']:,}",
+        )
     Console().print(t)
     if args.name:
         bt = Table(title=f"batches of {args.name}")
@@ -337,10 +467,328 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     if args.workers < 1:
         raise storage.InvalidInput(f"--workers must be >= 1, got {args.workers}")
-    client = storage.open(args.data, consensus=args.consensus)
-    summary = run_flow(args.flow, args.data, mode=args.mode, workers=args.workers, tick=args.tick,
-                       progress=not args.no_progress and sys.stderr.isatty(), client=client)
-    print(f"{args.mode} run of {args.flow}: {summary}")
+    if args.processes < 1:
+        raise storage.InvalidInput(f"--processes must be >= 1, got {args.processes}")
+    if not os.path.isfile(args.flow):
+        raise storage.InvalidInput(f"flow file {args.flow!r} does not exist")
+    if args.process_id is not None:
+        return _run_child(args)
+    client = _storage_open(args)
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.processes == 1:
+        summary = run_flow(
+            args.flow,
+            args.data,
+            mode=args.mode,
+            workers=args.workers,
+            tick=args.tick,
+            progress=progress,
+            client=client,
+        )
+        print(f"{args.mode} run of {args.flow}: {summary}")
+        return 0
+    return _run_processes(args, client, progress)
+
+
+# ---------------------------------------------------------------- multi-process runs
+#
+# `run -p N`: this process is bytewax process 0; it builds the flow first (so the
+# collections exist), then starts processes 1..N-1 (`python -m flows.cli run FLOW
+# --process-id k --addresses ...`), runs its own share, waits for all and prints
+# one summary. Only process 0 writes through the storage controller (collections,
+# read policies, sink statuses) and compacts; the others open it read-only
+# (`flows.job`: a second writable controller would fence the first). The sinks
+# route each shard to one committer worker, in whichever process, so the data
+# path needs nothing more.
+#
+# SUBTLE: bytewax cannot be interrupted while it connects to its peers (signals are
+# not checked there), so a child that dies before connecting would leave process 0
+# waiting forever. The supervisor thread notices a failed child and, if process 0
+# has not stopped on its own within _FAIL_GRACE seconds, prints the error and exits
+# the process at once (os._exit). Nothing is lost: every commit is atomic, and a
+# rerun resumes from the committed offsets.
+
+_FAIL_GRACE = 3.0
+
+
+class ChildFailed(Exception):
+    """A process of a multi-process run failed."""
+
+
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
+    import socket
+
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _one_line(msg: str) -> str:
+    """A multi-line message (bytewax's `... Caused by => ...`) as one line."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    if len(lines) <= 1:
+        return lines[0] if lines else ""
+    causes = [ln for ln in lines if ln.startswith("Caused by =>")]
+    last = causes[-1][len("Caused by =>") :].strip() if causes else lines[-1]
+    return f"{lines[0]}: {last}"
+
+
+def _run_child(args: argparse.Namespace) -> int:
+    """Process k > 0 of a `run -p N`: run the flow, write the counts to --summary-file."""
+    import storage
+    from flows.job import run_flow
+
+    if not args.addresses:
+        raise storage.InvalidInput("--process-id needs --addresses")
+    addresses = args.addresses.split(";")
+    if not 0 <= args.process_id < len(addresses):
+        raise storage.InvalidInput(
+            f"--process-id {args.process_id} is not in 0..{len(addresses) - 1}"
+        )
+    parent = os.getppid()
+
+    def orphaned() -> None:  # the parent died (even by SIGKILL): do not wait for peers forever
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent:
+                os._exit(EXIT_ERROR)
+
+    threading.Thread(target=orphaned, name="shardflow-parent-watch", daemon=True).start()
+    client = _storage_open(args)
+    summary = run_flow(
+        args.flow,
+        args.data,
+        mode=args.mode,
+        workers=args.workers,
+        tick=args.tick,
+        client=client,
+        process_id=args.process_id,
+        addresses=addresses,
+    )
+    if args.summary_file:
+        with open(args.summary_file, "w") as f:
+            json.dump(
+                {
+                    "rows": summary.rows,
+                    "batches": summary.batches,
+                    "names": sorted(summary.frontiers),
+                },
+                f,
+            )
+    return 0
+
+
+class _Children:
+    """Processes 1..N-1 of a multi-process run: start, watch, signal, reap."""
+
+    def __init__(self, args: argparse.Namespace, addresses: list[str], tmp: str):
+        self.args = args
+        self.addresses = addresses
+        self.tmp = tmp
+        self.procs: dict[int, Any] = {}
+        self.failure: str | None = None
+        self.main_done = False
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: Any = None
+
+    def n(self) -> int:
+        return len(self.addresses)
+
+    def summary_file(self, k: int) -> str:
+        return os.path.join(self.tmp, f"summary-{k}.json")
+
+    def stderr_file(self, k: int) -> str:
+        return os.path.join(self.tmp, f"stderr-{k}.txt")
+
+    def start(self) -> None:
+        import subprocess
+
+        a = self.args
+        for k in range(1, self.n()):
+            cmd = [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "run",
+                os.path.abspath(a.flow),
+                "--data",
+                os.path.abspath(a.data),
+                "--mode",
+                a.mode,
+                "-w",
+                str(a.workers),
+                "--tick",
+                str(a.tick),
+                "--no-progress",
+                "--process-id",
+                str(k),
+                "--addresses",
+                ";".join(self.addresses),
+                "--summary-file",
+                self.summary_file(k),
+            ]
+            if a.consensus:
+                cmd += ["--consensus", a.consensus]
+            if a.debug:
+                cmd.append("--debug")
+            with open(self.stderr_file(k), "wb") as err:
+                # A session of its own: a terminal's Ctrl-C reaches only this process,
+                # which forwards one SIGTERM (a second would abort the child).
+                self.procs[k] = subprocess.Popen(
+                    cmd, stdout=None, stderr=err, start_new_session=True
+                )
+        self._thread = threading.Thread(target=self._watch, name="shardflow-children", daemon=True)
+        self._thread.start()
+
+    def _why(self, k: int, rc: int) -> str:
+        import signal
+
+        if rc < 0:
+            try:
+                how = f"was killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"was killed by signal {-rc}"
+        else:
+            how = f"failed (exit {rc})"
+        last = ""
+        try:
+            with open(self.stderr_file(k), errors="replace") as f:
+                lines = [
+                    ln.strip() for ln in f if ln.strip() and "error connecting to worker" not in ln
+                ]
+            errs = [ln for ln in lines if ln.startswith("shardflow: error: ")]
+            last = errs[-1][len("shardflow: error: ") :] if errs else (lines[-1] if lines else "")
+        except OSError:
+            pass
+        return f"process {k} of {self.n()} {how}" + (f": {last}" if last else "")
+
+    def _watch(self) -> None:
+        from connectors import base as sources
+
+        forwarded = False
+        failed_at: float | None = None
+        while not self._stop.wait(0.05):
+            if sources.stop_requested() and not forwarded:
+                forwarded = True
+                self.signal_all()
+            for k, p in self.procs.items():
+                rc = p.poll()
+                if rc not in (None, 0) and self.failure is None:
+                    self.failure = self._why(k, rc)
+                    failed_at = time.monotonic()
+                    self.signal_all()
+            if failed_at is not None and time.monotonic() - failed_at > _FAIL_GRACE:
+                with self._lock:
+                    if self.main_done:
+                        return
+                    # Process 0 is stuck (e.g. connecting to the dead peer): see the SUBTLE note above.
+                    self.kill_all()
+                    print(f"shardflow: error: {self.failure}", file=sys.stderr, flush=True)
+                    sys.stdout.flush()
+                    os._exit(EXIT_ERROR)
+
+    def signal_all(self, sig: int | None = None) -> None:
+        import signal
+
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    p.send_signal(sig if sig is not None else signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    def kill_all(self) -> None:
+        import signal
+
+        self.signal_all(signal.SIGKILL)
+
+    def finish(self, ok: bool) -> None:
+        """Wait for every child (after an error in process 0: SIGTERM, then SIGKILL after a grace)."""
+        with self._lock:
+            self.main_done = True
+        if not ok:
+            self.signal_all()
+        deadline = time.monotonic() + (5.0 if not ok else float("inf"))
+        for k, p in self.procs.items():
+            try:
+                rc = p.wait(timeout=max(0.0, deadline - time.monotonic()) if not ok else None)
+            except Exception:  # noqa: BLE001 - TimeoutExpired (or an interrupt): do not leave it behind
+                self.kill_all()
+                p.wait()
+                rc = p.returncode
+            if rc != 0 and self.failure is None:
+                self.failure = self._why(k, rc)
+        self._stop.set()
+
+    def summaries(self) -> list[dict[str, Any]]:
+        out = []
+        for k in self.procs:
+            try:
+                with open(self.summary_file(k)) as f:
+                    out.append(json.load(f))
+            except (OSError, ValueError):
+                pass
+        return out
+
+
+def _run_processes(args: argparse.Namespace, client: Any, progress: bool) -> int:
+    import tempfile
+
+    from flows.job import Summary, run_flow
+
+    n = args.processes
+    addresses = [f"127.0.0.1:{port}" for port in _free_ports(n)]
+    built: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="shardflow-run-") as tmp:
+        children = _Children(args, addresses, tmp)
+
+        def on_built(ctx: Any) -> None:
+            built["ctx"] = ctx
+            children.start()
+
+        t0 = time.monotonic()
+        ok = False
+        try:
+            summary = run_flow(
+                args.flow,
+                args.data,
+                mode=args.mode,
+                workers=args.workers,
+                tick=args.tick,
+                progress=progress,
+                client=client,
+                process_id=0,
+                addresses=addresses,
+                on_built=on_built,
+            )
+            ok = True
+        except BaseException as e:
+            children.finish(ok=False)
+            if children.failure is not None and not isinstance(e, KeyboardInterrupt):
+                raise ChildFailed(children.failure) from None
+            raise
+        children.finish(ok=True)
+        if children.failure is not None:
+            raise ChildFailed(children.failure)
+        rows, batches, names = summary.rows, summary.batches, set(summary.frontiers)
+        for s in children.summaries():
+            rows += s["rows"]
+            batches += s["batches"]
+            names.update(s["names"])
+        ctx = built["ctx"]
+        frontiers = {name: client.state(ctx.shard(name)).upper for name in names}
+        total = Summary(rows, batches, time.monotonic() - t0, frontiers)
+    assert ok
+    print(f"{args.mode} run of {args.flow} ({n} processes x {args.workers} workers): {total}")
     return 0
 
 
@@ -362,6 +810,14 @@ COMMANDS = {
 }
 
 
+def _close_clients() -> None:
+    while _CLIENTS:
+        try:
+            _CLIENTS.pop().close()
+        except Exception:  # noqa: BLE001 - closing is best effort; the command's outcome stands
+            pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -369,10 +825,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bytewax is Rust: without --debug, no Rust backtraces on top of our one-line error.
         os.environ["RUST_BACKTRACE"] = "0"
     try:
-        return COMMANDS[args.command](args)
+        try:
+            return COMMANDS[args.command](args)
+        finally:
+            _close_clients()
     except KeyboardInterrupt:
         return 130
-    except Exception as e:  # noqa: BLE001 - the CLI turns every error into one line
+    except BrokenPipeError:
+        # `shardflow tail x | head`: the reader left. Not an error; keep Python quiet at exit.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 0
+    except (SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - the CLI turns every error into one line (bytewax's
+        # PanicException, e.g. when a peer process dies, is a BaseException)
         if getattr(args, "debug", False):
             raise
         import duckdb
@@ -381,7 +850,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         # bytewax wraps errors raised inside a flow (BytewaxRuntimeError); the cause is what matters.
         root: BaseException = e
-        while root.__cause__ is not None and not isinstance(root, (storage.ShardflowError, duckdb.Error)):
+        while root.__cause__ is not None and not isinstance(
+            root, (storage.ShardflowError, duckdb.Error)
+        ):
             root = root.__cause__
         if isinstance(root, Exception):
             e = root
@@ -391,9 +862,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             msg = f"query: {str(e).splitlines()[0]}"
         elif isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
             msg = f"{e.filename}: {e.strerror}"
+        elif isinstance(e, ChildFailed):
+            msg = str(e)
         else:
             msg = f"{type(e).__name__}: {e}"
-        print(f"shardflow: error: {msg}", file=sys.stderr)
+        print(f"shardflow: error: {_one_line(msg)}", file=sys.stderr)
         return EXIT_ERROR
 
 
