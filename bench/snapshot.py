@@ -96,7 +96,7 @@ def paired(base, ours, n: int) -> tuple[float, float, float, float]:  # noqa: AN
             with timed() as t:
                 fn()
             ts.append(t[0])
-    ratios = sorted(o / b for o, b in zip(to, tb))
+    ratios = sorted(o / b for o, b in zip(to, tb, strict=True))
     return to[0], min(tb), min(to), ratios[len(ratios) // 2]
 
 

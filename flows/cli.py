@@ -439,8 +439,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     client, items = _each(args)
     for name, shard in items:
-        report = client.gc(shard)
-        print(f"{name}: {report}")
+        r = client.gc(shard)
+        print(f"{name}: deleted {r.parts_deleted + r.orphans_deleted} parts ({r.bytes_deleted:,} bytes), "
+              f"truncated {r.versions_truncated} state versions; {r.orphans_kept} recent orphans kept")
     return 0
 
 
@@ -454,10 +455,18 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         try:
             check_invariants(client.state(shard))
             report = client.verify(shard)
-            print(f"{name}: ok {report}")
         except (storage.ShardflowError, AssertionError) as e:
             bad += 1
             print(f"{name}: FAILED {e}")
+            continue
+        if not report.ok:
+            # verify() lists every problem instead of stopping at the first.
+            bad += 1
+            for problem in report.problems:
+                print(f"{name}: FAILED {problem}")
+            continue
+        print(f"{name}: ok ({report.batches} batches, {report.parts_checked} parts, "
+              f"{report.bytes_checked:,} bytes checked)")
     return EXIT_ERROR if bad else 0
 
 

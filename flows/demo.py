@@ -100,6 +100,7 @@ def run_demo(data: str, *, ticks: int = TICKS, seed: int = SEED, consensus: str 
     for row in table.to_pylist():
         t.add_row(*[str(v) for v in row.values()])
     console.print(t)
+    client.close()
     console.print(f"{counts[0]:,} auctions, {counts[1]:,} bids, {counts[2]:,} users. "
                   f"Query it yourself: [bold].venv/bin/shardflow query --data {data} \"SELECT band, count(*) FROM bids GROUP BY band\"[/]")
     return 0

@@ -492,7 +492,10 @@ class _Housekeeper:
         for shard in self.ctx.shards.values() if self.primary else ():
             try:
                 self.ctx.client.compact(shard)
-            except Exception:  # noqa: BLE001 - compaction is an optimization; the next run retries
+                # gc deletes only parts no live reader can reach (and orphans past their grace
+                # period), so it is safe while other jobs and queries run.
+                self.ctx.client.gc(shard)
+            except Exception:  # noqa: BLE001 - maintenance; the next run retries
                 pass
 
     def _loop(self) -> None:
