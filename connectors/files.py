@@ -168,6 +168,11 @@ class FileSource(UpdateSource):
             raise InvalidInput(f"{where}: time must be 'offset' (the byte clock), got {time!r}")
         if not isinstance(partitions, int) or partitions < 1:
             raise InvalidInput(f"{where}: partitions must be an int >= 1, got {partitions!r}")
+        if mode == "continuous" and partitions > 1:
+            # SUBTLE: each partition's time is its own byte clock and the stream frontier is
+            # the minimum over partitions, so an idle partition would hold back every commit.
+            raise InvalidInput(f"{where}: continuous mode takes partitions=1 (each partition "
+                               f"keeps its own byte clock; an idle one would stall the frontier), got {partitions}")
         if block_size < 1:
             raise InvalidInput(f"{where}: block_size must be >= 1, got {block_size!r}")
         check_row_schema(schema, where)

@@ -51,7 +51,7 @@ from connectors import base as sources
 from storage import Client, Frontier
 from storage.errors import InvalidInput
 
-from .sinks import Committed, append_sink, persist_sink, resume_point
+from .sinks import Committed, append_sink, committed_offsets, persist_sink, resume_point
 
 __all__ = ["FlowContext", "JobStats", "Summary", "load_flow", "open_controller", "run", "run_flow"]
 
@@ -189,8 +189,8 @@ class FlowContext:
         """
         out: dict[str, Any] = {}
         for n in names:
-            offs, _ = resume_point(self.client.state(self.shard(n)))
-            out.update(offs)
+            # Offsets regardless of a resume upper: append-only collections record none.
+            out.update(committed_offsets(self.client.state(self.shard(n))))
         return out
 
     def resume_as_of(self, name: str) -> int | None:

@@ -7,6 +7,7 @@ runner counts; ignore it if you do not need it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -202,6 +203,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self._tmp: str | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
         self._absorbed: Frontier | None = None
+        self._touched = time.monotonic()
 
     # ---- bytewax hooks ----
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Committed], bool]:
@@ -249,8 +251,30 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             self._tmp = None
 
     # ---- the algorithm ----
+    def _keep_pending_alive(self) -> None:
+        """Refresh the mtime of written-but-uncommitted parts, at most once a minute.
+
+        SUBTLE: until the CAS, gc sees these parts as orphans and deletes orphans older
+        than its grace period (15 min). A frontier can stall far longer than that (an
+        idle source partition), so the committer keeps its parts young. Remote blobs
+        (no local path) are not refreshed: there, a stall longer than the grace period
+        must not meet a concurrent gc.
+        """
+        now = time.monotonic()
+        if now - self._touched < 60.0:
+            return
+        self._touched = now
+        blob = self.writer.client.blob
+        for w in self.pending:
+            for p in w.parts:
+                path = blob.local_path(p.key)
+                if path is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.utime(path)
+
     def advance(self) -> list[Committed]:
         """Append `[P, F)` if the input frontier `F` is beyond the persisted upper `P`."""
+        self._keep_pending_alive()
         f = self.tracker.frontier()
         if f is None:
             return []
@@ -265,7 +289,13 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             assert self.P.time >= self.S, (self.S, self.P)
             parts, rows, corrected = self._batch(self.P, f)
             offs = self.oq_peek(f)
-            md = {OFFSETS_KEY: {**self.offsets, **offs}, OFFSETS_UPPER_KEY: f.time} if offs else None
+            # SUBTLE: record the resume point on EVERY commit, not only on commits with new
+            # offsets: after any commit of [P, f), desired == persisted below f. A resume point
+            # left behind (e.g. by a source whose frontier moves while idle) falls below since
+            # once compaction advances, and a restart could then never correct from it.
+            md: dict[str, Any] = {OFFSETS_KEY: {**self.offsets, **offs}}
+            if f.time is not None:
+                md[OFFSETS_UPPER_KEY] = f.time
             try:
                 _commit_parts(self.writer.writer_id, self.machine, parts, self.P, f, md)
             except UpperMismatch as e:

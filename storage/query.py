@@ -6,7 +6,8 @@ default), one row per unit of count: a row whose updates sum to `_diff = 3`
 appears three times. A negative count is an error that names the row; it is
 never silently dropped. The table function `changes(name, from, to)` returns the
 raw updates with `from < _time <= to`, with their `_time` and `_diff`, so that
-snapshot(a) + changes(a, b) = snapshot(b).
+snapshot(a) + changes(a, b) = snapshot(b). `from` must be `>= since` (below it,
+compaction may have moved times), else the query fails rather than answer wrong.
 
 Names are validated as `[a-z_][a-z0-9_]*`, optionally prefixed by one schema
 (`sys.frontiers`); identifiers are always quoted.
@@ -112,6 +113,7 @@ def connect(
     stack = ExitStack()
     as_ofs: dict[str, int | None] = {}
     try:
+        con.execute("CREATE TABLE __since (hidden VARCHAR PRIMARY KEY, since BIGINT)")
         schemas = {s for s, _ in checked.values() if s}
         for s in sorted(schemas):
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {qident(s)}")
@@ -124,10 +126,19 @@ def connect(
             except (ReadBeforeSince, NotYetReadable) as e:
                 # Say which collection: the user named collections, not shards.
                 raise type(e)(f"collection {name}: {e}") from None
+        # SUBTLE: below since, compaction may have advanced times (to since), so raw updates
+        # there may not be where they were: changes() from a time below since would be
+        # silently wrong. It is an error instead, like a snapshot before since. (With
+        # since 0 nothing can have moved, so from = -1 means "everything".)
+        key = "'__changes_' || replace(regexp_replace(name, '^system[.]', 'sys.'), '.', '__')"
         con.execute(
             "CREATE MACRO changes(name, t_from, t_to) AS TABLE "
-            f"SELECT * FROM query_table('__changes_' || replace(regexp_replace(name, '^system[.]', 'sys.'), '.', '__')) "
-            f"WHERE {TIME} > t_from AND {TIME} <= t_to"
+            f"SELECT * FROM query_table({key}) "
+            f"WHERE CASE WHEN t_from < (SELECT since FROM __since WHERE hidden = {key}) "
+            f"AND (SELECT since FROM __since WHERE hidden = {key}) > 0 "
+            f"THEN error('changes(' || name || ', ' || t_from || ', ...): from is before since ' || "
+            f"(SELECT since FROM __since WHERE hidden = {key}) || '; times below since are compacted') "
+            f"ELSE {TIME} > t_from AND {TIME} <= t_to END"
         )
     except BaseException:
         con.close()
@@ -153,7 +164,12 @@ def _create_views(
         elif s.upper.time == 0:
             t = None
         else:
-            t = max(s.upper.time - 1, s.since.time or 0)  # type: ignore[operator]
+            t = s.upper.time - 1
+            if s.since.time is not None and t < s.since.time:
+                # since == upper: no time is readable until the upper moves on. Say so now.
+                raise NotYetReadable(
+                    f"nothing is readable yet: since {s.since.time} has reached upper {s.upper.time}"
+                )
     else:
         t = as_of
     if t is not None:
@@ -162,6 +178,7 @@ def _create_views(
     # closes, so gc cannot delete a part a view still reads.
     stack.enter_context(reader._reading(s))
     hidden = _hidden(f"{schema}.{base}" if schema else base)
+    con.execute("INSERT INTO __since VALUES (?, ?)", [hidden, s.since.time if s.since.time is not None else MAX_TIME])
     src = parts_source(reader.client, s, [b for b in s.batches if b.parts], con, f"__parts_{hidden}")
     con.execute(f"CREATE VIEW {qident(hidden)} AS SELECT * FROM {src}")
     cols = [qident(c) for c in s.schema.names]

@@ -8,7 +8,7 @@ import bytewax.operators as op
 import pyarrow as pa
 import pytest
 from bytewax.dataflow import Dataflow
-from bytewax.testing import TestingSink, TestingSource
+from bytewax.testing import TestingSink, TestingSource, run_main
 from flowtest_util import upd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as hs
@@ -207,3 +207,26 @@ def test_persist_sink_model(ops, n):
     while not a.done:
         a.step(3)
     assert_equals_desired(client, shard, ticks, lo=last_foreign)
+
+
+def test_resume_point_follows_commits_without_new_offsets(client):
+    """A source whose frontier moves while idle (CDC on a quiet table): the resume point
+    must follow every commit, or it falls below since and a restart can never correct from it."""
+    shard = str(storage.ShardId.new())
+    client.open_writer(shard, SCHEMA)
+    ticks = [tick(i) for i in range(3)]
+    idle = [Progress(Frontier(t), "src/0", PARTS) for t in (100, 1000, 5000)]
+    run_flow(run_main, client, shard, items_for(ticks) + idle)
+    st = client.state(shard)
+    offs, as_of = resume_point(st)
+    assert offs == {"src/0": 2}
+    assert as_of == st.upper.time == 5000
+    # Since moves past the old offsets' upper, as the default read policy would do ...
+    r = client.open_leased_reader(shard)
+    r.downgrade_since(4000)
+    client.compact(shard)
+    # ... and a restart from the resume point still works and adds nothing.
+    run_flow(run_main, client, shard,
+             [Progress(Frontier(6000), "src/0", PARTS)], as_of=as_of)
+    assert contents(client, shard, 5999) == desired_at(ticks, 5999)
+    r.expire()

@@ -121,3 +121,32 @@ def test_connection_holds_a_reader_until_closed(shard):
     assert len(client.inspect(s)["leased_readers"]) == 1
     con.close()
     assert client.inspect(s)["leased_readers"] == {}
+
+
+def test_changes_below_since_is_an_error_not_a_wrong_answer(tmp_path):
+    client = storage.open(tmp_path)
+    s = storage.ShardId.new()
+    w = client.open_writer(s, schema=SCHEMA, compact=False)
+    w.compare_and_append(upd([("a", t, t, 1) for t in range(10)]), 0, 10)
+    r = client.open_leased_reader(s)
+    r.downgrade_since(8)
+    client.compact(s, full=True)  # times 0..7 may advance to 8
+    with storage.query.connect(client, {"x": s}) as con:
+        with pytest.raises(duckdb.Error, match="from is before since 8"):
+            rows(con, "SELECT * FROM changes('x', 0, 3)")
+        with pytest.raises(duckdb.Error, match="from is before since 8"):
+            rows(con, "SELECT * FROM changes('x', 7, 9)")
+        assert rows(con, "SELECT k, v, _time FROM changes('x', 8, 9)") == [("a", 9, 9)]
+    r.expire()
+
+
+def test_nothing_readable_when_since_reaches_upper_fails_fast(tmp_path):
+    client = storage.open(tmp_path)
+    s = storage.ShardId.new()
+    w = client.open_writer(s, schema=SCHEMA)
+    w.compare_and_append(upd([("a", 1, 1, 1)]), 0, 5)
+    r = client.open_leased_reader(s)
+    r.downgrade_since(5)
+    with pytest.raises(storage.NotYetReadable, match="collection x: nothing is readable yet: since 5 has reached upper 5"):
+        storage.query.connect(client, {"x": s})
+    r.expire()
