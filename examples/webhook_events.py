@@ -18,8 +18,7 @@ import threading
 
 import storage
 from connectors.webhook import WebhookServer, webhook_schema
-from flows.job import open_controller
-from storage.controller import CollectionDesc
+from storage.controller import CollectionDesc, StorageController
 
 
 def main() -> None:
@@ -31,17 +30,21 @@ def main() -> None:
     args = p.parse_args()
 
     client = storage.open(args.data)
-    ctl = open_controller(client)
+    stop = threading.Event()
+    # A long-running server: the controller's own thread ticks the upper forward, applies
+    # the read policy and compacts. fence=False: flows run next to it do not fence it. If
+    # someone takes over for real (a fencing open), stop instead of answering 500s.
+    ctl = StorageController.open(client, fence=False, on_fenced=lambda e: (print(f"fenced: {e}", flush=True), stop.set()))
     ctl.create_collections([CollectionDesc("events", webhook_schema(args.headers), data_source="webhook")])
     appender = ctl.monotonic_appender("events")
-    stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with WebhookServer(port=args.port, on_batch=appender.append, secret=args.secret,
                        include_headers=args.headers) as srv:
         print(f"listening on {srv.url} (Ctrl-C to stop)", flush=True)
         stop.wait()
-    getattr(ctl, "close", lambda: None)()
+    ctl.close()
+    client.close()
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def open_controller(client: Client, *, read_only: bool = False) -> Any:
     except ImportError:  # the package __init__ may not be there yet
         from storage.controller.controller import StorageController  # type: ignore[no-redef]
     try:
-        return StorageController.open(client, read_only=read_only, tick_interval_ms=None)
+        # SUBTLE: fence=False joins the current epoch: a second job (or a webhook server) on
+        # the same data must not fence this one's controller, nor this one theirs.
+        return StorageController.open(client, read_only=read_only, tick_interval_ms=None, fence=False)
     except TypeError:
         return StorageController.open(client, read_only=read_only)
 

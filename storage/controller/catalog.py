@@ -365,6 +365,11 @@ class CatalogStore:
             attempt += 1
             time.sleep(min(0.0005 * 2 ** min(attempt, 8), 0.05) * random.random())
 
+    def join_epoch(self) -> CatalogState:
+        """Share the current epoch (creating the catalog at epoch 1 if there is none); fences no one."""
+        s, _ = self.apply(None, lambda cur: (replace(cur, epoch=1), None) if cur.epoch == 0 else (None, None))
+        return s
+
     def bump_epoch(self) -> CatalogState:
         """Take over: epoch = head epoch + 1 (creating the catalog if it does not exist)."""
         s, _ = self.apply(None, lambda cur: (replace(cur, epoch=cur.epoch + 1), None))

@@ -342,6 +342,7 @@ class StorageController:
         compact_interval_ms: int = 10_000,
         on_fenced: Callable[[Fenced], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        fence: bool = True,
     ) -> StorageController:
         """Open the controller over `client`'s shards.
 
@@ -351,6 +352,12 @@ class StorageController:
         `unfinalized_shards`, and creates the `system.*` introspection
         collections. A `read_only=True` controller writes nothing anywhere until
         `allow_writes()`.
+
+        With `fence=False` a writable controller *joins* the current epoch
+        instead of bumping it: several processes (jobs, a webhook server) then
+        write the catalog side by side, every change still validated and CAS'd,
+        and none fences the others. A later take-over (`fence=True`, or
+        `allow_writes()` of a read-only controller) fences all of them at once.
 
         Args:
             client: `storage.open(root)`.
@@ -385,6 +392,7 @@ class StorageController:
             on_fenced=on_fenced,
             sleep=sleep,
         )
+        ctl._fence_on_open = fence
         try:
             ctl._start()
         except BaseException:
@@ -394,7 +402,12 @@ class StorageController:
 
     def _start(self) -> None:
         with self._lock:
-            cat = self._catalog.head() if self.read_only else self._catalog.bump_epoch()
+            if self.read_only:
+                cat = self._catalog.head()
+            elif getattr(self, "_fence_on_open", True):
+                cat = self._catalog.bump_epoch()
+            else:
+                cat = self._catalog.join_epoch()
             self.epoch = cat.epoch
             self._sync_catalog(cat)
             if not self.read_only:
