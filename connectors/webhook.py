@@ -173,12 +173,11 @@ class WebhookServer:
             return 405, "only POST is accepted"
         if headers.get("Transfer-Encoding") or headers.get("Content-Length") is None:
             return 411, "a Content-Length header is required"
-        try:
-            length = int(headers["Content-Length"])
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            return 400, f"bad Content-Length {headers['Content-Length']!r}"
+        raw = headers["Content-Length"]
+        # Strict: int() would also take "+5", " 5 " or "1_000".
+        if not raw.isascii() or not raw.isdigit():
+            return 400, f"bad Content-Length {raw!r}"
+        length = int(raw)
         if length > self.max_body:
             return 413, f"body of {length} bytes is larger than the limit of {self.max_body} bytes"
         body = read(length)
@@ -208,6 +207,8 @@ class WebhookServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # A client that stalls mid-request (slowloris) must not hold a thread forever.
+            timeout = 10
 
             def _respond(self) -> None:
                 status, msg = server._handle(self.command, self.headers, self.rfile.read)

@@ -8,6 +8,7 @@ committed offsets and adds nothing: ingestion is exactly-once.
 from __future__ import annotations
 
 import os
+import sys
 import time
 
 import bytewax.operators as op
@@ -101,6 +102,9 @@ def run_demo(data: str, *, ticks: int = TICKS, seed: int = SEED, consensus: str 
         t.add_row(*[str(v) for v in row.values()])
     console.print(t)
     client.close()
+    prog = os.path.relpath(sys.argv[0]) if sys.argv and sys.argv[0].endswith("shardflow") else "shardflow"
+    if prog.startswith(".."):
+        prog = "shardflow"
     console.print(f"{counts[0]:,} auctions, {counts[1]:,} bids, {counts[2]:,} users. "
-                  f"Query it yourself: [bold].venv/bin/shardflow query --data {data} \"SELECT band, count(*) FROM bids GROUP BY band\"[/]")
+                  f"Query it yourself: [bold]{prog} query --data {data} \"SELECT band, count(*) FROM bids GROUP BY band\"[/]")
     return 0
