@@ -164,6 +164,7 @@ def _create_views(
         elif s.upper.time == 0:
             t = None
         else:
+            assert s.upper.time is not None  # INVARIANT: the empty upper was handled above
             t = s.upper.time - 1
             if s.since.time is not None and t < s.since.time:
                 # since == upper: no time is readable until the upper moves on. Say so now.

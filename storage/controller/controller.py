@@ -22,6 +22,7 @@ import pyarrow as pa
 
 from .. import state as st
 from ..client import Client, SinceHandle
+from ..consensus import CasOp, VersionedData
 from ..errors import (
     CorruptPart,
     Fenced,
@@ -41,6 +42,7 @@ from ..updates import DIFF, TIME, qident
 from ..write import WriteHandle
 from . import introspection as sysc
 from .catalog import (
+    CATALOG_KEY,
     DATA_SOURCES,
     SYSTEM_PREFIX,
     CatalogState,
@@ -298,6 +300,7 @@ class StorageController:
     ):
         self.client = client
         self.clock = clock
+        self._fence_on_open = True  # open(fence=False) joins the current epoch instead
         self.read_only = read_only
         self.tick_interval_ms = tick_interval_ms
         self.batch_duration_ms = batch_duration_ms
@@ -404,7 +407,7 @@ class StorageController:
         with self._lock:
             if self.read_only:
                 cat = self._catalog.head()
-            elif getattr(self, "_fence_on_open", True):
+            elif self._fence_on_open:
                 cat = self._catalog.bump_epoch()
             else:
                 cat = self._catalog.join_epoch()
@@ -473,6 +476,16 @@ class StorageController:
     def _check_epoch(self) -> None:
         """Before any write: refuse if a newer epoch took over the catalog."""
         self._catalog.check_epoch(self.epoch)
+
+    def _epoch_fence_op(self) -> CasOp:
+        """Check the epoch and return a CAS that rewrites the catalog at the version checked.
+
+        In the same transaction as a data write, it makes the write fail if anyone took
+        over (or otherwise changed the catalog) after the check: exact fencing.
+        """
+        cat = self._catalog.check_epoch(self.epoch)
+        nxt = replace(cat, seqno=cat.seqno + 1)
+        return CasOp(CATALOG_KEY, cat.seqno, VersionedData(nxt.seqno, nxt.encode()))
 
     def _writable(self) -> None:
         if self.read_only:
@@ -1137,7 +1150,7 @@ class StorageController:
             self._writable()
             uppers = append_tables(
                 self.client, writes, write_ts, adv,
-                writer_id=f"controller-e{self.epoch}", now=self.clock, check=self._check_epoch,
+                writer_id=f"controller-e{self.epoch}", now=self.clock, check=self._epoch_fence_op,
             )
             for name, u in uppers.items():
                 self._advance(self._colls[name], u)

@@ -69,14 +69,18 @@ def append_tables(
     *,
     writer_id: str,
     now: Callable[[], int],
-    check: Callable[[], None] = lambda: None,
+    check: Callable[[], CasOp | None] = lambda: None,
     max_attempts: int = 100,
 ) -> dict[str, Frontier]:
     """Append every `writes[i].rows` at `write_ts` and advance each shard's upper to `advance_to`.
 
     Each shard's upper must be at or before `write_ts`; its batch is
-    `[upper, advance_to)`. `check()` runs before each commit attempt (the
-    controller checks its epoch there). Returns each table's new upper.
+    `[upper, advance_to)`. `check()` runs before each commit attempt; the
+    controller checks its epoch there and returns a compare-and-set of the
+    catalog at the version it checked, which joins the same transaction: a
+    take-over between the check and the commit makes the whole append fail
+    (exact fencing, at the cost of one catalog version per append). Returns each
+    table's new upper.
 
     Raises:
         InvalidUppers: a table's upper is already past `write_ts` (nothing is written).
@@ -91,7 +95,7 @@ def append_tables(
     parts: dict[str, tuple[st.PartMeta, ...] | None] = {w.name: None for w in writes}
     attempt = 0
     while True:
-        check()
+        fence = check()
         heads = {}
         for w in writes:
             h = consensus.head(shard_key(w.shard_id))
@@ -125,6 +129,8 @@ def append_tables(
             else:
                 new = replace(new, seqno=h.seqno + 1)
                 ops.append(CasOp(shard_key(w.shard_id), h.seqno, VersionedData(new.seqno, new.encode())))
+        if fence is not None and ops:
+            ops.append(fence)
         if not ops or consensus.compare_and_set_many(ops):
             return {w.name: advance_to for w in writes}
         attempt += 1
