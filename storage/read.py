@@ -288,6 +288,18 @@ class ReadHandle:
                 if self._inflight[s.seqno] <= 0:
                     del self._inflight[s.seqno]
 
+    def _fetch_live(self) -> st.ShardState:
+        """The shard's state, checked: not a tombstone, and this reader's lease still live.
+
+        An expired reader no longer holds since back, so what it would read next may
+        already be compacted or collected: it must stop.
+        """
+        s = self.machine.fetch()
+        if s.is_tombstone:
+            raise tombstone_error(self.shard_id)
+        self._check_lease(s)
+        return s
+
     # ---- snapshot ----
     def wait_for_upper_past(self, as_of: int, timeout: float | None) -> st.ShardState:
         """Wait until `as_of` is readable: `since <= as_of < upper`."""
@@ -295,10 +307,7 @@ class ReadHandle:
         deadline = time.monotonic() + (DEFAULT_TIMEOUT_S if timeout is None else timeout)
         attempt = 0
         while True:
-            s = self.machine.fetch()
-            if s.is_tombstone:
-                raise tombstone_error(self.shard_id)
-            self._check_lease(s)
+            s = self._fetch_live()
             if not s.since.less_equal(as_of):
                 raise ReadBeforeSince(f"shard {self.shard_id}: as_of {as_of} is before since {s.since.time}")
             if not s.upper.less_equal(as_of):
@@ -404,9 +413,7 @@ class ReadHandle:
         """
         as_of = _as_time(as_of)
         self._check_live()
-        s0 = self.machine.fetch()
-        if s0.is_tombstone:
-            raise tombstone_error(self.shard_id)
+        s0 = self._fetch_live()
         if not s0.since.less_equal(as_of):
             raise ReadBeforeSince(f"shard {self.shard_id}: as_of {as_of} is before since {s0.since.time}")
         # SUBTLE: the checks above run at the call, not at the first next(): the loop is a separate generator.
@@ -417,12 +424,7 @@ class ReadHandle:
         last_event = time.monotonic()
         attempt = 0
         while True:
-            s = self.machine.fetch()
-            if s.is_tombstone:
-                raise tombstone_error(self.shard_id)
-            # An expired reader no longer holds since back, so what it would read next
-            # may already be compacted or collected: it must stop.
-            self._check_lease(s)
+            s = self._fetch_live()
             # SUBTLE: exactness needs since <= frontier - 1 on every poll, not only at the start.
             # Compaction advances times below since up to since; once since passes what was
             # delivered, an update already delivered could reappear at time since >= frontier.

@@ -101,6 +101,16 @@ def check_row_schema(schema: pa.Schema, where: str) -> None:
         seen.add(name)
 
 
+def check_columns(table: pa.Table, schema: pa.Schema, where: str) -> None:
+    """Every column of `schema` in `table` has the schema's type, and no nulls where it says not null."""
+    for field in schema:
+        got = table.schema.field(field.name).type
+        if not got.equals(field.type):
+            raise SchemaMismatch(f"{where}: column {field.name!r} has type {got}, the schema says {field.type}")
+        if not field.nullable and table.column(field.name).null_count:
+            raise SchemaMismatch(f"{where}: column {field.name!r} holds nulls but the schema says not null")
+
+
 def validate_updates(data: Any, schema: pa.Schema, where: str) -> pa.Table:
     """Check `data` against row schema `schema`; return it with columns in schema order.
 
@@ -123,12 +133,7 @@ def validate_updates(data: Any, schema: pa.Schema, where: str) -> pa.Table:
         raise SchemaMismatch(f"{where}: column {dup!r} appears twice")
     if names != expected:
         table = table.select(expected)
-    for field in schema:
-        got = table.schema.field(field.name).type
-        if not got.equals(field.type):
-            raise SchemaMismatch(f"{where}: column {field.name!r} has type {got}, the shard's schema says {field.type}")
-        if not field.nullable and table.column(field.name).null_count:
-            raise SchemaMismatch(f"{where}: column {field.name!r} holds nulls but the schema says not null")
+    check_columns(table, schema, where)
     for col in RESERVED:
         got = table.schema.field(col).type
         if got != pa.int64():

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InvalidInput, SchemaMismatch
-from ..updates import DIFF, TIME, as_table, qident
+from ..updates import DIFF, TIME, as_table, check_columns, qident
 
 
 def rows_schema(schema: pa.Schema) -> pa.Schema:
@@ -44,12 +44,7 @@ def as_rows(data: Any, schema: pa.Schema, where: str) -> pa.Table:
     if missing or extra:
         raise SchemaMismatch(f"{where}: columns {t.schema.names} do not match the schema's {schema.names}")
     t = t.select(want.names)
-    for f in schema:
-        got = t.schema.field(f.name).type
-        if not got.equals(f.type):
-            raise SchemaMismatch(f"{where}: column {f.name!r} has type {got}, the schema says {f.type}")
-        if not f.nullable and t.column(f.name).null_count:
-            raise SchemaMismatch(f"{where}: column {f.name!r} holds nulls but the schema says not null")
+    check_columns(t, schema, where)
     if t.column(DIFF).null_count or not pa.types.is_integer(t.schema.field(DIFF).type):
         raise InvalidInput(f"{where}: {DIFF!r} must be a non-null integer")
     return t.cast(want)

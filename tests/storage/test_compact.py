@@ -157,12 +157,6 @@ def test_plans_are_adjacent_disjoint_and_converge(rows: list[int]) -> None:
 # ---------------------------------------------------------------- compact (IO)
 
 
-@pytest.fixture
-def client(tmp_path):  # noqa: ANN001, ANN201
-    c = storage.open(tmp_path / "s", fsync=False)
-    yield c
-    c.wait_compaction(30)
-    c.close()
 
 
 def _upd(rows: list[tuple[str, int, int, int]]) -> pa.Table:

@@ -25,12 +25,6 @@ class FakeClock:
         return self.now
 
 
-@pytest.fixture
-def client(tmp_path):  # noqa: ANN001, ANN201
-    c = storage.open(tmp_path / "s", fsync=False)
-    yield c
-    c.wait_compaction(30)
-    c.close()
 
 
 def _rows(i: int, n: int = 3) -> pa.Table:

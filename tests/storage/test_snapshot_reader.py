@@ -16,12 +16,6 @@ SCHEMA = pa.schema([("k", pa.string()), ("v", pa.int64())])
 N = 300  # rows inserted per time
 
 
-@pytest.fixture
-def client(tmp_path):  # noqa: ANN001, ANN201
-    c = storage.open(tmp_path / "s", fsync=False)
-    yield c
-    c.wait_compaction(30)
-    c.close()
 
 
 def _fill(client: storage.Client, shard: str, n: int) -> None:
