@@ -249,7 +249,22 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     for field in schema:
         if not field.nullable and t.column(field.name).null_count:
             raise ValueError(f"column {field.name!r} is null but the schema says not null")
-    return t.cast(schema)
+    t = t.cast(schema)
+    for field in schema:
+        if _has_strings(field.type):
+            # SUBTLE: pyarrow's JSON reader (and Parquet) do not check UTF-8; a bad string
+            # stored in a shard makes every later query fail, so it is a bad record here.
+            try:
+                t.column(field.name).validate(full=True)
+            except pa.ArrowInvalid:
+                raise ValueError(f"column {field.name!r}: invalid UTF-8 in a string") from None
+    return t
+
+
+def _has_strings(t: pa.DataType) -> bool:
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return True
+    return any(_has_strings(t.field(i).type) for i in range(t.num_fields))
 
 
 def _with_time_diff(t: pa.Table, ts: int) -> pa.Table:
@@ -384,21 +399,38 @@ class _FilePartition(UpdatePartition):
                 return None
             return self._chunk(path, path, off, st, final)
         # `path` holds new content: renamed away and recreated, or copied and truncated.
-        if self.src.format != "parquet":  # a Parquet file in the offsets was read whole
-            old = _find_old(path, e, same_inode)
-            if old is not None:
-                ost = os.stat(old)
-                if ost.st_size > off:
-                    # Finish the old content first, keeping its identity in the offsets.
-                    return self._chunk(path, old, off, ost, True, ident=(e["dev"], e["ino"]))
+        old = None if self.src.format == "parquet" else _find_old(path, e, same_inode)  # Parquet: read whole
+        if same_inode and st.st_size < off and old is None:
+            msg = (
+                f"{path}: file shrank to {st.st_size} bytes below the committed offset {off} and no copy of its "
+                f"old content ({path}*, same first {e['hlen']} bytes) is in its directory, so it is not a "
+                f"copytruncate; files must be append-only"
+            )
+            raise FileSourceError(msg, path=path, offset=off)
+        if old is not None:
+            ost = os.stat(old)
+            if ost.st_size > off:
+                # Finish the old content first, keeping its identity in the offsets.
+                return self._chunk(path, old, off, ost, True, ident=(e["dev"], e["ino"]), then=st)
         if st.st_size == 0:
             return None
         return self._chunk(path, path, 0, st, final)
 
     def _chunk(
-        self, path: str, real: str, off: int, st: os.stat_result, final: bool, ident: tuple[int, int] | None = None
+        self,
+        path: str,
+        real: str,
+        off: int,
+        st: os.stat_result,
+        final: bool,
+        ident: tuple[int, int] | None = None,
+        then: os.stat_result | None = None,
     ) -> list[Item] | None:
-        """Read from `real` at `off`; the offsets record it under `path` with `real`'s (or `ident`'s) fingerprint."""
+        """Read from `real` at `off`; the offsets record it under `path` with `real`'s (or `ident`'s) fingerprint.
+
+        Draining old content (`ident` given): once it is read to its end, the
+        entry becomes `then` (the file now under `path`) at offset 0.
+        """
         if self.src.format == "parquet":
             return self._read_parquet(path, st)
         data = _read_lines(real, off, self.src.block_size, final)
@@ -425,7 +457,10 @@ class _FilePartition(UpdatePartition):
         ts = self._time()
         items: list[Item] = []
         dev, ino = ident if ident is not None else (st.st_dev, st.st_ino)
-        entry = _entry(real, off + len(data), dev, ino, data if off == 0 else None, self.offset.get(path))
+        if then is not None and off + len(data) >= st.st_size:
+            entry = {"off": 0, "dev": then.st_dev, "ino": then.st_ino, "hlen": 0, "hcrc": zlib.crc32(b"")}
+        else:
+            entry = _entry(real, off + len(data), dev, ino, data if off == 0 else None, self.offset.get(path))
         new_offsets = {**self.offset, path: entry}
         if bad:
             line_base = self._line_base(real, off) + (1 if body_start else 0)
