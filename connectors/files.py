@@ -3,28 +3,64 @@
 Delivery: **exactly-once**, given that the sink commits each batch's offsets in
 the same compare-and-set as its data.
 
-Offsets: per partition, `{path: byte offset}`: every byte of `path` before the
-offset has been emitted (for CSV this includes the header line; for Parquet the
-offset is the file size once the file was read). Off-by-one rule: a resumed
+Offsets: per partition, `{path: entry}` with `entry = {"off", "dev", "ino",
+"hlen", "hcrc"}`: every byte of the file before `off` has been emitted (for CSV
+this includes the header line; for Parquet `off` is the file size once the file
+was read), and `dev`/`ino`/`hcrc` fingerprint that file (device, inode, crc32
+of its first `hlen = min(off, 4096)` bytes). Off-by-one rule: a resumed
 partition reads each file from its committed offset on, i.e. *after* the last
-emitted byte; a file not in the offsets is read from the start.
+emitted byte; a file not in the offsets is read from the start. A plain byte
+offset (the format before fingerprints) is still accepted: the file is resumed
+at it if it is at least that long (a rotation cannot be told apart then), else
+the run stops with a `FileSourceError` naming it; the next commit upgrades it.
 
-Times: the partition's *byte clock*. All records of one read (a chunk of whole
-lines, or a whole Parquet file) get `_time = S`, where `S` is the sum of the
-partition's file offsets before the chunk (raised to the shard's upper when the
-job started, if that is larger). After the chunk the partition emits
-`Progress(S + chunk bytes)`. Times are thus derived from the offsets alone: a
-batch run over the same files yields the same times on every replay, and a
-resumed run continues where the committed offsets say. In continuous mode a
-chunk ends where the file ended when it was polled, so chunking (and hence the
-exact times) follows the writer's timing; only uncommitted data is ever re-read.
+Rotation: when the file under a known path has another fingerprint, it is new
+content and is read from byte 0, after the old content is finished:
+
+- renamed away and recreated (`x.csv` -> `x.csv.1`, new `x.csv`): the old
+  file is found in the same directory by device and inode (and first bytes)
+  and read from the offset to its end (a last line without newline counts);
+- copied and truncated (logrotate `copytruncate`: same inode, new first bytes
+  or shorter than the offset): the copy is the newest `x.csv*` in the same
+  directory with the same first bytes, at least as long as the offset; it is
+  read from the offset to its end.
+
+If the old content cannot be found, the new file is still read from 0 (rows
+written to the old file after the last read are then not ingested). A file
+that is shorter than its offset with no copy found (same inode) raises
+`FileSourceError`: files must otherwise be append-only. Parquet files are read
+whole, so new content under a known path is simply read again from 0.
+
+Times: with `partitions=1`, the partition's *byte clock*. All records of one
+read (a chunk of whole lines, or a whole Parquet file) get `_time = S`, where
+`S` is the sum of the partition's file offsets before the chunk (raised to the
+shard's upper when the job started, if that is larger). After the chunk the
+partition emits `Progress(S + chunk bytes)`. Times are thus derived from the
+offsets alone: a batch run over the same files yields the same times on every
+replay, and a resumed run continues where the committed offsets say. In
+continuous mode a chunk ends where the file ended when it was polled, so
+chunking (and hence the exact times) follows the writer's timing; only
+uncommitted data is ever re-read.
+
+With `partitions > 1` all partitions share one time domain that starts at
+`t0` (the shard's upper at start, or the largest partition's offset sum), so
+the stream frontier (the minimum over partitions) is meaningful:
+
+- batch: each partition's clock is `t0` + the bytes it has read in this run,
+  and every partition ends the run with `Progress(t0 + BATCH_SPAN)` (2**40), so
+  the final frontier is beyond every partition's data whichever finishes
+  first. A partition may read at most `BATCH_SPAN` bytes per run.
+- continuous: the shared tick, `t0` + milliseconds since the source was built
+  (at least one more than the previous chunk); an idle partition emits
+  `Progress(tick)` every second, so it never holds back the others' commits.
 
 Records: one per line (CSV without newlines inside quoted values; JSON Lines one
 object per line, unknown fields ignored, missing fields null). Blank lines are
 skipped. Parsing runs in `pyarrow.csv` / `pyarrow.json` over whole chunks; only
 when a chunk fails does the source bisect it to find the bad lines.
 
-Malformed records: with `on_error="raise"` (default) the first bad record raises
+Malformed records (including a string that is not valid UTF-8, which
+pyarrow's JSON and Parquet readers let through): with `on_error="raise"` (default) the first bad record raises
 `FileSourceError` naming the file, the 1-based line, the byte offset and what was
 wrong; nothing of that chunk is emitted. With `on_error="collect"` the good
 records are emitted as usual and the bad ones as an `ErrorBatch` (an
@@ -37,7 +73,7 @@ at the same time and with the same offsets. Route them with
 A partial line at the end of a file (no trailing newline yet) is not an error in
 continuous mode: it waits for the rest. In batch mode the file is complete, so a
 last line without newline is a record. A Parquet file is read once its footer is
-complete. Files must be append-only: one that shrinks raises `FileSourceError`.
+complete. Besides rotation (above), files must be append-only.
 
 Example:
     >>> import os, tempfile
@@ -56,7 +92,7 @@ Example:
     Frontier(0)
     >>> out[1].table.to_pylist()
     [{'id': 1, 'name': 'x', '_time': 0, '_diff': 1}, {'id': 2, 'name': 'y', '_time': 0, '_diff': 1}]
-    >>> list(out[1].offsets["files/0"].values()), out[2].frontier
+    >>> [e["off"] for e in out[1].offsets["files/0"].values()], out[2].frontier
     ([16], Frontier(16))
 """
 
@@ -128,11 +164,13 @@ class FileSource(UpdateSource):
         name: Source name: partition keys are `"<name>/<i>"`, errors go to
             `"<name>_errors"`.
         partitions: Number of partitions; a file belongs to partition
-            `crc32(path) % partitions`.
+            `crc32(path) % partitions`. With more than one, partitions share
+            one time domain (see "Times"), in batch and continuous mode.
         header: CSV only: whether each file starts with a header line.
         block_size: Bytes read per chunk (whole lines; a longer line is read whole).
         poll_interval: Seconds between polls in continuous mode.
-        resume: `{partition key: {path: byte offset}}` from the shard's metadata.
+        resume: `{partition key: {path: entry}}` from the shard's metadata
+            (an entry is a fingerprinted offset, or a plain byte offset).
         resume_upper: The shard's upper at start; times never go below it.
 
     Raises:
