@@ -426,6 +426,8 @@ class _FilePartition(UpdatePartition):
                 raise FileSourceError(msg, path=path, offset=off)
             return self._chunk(path, path, off, st, final) if st.st_size > off else None
         same_inode = (st.st_dev, st.st_ino) == (e["dev"], e["ino"])
+        if same_inode and st.st_size == off:
+            return None  # nothing new to read (a rewrite is caught once it grows past the offset)
         if same_inode and _head_matches(path, e):
             if st.st_size < off:
                 msg = (
