@@ -45,8 +45,8 @@ def build(ctx):  # type: ignore[no-untyped-def]
     flow = Dataflow("files_flow")
     split = split_errors("split", op.input("files", flow, src))
     if sink == "append":
-        ctx.append("rows_sink", split.data, "rows", batch_duration=0.2)
-        ctx.append("errors_sink", split.errors, "rows_errors", batch_duration=0.2)
+        ctx.append("rows_sink", consolidate("rows_cons", split.data), "rows", batch_duration=0.2)
+        ctx.append("errors_sink", consolidate("errors_cons", split.errors), "rows_errors", batch_duration=0.2)
     else:
         ctx.persist("rows_sink", consolidate("rows_cons", split.data), "rows")
         ctx.persist("errors_sink", consolidate("errors_cons", split.errors), "rows_errors")

@@ -104,7 +104,8 @@ def check_run(
         ("csv", 2, ["-w", "1"], "persist", True),
         ("csv", 4, ["-w", "2"], "persist", False),
         ("csv", 2, ["-p", "2"], "persist", False),
-        ("jsonl", 3, ["-w", "1"], "append", False),
+        ("jsonl", 2, ["-w", "1"], "append", False),
+        ("csv", 3, ["-w", "1"], "append", False),
         ("parquet", 2, ["-w", "2"], "persist", False),
     ],
 )
