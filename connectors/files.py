@@ -3,28 +3,64 @@
 Delivery: **exactly-once**, given that the sink commits each batch's offsets in
 the same compare-and-set as its data.
 
-Offsets: per partition, `{path: byte offset}`: every byte of `path` before the
-offset has been emitted (for CSV this includes the header line; for Parquet the
-offset is the file size once the file was read). Off-by-one rule: a resumed
+Offsets: per partition, `{path: entry}` with `entry = {"off", "dev", "ino",
+"hlen", "hcrc"}`: every byte of the file before `off` has been emitted (for CSV
+this includes the header line; for Parquet `off` is the file size once the file
+was read), and `dev`/`ino`/`hcrc` fingerprint that file (device, inode, crc32
+of its first `hlen = min(off, 4096)` bytes). Off-by-one rule: a resumed
 partition reads each file from its committed offset on, i.e. *after* the last
-emitted byte; a file not in the offsets is read from the start.
+emitted byte; a file not in the offsets is read from the start. A plain byte
+offset (the format before fingerprints) is still accepted: the file is resumed
+at it if it is at least that long (a rotation cannot be told apart then), else
+the run stops with a `FileSourceError` naming it; the next commit upgrades it.
 
-Times: the partition's *byte clock*. All records of one read (a chunk of whole
-lines, or a whole Parquet file) get `_time = S`, where `S` is the sum of the
-partition's file offsets before the chunk (raised to the shard's upper when the
-job started, if that is larger). After the chunk the partition emits
-`Progress(S + chunk bytes)`. Times are thus derived from the offsets alone: a
-batch run over the same files yields the same times on every replay, and a
-resumed run continues where the committed offsets say. In continuous mode a
-chunk ends where the file ended when it was polled, so chunking (and hence the
-exact times) follows the writer's timing; only uncommitted data is ever re-read.
+Rotation: when the file under a known path has another fingerprint, it is new
+content and is read from byte 0, after the old content is finished:
+
+- renamed away and recreated (`x.csv` -> `x.csv.1`, new `x.csv`): the old
+  file is found in the same directory by device and inode (and first bytes)
+  and read from the offset to its end (a last line without newline counts);
+- copied and truncated (logrotate `copytruncate`: same inode, new first bytes
+  or shorter than the offset): the copy is the newest `x.csv*` in the same
+  directory with the same first bytes, at least as long as the offset; it is
+  read from the offset to its end.
+
+If the old content cannot be found, the new file is still read from 0 (rows
+written to the old file after the last read are then not ingested). A file
+that is shorter than its offset with no copy found (same inode) raises
+`FileSourceError`: files must otherwise be append-only. Parquet files are read
+whole, so new content under a known path is simply read again from 0.
+
+Times: with `partitions=1`, the partition's *byte clock*. All records of one
+read (a chunk of whole lines, or a whole Parquet file) get `_time = S`, where
+`S` is the sum of the partition's file offsets before the chunk (raised to the
+shard's upper when the job started, if that is larger). After the chunk the
+partition emits `Progress(S + chunk bytes)`. Times are thus derived from the
+offsets alone: a batch run over the same files yields the same times on every
+replay, and a resumed run continues where the committed offsets say. In
+continuous mode a chunk ends where the file ended when it was polled, so
+chunking (and hence the exact times) follows the writer's timing; only
+uncommitted data is ever re-read.
+
+With `partitions > 1` all partitions share one time domain that starts at
+`t0` (the shard's upper at start, or the largest partition's offset sum), so
+the stream frontier (the minimum over partitions) is meaningful:
+
+- batch: each partition's clock is `t0` + the bytes it has read in this run,
+  and every partition ends the run with `Progress(t0 + BATCH_SPAN)` (2**40), so
+  the final frontier is beyond every partition's data whichever finishes
+  first. A partition may read at most `BATCH_SPAN` bytes per run.
+- continuous: the shared tick, `t0` + milliseconds since the source was built
+  (at least one more than the previous chunk); an idle partition emits
+  `Progress(tick)` every second, so it never holds back the others' commits.
 
 Records: one per line (CSV without newlines inside quoted values; JSON Lines one
 object per line, unknown fields ignored, missing fields null). Blank lines are
 skipped. Parsing runs in `pyarrow.csv` / `pyarrow.json` over whole chunks; only
 when a chunk fails does the source bisect it to find the bad lines.
 
-Malformed records: with `on_error="raise"` (default) the first bad record raises
+Malformed records (including a string that is not valid UTF-8, which
+pyarrow's JSON and Parquet readers let through): with `on_error="raise"` (default) the first bad record raises
 `FileSourceError` naming the file, the 1-based line, the byte offset and what was
 wrong; nothing of that chunk is emitted. With `on_error="collect"` the good
 records are emitted as usual and the bad ones as an `ErrorBatch` (an
@@ -37,7 +73,7 @@ at the same time and with the same offsets. Route them with
 A partial line at the end of a file (no trailing newline yet) is not an error in
 continuous mode: it waits for the rest. In batch mode the file is complete, so a
 last line without newline is a record. A Parquet file is read once its footer is
-complete. Files must be append-only: one that shrinks raises `FileSourceError`.
+complete. Besides rotation (above), files must be append-only.
 
 Example:
     >>> import os, tempfile
@@ -56,7 +92,7 @@ Example:
     Frontier(0)
     >>> out[1].table.to_pylist()
     [{'id': 1, 'name': 'x', '_time': 0, '_diff': 1}, {'id': 2, 'name': 'y', '_time': 0, '_diff': 1}]
-    >>> list(out[1].offsets["files/0"].values()), out[2].frontier
+    >>> [e["off"] for e in out[1].offsets["files/0"].values()], out[2].frontier
     ([16], Frontier(16))
 """
 
@@ -128,11 +164,13 @@ class FileSource(UpdateSource):
         name: Source name: partition keys are `"<name>/<i>"`, errors go to
             `"<name>_errors"`.
         partitions: Number of partitions; a file belongs to partition
-            `crc32(path) % partitions`.
+            `crc32(path) % partitions`. With more than one, partitions share
+            one time domain (see "Times"), in batch and continuous mode.
         header: CSV only: whether each file starts with a header line.
         block_size: Bytes read per chunk (whole lines; a longer line is read whole).
         poll_interval: Seconds between polls in continuous mode.
-        resume: `{partition key: {path: byte offset}}` from the shard's metadata.
+        resume: `{partition key: {path: entry}}` from the shard's metadata
+            (an entry is a fingerprinted offset, or a plain byte offset).
         resume_upper: The shard's upper at start; times never go below it.
 
     Raises:
@@ -168,11 +206,6 @@ class FileSource(UpdateSource):
             raise InvalidInput(f"{where}: time must be 'offset' (the byte clock), got {time!r}")
         if not isinstance(partitions, int) or partitions < 1:
             raise InvalidInput(f"{where}: partitions must be an int >= 1, got {partitions!r}")
-        if mode == "continuous" and partitions > 1:
-            # SUBTLE: each partition's time is its own byte clock and the stream frontier is
-            # the minimum over partitions, so an idle partition would hold back every commit.
-            raise InvalidInput(f"{where}: continuous mode takes partitions=1 (each partition "
-                               f"keeps its own byte clock; an idle one would stall the frontier), got {partitions}")
         if block_size < 1:
             raise InvalidInput(f"{where}: block_size must be >= 1, got {block_size!r}")
         check_row_schema(schema, where)
@@ -188,14 +221,31 @@ class FileSource(UpdateSource):
         self.poll_interval = poll_interval
         self.update_schema = update_schema(schema)
         self.errors_collection = f"{name}_errors"
+        # The time every partition starts at (see "Times" in the module docstring).
+        starts = [_offsets_sum(v) for v in self.resume.values() if isinstance(v, Mapping)]
+        self.t0 = max([*starts, 0] if partitions > 1 else [0])
+        if resume_upper is not None and resume_upper.time is not None:
+            self.t0 = max(self.t0, resume_upper.time)
+        self._anchor_ms = _now_ms()  # continuous, partitions > 1: the shared tick counts ms from here
 
     def list_parts(self) -> list[str]:
         return [partition_key(self.name, p) for p in range(self.partitions)]
 
+    def tick(self) -> int:
+        """Continuous mode with `partitions > 1`: the shared time, `t0` + ms since this source was built."""
+        return self.t0 + max(0, _now_ms() - self._anchor_ms)
+
     def build_partition(self, key: str, resume_offset: Any) -> _FilePartition:
         if resume_offset is not None and not isinstance(resume_offset, Mapping):
-            msg = f"FileSource {self.name!r}: resume offset of {key} must be {{path: byte offset}}, got {resume_offset!r}"
+            msg = f"FileSource {self.name!r}: resume offset of {key} must be {{path: offset}}, got {resume_offset!r}"
             raise InvalidInput(msg)
+        for path, e in (resume_offset or {}).items():
+            if not _valid_entry(e):
+                msg = (
+                    f"FileSource {self.name!r}: resume offset of {key} for {path}: expected a byte offset or "
+                    f"{{'off', 'dev', 'ino', 'hlen', 'hcrc'}}, found {e!r}"
+                )
+                raise InvalidInput(msg)
         index = self.list_parts().index(key)
         return _FilePartition(self, key, index, dict(resume_offset or {}))
 
@@ -237,7 +287,22 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     for field in schema:
         if not field.nullable and t.column(field.name).null_count:
             raise ValueError(f"column {field.name!r} is null but the schema says not null")
-    return t.cast(schema)
+    t = t.cast(schema)
+    for field in schema:
+        if _has_strings(field.type):
+            # SUBTLE: pyarrow's JSON reader (and Parquet) do not check UTF-8; a bad string
+            # stored in a shard makes every later query fail, so it is a bad record here.
+            try:
+                t.column(field.name).validate(full=True)
+            except pa.ArrowInvalid:
+                raise ValueError(f"column {field.name!r}: invalid UTF-8 in a string") from None
+    return t
+
+
+def _has_strings(t: pa.DataType) -> bool:
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return True
+    return any(_has_strings(t.field(i).type) for i in range(t.num_fields))
 
 
 def _with_time_diff(t: pa.Table, ts: int) -> pa.Table:
@@ -260,16 +325,17 @@ _CSV_PREFIX = re.compile(r"In CSV column #(\d+): (?:Row #\d+: )?")
 
 
 class _FilePartition(UpdatePartition):
-    def __init__(self, src: FileSource, key: str, index: int, offsets: dict[str, int]) -> None:
+    def __init__(self, src: FileSource, key: str, index: int, offsets: dict[str, Any]) -> None:
         self.src = src
         self.key = key
         self.keys = tuple(src.list_parts())
         self.index = index
-        self.offset = offsets  # {path: byte offset}; what the next batch will claim
-        self._lines: dict[str, int] = {}  # path -> newlines before offset, when known
-        self._clock = sum(int(v) for v in offsets.values())
-        if src.resume_upper is not None and src.resume_upper.time is not None:
-            self._clock = max(self._clock, src.resume_upper.time)
+        self.offset = offsets  # {path: entry (see _entry)}; what the next batch will claim
+        self._lines: dict[str, int] = {}  # real path -> newlines before the offset, when known
+        # SUBTLE: with partitions > 1 every partition starts at the same time t0 (the shard's
+        # upper, or the largest partition byte clock), so their frontiers are comparable.
+        self._clock = src.t0 if src.partitions > 1 else max(_offsets_sum(offsets), src.t0)
+        self._shared = src.partitions > 1
         self._batch_files: list[str] | None = src.files(index) if src.mode == "batch" else None
         self._awake: datetime | None = None
         self._last_progress = 0.0
@@ -278,12 +344,37 @@ class _FilePartition(UpdatePartition):
 
     def _final(self) -> list[Item]:
         self._done = True
+        if self._shared and self.src.mode == "batch":
+            # Every partition of a batch run ends at the same frontier, t0 + BATCH_SPAN, so
+            # the stream's final frontier (the minimum) is beyond every partition's data.
+            if self._clock > self.src.t0 + BATCH_SPAN:
+                msg = (
+                    f"FileSource {self.src.name!r}: partition {self.key} read {self._clock - self.src.t0} bytes in "
+                    f"one batch run; at most {BATCH_SPAN} are allowed per partition and run (use more partitions)"
+                )
+                raise FileSourceError(msg, path=self.src.glob)
+            self._clock = self.src.t0 + BATCH_SPAN
+        elif self._shared:
+            self._clock = max(self._clock, self.src.tick())
         return [] if self._progressed == self._clock else [self._progress()]
 
     def _progress(self) -> Progress:
         self._last_progress = time.monotonic()
         self._progressed = self._clock
         return Progress(Frontier(self._clock), partition=self.key, partitions=self.keys)
+
+    def _time(self) -> int:
+        """The time of the next chunk (its records' `_time`)."""
+        if self._shared and self.src.mode == "continuous":
+            self._clock = max(self._clock, self.src.tick())
+        return self._clock
+
+    def _advance(self, nbytes: int) -> None:
+        """After a chunk of `nbytes` at time `self._clock`: the next chunk's time."""
+        if self._shared and self.src.mode == "continuous":
+            self._clock += 1
+        else:
+            self._clock += nbytes
 
     def next_batch(self) -> list[Item]:
         if self._done:
@@ -302,6 +393,7 @@ class _FilePartition(UpdatePartition):
             return self._final()
         self._awake = awake_in(self.src.poll_interval)
         if time.monotonic() - self._last_progress >= _IDLE_PROGRESS_S:
+            self._time()  # an idle partition moves with the shared tick
             return [self._progress()]
         return []
 
@@ -311,51 +403,110 @@ class _FilePartition(UpdatePartition):
     def close(self) -> None:
         pass
 
-    # ---- one chunk ----
+    # ---- which bytes to read next: fingerprints, rotation, copytruncate ----
     def _read(self, path: str) -> list[Item] | None:
-        """Emit the next chunk of `path`, or None when it has nothing new (yet)."""
-        off = int(self.offset.get(path, 0))
+        """Emit the next chunk stored under `path`, or None when it has nothing new (yet)."""
+        e = self.offset.get(path)
         try:
-            size = os.path.getsize(path)
+            st = os.stat(path)
         except FileNotFoundError:
             return None  # deleted after the glob; whatever was read stays read
-        if size < off:
-            msg = f"{path}: file shrank to {size} bytes below the committed offset {off}; files must be append-only"
-            raise FileSourceError(msg, path=path, offset=off)
-        if size == off:
-            return None
-        if self.src.format == "parquet":
-            return self._read_parquet(path, size) if off == 0 else None
         final = self.src.mode == "batch"
-        data = _read_lines(path, off, self.src.block_size, final)
+        if e is None:
+            return self._chunk(path, path, 0, st, final)
+        off = _entry_off(e)
+        if not isinstance(e, Mapping):
+            # An offset written before fingerprints: resume at it if the file can still hold it.
+            if st.st_size < off:
+                msg = (
+                    f"{path}: file has {st.st_size} bytes, below the committed offset {off} (an offset without a "
+                    f"fingerprint, from an older shardflow, so a rotation cannot be told apart); move the file "
+                    f"away or drop the offset"
+                )
+                raise FileSourceError(msg, path=path, offset=off)
+            return self._chunk(path, path, off, st, final) if st.st_size > off else None
+        same_inode = (st.st_dev, st.st_ino) == (e["dev"], e["ino"])
+        if same_inode and st.st_size == off:
+            return None  # nothing new to read (a rewrite is caught once it grows past the offset)
+        if same_inode and _head_matches(path, e):
+            if st.st_size < off:
+                msg = (
+                    f"{path}: file shrank to {st.st_size} bytes below the committed offset {off} while its first "
+                    f"{e['hlen']} bytes stayed the same (not a rotation or copytruncate); files must be append-only"
+                )
+                raise FileSourceError(msg, path=path, offset=off)
+            if st.st_size == off or self.src.format == "parquet":
+                return None
+            return self._chunk(path, path, off, st, final)
+        # `path` holds new content: renamed away and recreated, or copied and truncated.
+        old = None if self.src.format == "parquet" else _find_old(path, e, same_inode)  # Parquet: read whole
+        if same_inode and st.st_size < off and old is None:
+            msg = (
+                f"{path}: file shrank to {st.st_size} bytes below the committed offset {off} and no copy of its "
+                f"old content ({path}*, same first {e['hlen']} bytes) is in its directory, so it is not a "
+                f"copytruncate; files must be append-only"
+            )
+            raise FileSourceError(msg, path=path, offset=off)
+        if old is not None:
+            ost = os.stat(old)
+            if ost.st_size > off:
+                # Finish the old content first, keeping its identity in the offsets.
+                return self._chunk(path, old, off, ost, True, ident=(e["dev"], e["ino"]), then=st)
+        if st.st_size == 0:
+            return None
+        return self._chunk(path, path, 0, st, final)
+
+    def _chunk(
+        self,
+        path: str,
+        real: str,
+        off: int,
+        st: os.stat_result,
+        final: bool,
+        ident: tuple[int, int] | None = None,
+        then: os.stat_result | None = None,
+    ) -> list[Item] | None:
+        """Read from `real` at `off`; the offsets record it under `path` with `real`'s (or `ident`'s) fingerprint.
+
+        Draining old content (`ident` given): once it is read to its end, the
+        entry becomes `then` (the file now under `path`) at offset 0.
+        """
+        if self.src.format == "parquet":
+            return self._read_parquet(path, st)
+        data = _read_lines(real, off, self.src.block_size, final)
         if not data:
             return None  # only a partial line so far: wait for the rest
         body_start = 0
         if off == 0 and self.src.format == "csv" and self.src.header:
             nl = data.find(b"\n")
             body_start = len(data) if nl < 0 else nl + 1
-            self._check_header(path, data[:body_start])
+            self._check_header(real, data[:body_start])
         if off == 0:
-            self._lines[path] = 0
+            self._lines[real] = 0
         body = data[body_start:]
         try:
             good = self.src.parse(body)
             bad: list[tuple[int, int, str, bytes]] = []
         except (pa.ArrowInvalid, ValueError):
-            good, bad = self._diagnose(path, off + body_start, body)
+            good, bad = self._diagnose(real, off + body_start, body)
         if bad and self.src.on_error == "raise":
-            line_base = self._line_base(path, off) + (1 if body_start else 0)
+            line_base = self._line_base(real, off) + (1 if body_start else 0)
             idx, rec_off, what, _ = bad[0]
             line = line_base + idx + 1
-            raise FileSourceError(f"{path}: line {line} (byte {rec_off}): {what}", path=path, line=line, offset=rec_off)
-        ts = self._clock
+            raise FileSourceError(f"{real}: line {line} (byte {rec_off}): {what}", path=real, line=line, offset=rec_off)
+        ts = self._time()
         items: list[Item] = []
-        new_offsets = {**self.offset, path: off + len(data)}
+        dev, ino = ident if ident is not None else (st.st_dev, st.st_ino)
+        if then is not None and off + len(data) >= st.st_size:
+            entry = {"off": 0, "dev": then.st_dev, "ino": then.st_ino, "hlen": 0, "hcrc": zlib.crc32(b"")}
+        else:
+            entry = _entry(real, off + len(data), dev, ino, data if off == 0 else None, self.offset.get(path))
+        new_offsets = {**self.offset, path: entry}
         if bad:
-            line_base = self._line_base(path, off) + (1 if body_start else 0)
+            line_base = self._line_base(real, off) + (1 if body_start else 0)
             errs = pa.table(
                 {
-                    "file": pa.array([path] * len(bad), pa.string()),
+                    "file": pa.array([real] * len(bad), pa.string()),
                     "line": pa.array([line_base + b[0] + 1 for b in bad], pa.int64()),
                     "offset": pa.array([b[1] for b in bad], pa.int64()),
                     "error": pa.array([b[2] for b in bad], pa.string()),
@@ -364,11 +515,11 @@ class _FilePartition(UpdatePartition):
                 schema=ERRORS_SCHEMA,
             )
             items.append(ErrorBatch(_with_time_diff(errs, ts), Frontier(ts), Frontier(ts + 1), offsets={self.key: new_offsets}))
-        if path in self._lines:
-            self._lines[path] += data.count(b"\n")
+        if real in self._lines:
+            self._lines[real] += data.count(b"\n")
         items.insert(0, UpdateBatch(_with_time_diff(good, ts), Frontier(ts), Frontier(ts + 1), offsets={self.key: new_offsets}))
         self.offset = new_offsets
-        self._clock = ts + len(data)
+        self._advance(len(data))
         items.append(self._progress())
         return items
 
@@ -438,41 +589,130 @@ class _FilePartition(UpdatePartition):
         good = parse(b"\n".join(e[2] for e in entries if e[0] not in bad_idx) + b"\n")
         return good, bad
 
-    def _read_parquet(self, path: str, size: int) -> list[Item] | None:
+    def _read_parquet(self, path: str, st: os.stat_result) -> list[Item] | None:
+        size = st.st_size
         try:
             t = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as e:
             if self.src.mode == "continuous" and not _parquet_complete(path):
                 return None  # still being written: wait for the footer
-            return self._bad_file(path, size, f"not a readable Parquet file: {_short(e)}")
+            return self._bad_file(path, st, f"not a readable Parquet file: {_short(e)}")
         try:
             missing = [n for n in self.src.schema.names if n not in t.column_names]
             if missing:
                 raise ValueError(f"missing column {missing[0]!r} (the schema says {self.src.schema.names})")
             t = _conform(t.select(self.src.schema.names), self.src.schema)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError) as e:
-            return self._bad_file(path, size, _short(e))
-        ts = self._clock
-        self.offset = {**self.offset, path: size}
-        self._clock = ts + size
+            return self._bad_file(path, st, _short(e))
+        ts = self._time()
+        self.offset = {**self.offset, path: _entry(path, size, st.st_dev, st.st_ino, None, None)}
+        self._advance(size)
         return [UpdateBatch(_with_time_diff(t, ts), Frontier(ts), Frontier(ts + 1), offsets={self.key: self.offset}), self._progress()]
 
-    def _bad_file(self, path: str, size: int, what: str) -> list[Item]:
+    def _bad_file(self, path: str, st: os.stat_result, what: str) -> list[Item]:
         if self.src.on_error == "raise":
             raise FileSourceError(f"{path}: {what}", path=path, offset=0)
-        ts = self._clock
+        ts = self._time()
         errs = pa.table(
             {"file": [path], "line": pa.nulls(1, pa.int64()), "offset": [0], "error": [what], "record": pa.nulls(1, pa.string())},
             schema=ERRORS_SCHEMA,
         )
-        self.offset = {**self.offset, path: size}
-        self._clock = ts + size
+        self.offset = {**self.offset, path: _entry(path, st.st_size, st.st_dev, st.st_ino, None, None)}
+        self._advance(st.st_size)
         off = {self.key: self.offset}
         return [
             UpdateBatch(_with_time_diff(self.src.schema.empty_table(), ts), Frontier(ts), Frontier(ts + 1), offsets=off),
             ErrorBatch(_with_time_diff(errs, ts), Frontier(ts), Frontier(ts + 1), offsets=off),
             self._progress(),
         ]
+
+
+#: Bytes of a file's start that its fingerprint hashes (fewer while the offset is smaller).
+HEAD_BYTES = 4096
+#: Batch mode with partitions > 1: every partition ends a run at `t0 + BATCH_SPAN`
+#: (its byte clock stays below that: at most 1 TiB per partition and run).
+BATCH_SPAN = 1 << 40
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _entry_off(e: Any) -> int:
+    return int(e["off"]) if isinstance(e, Mapping) else int(e)
+
+
+def _offsets_sum(offsets: Mapping[str, Any]) -> int:
+    return sum(_entry_off(e) for e in offsets.values())
+
+
+def _valid_entry(e: Any) -> bool:
+    if isinstance(e, int) and not isinstance(e, bool):
+        return e >= 0
+    if not isinstance(e, Mapping):
+        return False
+    return all(isinstance(e.get(k), int) for k in ("off", "dev", "ino", "hlen", "hcrc"))
+
+
+def _head(path: str, n: int) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def _entry(real: str, off: int, dev: int, ino: int, first: bytes | None, prev: Any) -> dict[str, int]:
+    """The offset entry: byte offset plus the fingerprint (device, inode, crc32 of the first bytes).
+
+    `first` is the chunk read at offset 0, if that is what was read; `prev` the
+    previous entry, whose head hash is reused once it covers `HEAD_BYTES`.
+    """
+    hlen = min(off, HEAD_BYTES)
+    if isinstance(prev, Mapping) and prev.get("hlen") == hlen and (prev.get("dev"), prev.get("ino")) == (dev, ino):
+        hcrc = int(prev["hcrc"])
+    else:
+        head = first[:hlen] if first is not None and len(first) >= hlen else _head(real, hlen)
+        hcrc = zlib.crc32(head[:hlen])
+    return {"off": off, "dev": dev, "ino": ino, "hlen": hlen, "hcrc": hcrc}
+
+
+def _head_matches(path: str, e: Mapping[str, Any]) -> bool:
+    try:
+        head = _head(path, int(e["hlen"]))
+    except OSError:
+        return False
+    return len(head) == e["hlen"] and zlib.crc32(head) == e["hcrc"]
+
+
+def _find_old(path: str, e: Mapping[str, Any], same_inode: bool) -> str | None:
+    """Where the content an offset entry describes went, in `path`'s directory, or None.
+
+    Renamed away (`same_inode` False): the file with the entry's device and
+    inode (and the same first bytes). Copied and truncated (`same_inode`): the
+    newest file named `<name>*` whose first bytes match and that is at least
+    as long as the offset.
+    """
+    d = os.path.dirname(path) or "."
+    base = os.path.basename(path)
+    best: tuple[float, str] | None = None
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return None
+    for name in names:
+        p = os.path.join(d, name)
+        if name == base:
+            continue
+        try:
+            st = os.stat(p)
+        except OSError:
+            continue
+        if not same_inode:
+            if (st.st_dev, st.st_ino) == (e["dev"], e["ino"]) and _head_matches(p, e):
+                return p
+            continue
+        newer = best is None or st.st_mtime > best[0]
+        if name.startswith(base) and st.st_size >= int(e["off"]) and newer and _head_matches(p, e):
+            best = (st.st_mtime, p)
+    return None if best is None else best[1]
 
 
 def _parquet_complete(path: str) -> bool:

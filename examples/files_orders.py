@@ -6,7 +6,11 @@
 
 The glob is `$ORDERS_GLOB` (default `examples/data/orders*.csv`). The sample file
 has one bad line (line 5), which lands in `orders_errors` with its file, line
-and what was wrong. Offsets are `{file: byte offset}`: a rerun reads only new bytes.
+and what was wrong. Offsets are `{file: byte offset + fingerprint}`: a rerun reads
+only new bytes, and a file rotated under the same name (renamed to `orders.csv.1`
+or copy-truncated) is finished from the old copy, then read from its start.
+`$ORDERS_PARTITIONS` (default 1) splits the files over partitions, which the
+workers (`-w`) and processes (`-p`) share.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def build(ctx):  # type: ignore[no-untyped-def]
         mode=ctx.mode,
         on_error="collect",
         name="orders",
+        partitions=int(os.environ.get("ORDERS_PARTITIONS", "1")),
         resume=ctx.resume_offsets("orders"),
         resume_upper=None if as_of is None else Frontier(as_of),
     )

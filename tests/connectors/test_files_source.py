@@ -50,13 +50,15 @@ def test_batch_csv_offsets_and_byte_clock(tmp_path: Path) -> None:
     out = run(src())
     assert [(r["id"], r["_time"]) for r in rows(out)] == [(1, 0), (2, 0), (3, 16)]
     a, b = str(tmp_path / "a.csv"), str(tmp_path / "b.csv")
-    assert [x.offsets for x in out if isinstance(x, UpdateBatch)][-1] == {"files/0": {a: 16, b: 12}}
+    last = [x.offsets for x in out if isinstance(x, UpdateBatch)][-1]["files/0"]
+    assert {k: v["off"] for k, v in last.items()} == {a: 16, b: 12}
+    assert last[a]["ino"] == os.stat(a).st_ino and last[a]["hlen"] == 16, "offsets carry a fingerprint"
     assert out[0] == Progress(Frontier(0), partition="files/0", partitions=("files/0",)), "initial progress"
     assert out[-1] == Progress(Frontier(28), partition="files/0", partitions=("files/0",))
     assert [repr(x) for x in run(src())] == [repr(x) for x in out], "replay is deterministic"
     # Resume after the committed offsets: only appended bytes, at times after the upper.
     write(tmp_path / "a.csv", "4,w\n", "a")
-    out2 = run(src(resume={"files/0": {a: 16, b: 12}}))
+    out2 = run(src(resume={"files/0": last}))
     assert [(r["id"], r["_time"]) for r in rows(out2)] == [(4, 28)]
     assert out2[-1].frontier == Frontier(32)
 
@@ -70,7 +72,7 @@ def test_jsonl_and_parquet(tmp_path: Path) -> None:
     pq.write_table(pa.table({"name": ["p", "q"], "id": [7, 8], "junk": [0, 0]}), tmp_path / "x.parquet")
     out = run(FileSource(str(tmp_path / "*.parquet"), format="parquet", schema=SCHEMA))
     assert [(r["id"], r["name"]) for r in rows(out)] == [(7, "p"), (8, "q")]
-    assert out[1].offsets["files/0"] == {str(tmp_path / "x.parquet"): os.path.getsize(tmp_path / "x.parquet")}
+    assert out[1].offsets["files/0"][str(tmp_path / "x.parquet")]["off"] == os.path.getsize(tmp_path / "x.parquet")
 
 
 def test_malformed_raises_naming_file_line_and_problem(tmp_path: Path) -> None:
@@ -135,7 +137,7 @@ def test_continuous_tails_growing_files_and_waits_for_partial_lines(tmp_path: Pa
 
     poll()
     assert [r["id"] for r in rows(got)] == [1]
-    assert part.snapshot() == {str(p): 23}, "the partial line is not consumed"
+    assert part.snapshot()[str(p)]["off"] == 23, "the partial line is not consumed"
     write(p, 'me": "b"}\n', "a")
     write(tmp_path / "new.jsonl", '{"id": 3, "name": "c"}\n')
     poll()
@@ -214,7 +216,7 @@ def test_resume_after_sigkill_in_the_middle_of_a_file(tmp_path: Path) -> None:
     assert 15 <= len(committed) < 100, "killed in the middle of the file"
     first_ids = [i for c in committed for i in c["ids"]]
     offset = committed[-1]["offsets"]
-    assert 0 < offset["files/0"][str(data)] < os.path.getsize(data)
+    assert 0 < offset["files/0"][str(data)]["off"] < os.path.getsize(data)
 
     t0 = time.monotonic()
     res = subprocess.run([sys.executable, str(script), str(data), json.dumps(offset)], capture_output=True, text=True, timeout=120)
@@ -222,5 +224,5 @@ def test_resume_after_sigkill_in_the_middle_of_a_file(tmp_path: Path) -> None:
     rest = [json.loads(x) for x in res.stdout.splitlines()]
     ids = first_ids + [i for c in rest for i in c["ids"]]
     assert ids == list(range(n)), "no gaps, no duplicates"
-    assert rest[-1]["offsets"]["files/0"][str(data)] == os.path.getsize(data)
+    assert rest[-1]["offsets"]["files/0"][str(data)]["off"] == os.path.getsize(data)
     assert time.monotonic() - t0 < 60
