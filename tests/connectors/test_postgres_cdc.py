@@ -107,7 +107,7 @@ def test_snapshot_then_insert_update_delete(db: Db, pg_dsn: str) -> None:
         "INSERT INTO orders VALUES (2, 'b', NULL, NULL, NULL, NULL, NULL)",
         "INSERT INTO orders VALUES (3, '', 0, '1999-12-31 23:59:59+00', false, -1e300, '1999-12-31')",
     )
-    out = run_batch(PostgresSource(pg_dsn, "public.orders", publication="orders_pub", mode="batch"))
+    out = run_batch(PostgresSource(pg_dsn, "public.orders", publication="orders_pub", mode="batch", pipeline_id="p1"))
     snap = [x for x in out if isinstance(x, UpdateBatch)]
     assert len(snap) == 1 and snap[0].num_rows == 3
     c = snap[0].offsets["orders/0"]
@@ -122,7 +122,7 @@ def test_snapshot_then_insert_update_delete(db: Db, pg_dsn: str) -> None:
     db.txn("UPDATE orders SET flag = NOT flag")  # one transaction touching several rows
     db.txn("INSERT INTO other VALUES (2)")  # a transaction of another table only
 
-    out2 = run_batch(PostgresSource(pg_dsn, "public.orders", publication="orders_pub", mode="batch", resume={"orders/0": c}))
+    out2 = run_batch(PostgresSource(pg_dsn, "public.orders", publication="orders_pub", mode="batch", pipeline_id="p1", resume={"orders/0": c}))
     more = [x for x in out2 if isinstance(x, UpdateBatch)]
     diffs = pa.concat_tables([b.table for b in more]).column("_diff").to_pylist()
     # update(1): -1 +1; delete(2): -1; insert(4): +1; update 3 rows: 3 x (-1 +1)
@@ -136,7 +136,7 @@ def test_kill_write_more_restart_exactly_once(db: Db, pg_dsn: str) -> None:
     db.txn("INSERT INTO orders (id, name) SELECT g, 'n' || g FROM generate_series(1, 5) g")
     for i in range(6, 16):
         db.txn(f"INSERT INTO orders (id, name) VALUES ({i}, 'n{i}')")
-    mk = lambda **kw: PostgresSource(pg_dsn, "orders", publication="orders_pub", max_changes=6, **kw)  # noqa: E731
+    mk = lambda **kw: PostgresSource(pg_dsn, "orders", publication="orders_pub", max_changes=6, pipeline_id="p1", **kw)  # noqa: E731
 
     # Run 1: the snapshot and some polls; only the first two batches become durable.
     part, items = drive(mk(), 2)  # the initial progress, then the snapshot
@@ -176,15 +176,15 @@ def test_kill_write_more_restart_exactly_once(db: Db, pg_dsn: str) -> None:
 def test_setup_errors_say_how_to_fix(db: Db, pg_dsn: str) -> None:
     db.conn.execute("CREATE TABLE plain (id int PRIMARY KEY); CREATE TABLE loose (id int); ALTER TABLE loose REPLICA IDENTITY FULL")
     with pytest.raises(PostgresCdcError, match="CREATE PUBLICATION nopub FOR TABLE public.orders"):
-        drive(PostgresSource(pg_dsn, "orders", publication="nopub"), 1)
+        drive(PostgresSource(pg_dsn, "orders", publication="nopub", pipeline_id="p1"), 1)
     with pytest.raises(PostgresCdcError, match=r"REPLICA IDENTITY DEFAULT.*ALTER TABLE public.plain REPLICA IDENTITY FULL"):
-        drive(PostgresSource(pg_dsn, "plain", publication="orders_pub"), 1)
+        drive(PostgresSource(pg_dsn, "plain", publication="orders_pub", pipeline_id="p1"), 1)
     with pytest.raises(PostgresCdcError, match="ALTER PUBLICATION orders_pub ADD TABLE public.loose"):
-        drive(PostgresSource(pg_dsn, "loose", publication="orders_pub"), 1)
+        drive(PostgresSource(pg_dsn, "loose", publication="orders_pub", pipeline_id="p1"), 1)
     with pytest.raises(PostgresCdcError, match="does not exist"):
-        drive(PostgresSource(pg_dsn, "nope", publication="orders_pub"), 1)
-    with pytest.raises(PostgresCdcError, match=r"replication slot 'shardflow_orders' does not exist.*drop the collection"):
-        drive(PostgresSource(pg_dsn, "orders", publication="orders_pub", resume={"orders/0": 12345}), 1)
+        drive(PostgresSource(pg_dsn, "nope", publication="orders_pub", pipeline_id="p1"), 1)
+    with pytest.raises(PostgresCdcError, match=r"replication slot 'shardflow_orders_[0-9a-f]{12}' does not exist.*drop the collection"):
+        drive(PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="p1", resume={"orders/0": 12345}), 1)
 
 
 def test_wal_level_error() -> None:
