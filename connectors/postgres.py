@@ -406,7 +406,10 @@ class _PgPartition(UpdatePartition):
     def _advance(self, lsn: int) -> None:
         if self.confirmed is not None and lsn <= self.confirmed:
             return
-        self.conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.src.slot, format_lsn(lsn)))
+        try:
+            self.conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.src.slot, format_lsn(lsn)))
+        except psycopg.errors.UndefinedObject:
+            raise self._vanished(lsn) from None
         self.confirmed = lsn
         self.unacked = [u for u in self.unacked if u[0] > lsn]
 
@@ -502,7 +505,7 @@ class _PgPartition(UpdatePartition):
             ),
         ) if data else None
         cols = (
-            [_from_text(strings.column(i).combine_chunks(), f.type) for i, f in enumerate(self.row_schema)]
+            [self._convert(strings.column(i).combine_chunks(), f) for i, f in enumerate(self.row_schema)]
             if strings is not None
             else [pa.array([], f.type) for f in self.row_schema]
         )
@@ -532,6 +535,14 @@ class _PgPartition(UpdatePartition):
                     buf.write(chunk)
             c.rollback()
         return buf.getvalue()
+
+    def _convert(self, arr: pa.Array, f: pa.Field) -> pa.Array:
+        try:
+            return _from_text(arr, f.type)
+        except (pa.ArrowInvalid, ValueError) as e:
+            raise PostgresCdcError(
+                f"table {self.src.qualified} column {f.name!r}: a value has no {f.type} form: {e}"
+            ) from None
 
     def _table(self, cols: list[pa.Array], times: pa.Array, diffs: pa.Array) -> pa.Table:
         try:
@@ -565,11 +576,15 @@ class _PgPartition(UpdatePartition):
         if s.mode == "batch" and self.stop_at is None:
             self.stop_at = flush
         limit = s.max_changes + sum(m for _, m in self.unacked)
-        rows = self.conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
-            "'proto_version', '1', 'publication_names', %s)",
-            (s.slot, limit, s.publication),
-        ).fetchall()
+        try:
+            rows = self.conn.execute(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
+                "'proto_version', '1', 'publication_names', %s)",
+                (s.slot, limit, s.publication),
+            ).fetchall()
+        except psycopg.errors.UndefinedObject:
+            assert self.confirmed is not None  # INVARIANT: set by the snapshot or the resume check
+            raise self._vanished(self.confirmed) from None
         caught_up = len(rows) < limit
         self._check_slot_unchanged()
         txns = self._decode([bytes(r[0]) for r in rows])
@@ -579,7 +594,7 @@ class _PgPartition(UpdatePartition):
         if new:
             changes = [(vals, diff, t.end_lsn) for t in new for vals, diff in t.rows]
             cols = [
-                _from_text(pa.array([c[0][i] for c in changes], pa.string()), f.type)
+                self._convert(pa.array([c[0][i] for c in changes], pa.string()), f)
                 for i, f in enumerate(self.row_schema)
             ]
             times = pa.array([c[2] for c in changes], pa.int64())

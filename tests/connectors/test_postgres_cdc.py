@@ -15,6 +15,7 @@ from connectors.base import reset_stop
 from connectors.errors import PostgresCdcError
 from connectors.postgres import PostgresSource, parse_lsn
 from storage import Progress, UpdateBatch
+from storage.errors import InvalidInput
 from storage.updates import duck
 
 pytestmark = pytest.mark.postgres
@@ -199,3 +200,70 @@ def test_wal_level_error() -> None:
     src = PostgresSource("postgresql://unused", "orders", publication="p")
     with pytest.raises(PostgresCdcError, match="wal_level is 'replica'.*ALTER SYSTEM SET wal_level = logical"):
         src.check_setup(FakeConn())  # type: ignore[arg-type]
+
+
+def slot_rows(db: Db) -> list[tuple[str, str]]:
+    return db.conn.execute("SELECT slot_name, confirmed_flush_lsn::text FROM pg_replication_slots ORDER BY 1").fetchall()
+
+
+def test_a_source_needs_a_pipeline_id_or_a_slot(db: Db, pg_dsn: str) -> None:
+    with pytest.raises(InvalidInput, match="give pipeline_id= .* or slot="):
+        drive(PostgresSource(pg_dsn, "orders", publication="orders_pub"), 1)
+    a = PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="sa")
+    b = PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="sb")
+    assert a.slot != b.slot and a.slot.startswith("shardflow_orders_") and len(a.slot) <= 63
+    assert a.slot == PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="sa").slot
+
+
+def test_slot_consumed_while_streaming_stops_the_source(db: Db, pg_dsn: str) -> None:
+    """Another consumer advances the slot between two polls: the next poll raises, naming both LSNs."""
+    db.txn("INSERT INTO orders (id) VALUES (1)")
+    src = PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="p1")
+    part, items = drive(src, 3)
+    ours = slot_rows(db)[0][1]
+    db.txn("INSERT INTO orders (id) VALUES (2)")
+    db.conn.execute(
+        "SELECT count(*) FROM pg_logical_slot_get_binary_changes(%s, NULL, NULL, 'proto_version', '1', "
+        "'publication_names', 'orders_pub')", (src.slot,),
+    )
+    theirs = slot_rows(db)[0][1]
+    with pytest.raises(PostgresCdcError, match=rf"{src.slot}.*{theirs}.*{ours}"):
+        part.next_batch()
+    part.close()
+    db.conn.execute("SELECT pg_drop_replication_slot(%s)", (src.slot,))
+    part, items = drive(src, 3)
+    with pytest.raises(PostgresCdcError, match=rf"{src.slot}' does not exist"):
+        db.conn.execute("SELECT pg_drop_replication_slot(%s)", (src.slot,))
+        part.next_batch()
+    part.close()
+
+
+def test_snapshot_that_fails_drops_the_slot_it_created(db: Db, pg_dsn: str) -> None:
+    db.txn("INSERT INTO orders (id, amount) VALUES (1, 'NaN')")  # numeric NaN has no decimal128 form
+    src = PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="p1")
+    with pytest.raises(PostgresCdcError, match="table public.orders column 'amount'.*'NaN'"):
+        drive(src, 2)
+    assert slot_rows(db) == []
+
+
+def test_leftover_slot_of_own_first_run_is_replaced(db: Db, pg_dsn: str) -> None:
+    """A first run that died before its first commit: the next first run drops its own slot and starts over."""
+    db.txn("INSERT INTO orders (id) SELECT g FROM generate_series(1, 3) g")
+    src = PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="p1")
+    part, _ = drive(src, 2)
+    part.close()  # killed: the snapshot was never committed
+    db.txn("INSERT INTO orders (id) VALUES (4)")
+    part, items = drive(src, 2)
+    part.close()
+    batches = [x for x in items if isinstance(x, UpdateBatch)]
+    assert accumulate([b.table for b in batches], batches[-1].offsets["orders/0"]) == db.states[-1][1]
+    assert [s for s, _ in slot_rows(db)] == [src.slot]
+
+
+def test_vanished_slot_hints_at_the_old_slot_name(db: Db, pg_dsn: str) -> None:
+    """An upgraded data dir: its offsets point into the old shared slot `shardflow_<table>`."""
+    db.conn.execute("SELECT pg_create_logical_replication_slot('shardflow_orders', 'pgoutput')")
+    src = PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="p1", resume={"orders/0": 12345})
+    with pytest.raises(PostgresCdcError, match="old naming exists.*slot='shardflow_orders'"):
+        src.check()
+    assert [s for s, _ in slot_rows(db)] == ["shardflow_orders"]
