@@ -8,8 +8,10 @@ with the table afterwards.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ EXAMPLE = ROOT / "examples" / "postgres_cdc.py"
 def contents(data: Path, name: str = "orders") -> list[tuple[Any, ...]]:
     """Collection `name` at its latest readable time, one tuple per copy of a row, sorted."""
     client = storage.open(data)
-    ctl = open_controller(client)
+    ctl = open_controller(client, read_only=True)
     try:
         shard = str(ctl.collection(name).shard_id)
         with client.open_leased_reader(shard) as r:
@@ -103,6 +105,45 @@ def test_two_pipelines_on_one_table_each_get_every_row_once(orders: str, tmp_pat
     assert contents(a) == table(orders)
 
 
+def test_second_pipeline_starting_while_the_first_streams(orders: str, tmp_path: Path) -> None:
+    """A runs continuously (CLI process); B's first run in between must not take A's slot (A lost row 3)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    sql(orders, "INSERT INTO orders VALUES (1, 1), (2, 2)")
+    p = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "run", str(EXAMPLE), "--data", str(a), "--mode", "continuous",
+         "--tick", "0.2", "--no-progress"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        wait_for(lambda: a.exists() and _safe_contents(a) == table(orders), p)
+        sql(orders, "INSERT INTO orders VALUES (3, 3)")
+        run_flow(EXAMPLE, b)
+        sql(orders, "UPDATE orders SET qty = 20 WHERE id = 2", "DELETE FROM orders WHERE id = 1")
+        wait_for(lambda: _safe_contents(a) == table(orders), p)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    run_flow(EXAMPLE, b)
+    assert contents(a) == contents(b) == table(orders) == [(2, 20), (3, 3)]
+    assert len(slots(orders)) == 2
+
+
+def wait_for(cond: Any, proc: subprocess.Popen[str], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert proc.poll() is None, f"the pipeline exited: {proc.communicate()}"
+        assert time.monotonic() < deadline, "the pipeline did not catch up with the table"
+        time.sleep(0.2)
+
+
+def _safe_contents(data: Path) -> list[tuple[Any, ...]] | None:
+    try:
+        return contents(data)
+    except Exception:  # noqa: BLE001 - not created yet, or no readable time yet
+        return None
+
+
 def test_resume_refuses_a_slot_advanced_past_the_committed_offset(orders: str, tmp_path: Path) -> None:
     sql(orders, "INSERT INTO orders VALUES (1, 1)")
     run_flow(EXAMPLE, tmp_path)
@@ -143,9 +184,9 @@ def test_failed_first_run_leaves_no_slot(orders: str, tmp_path: Path) -> None:
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120,
     )
     assert p.returncode != 0
+    assert slots(orders) == [], "no slot holding WAL"
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "SELECT" in lines[0] and "public.orders" in lines[0], p.stderr
-    assert slots(orders) == []
     # Granted, the next run works and has the row once.
     sql(orders, "GRANT SELECT ON orders TO cdc_nosel")
     run_flow(EXAMPLE, tmp_path, configure=lambda _ctx: os.environ.__setitem__("PG_DSN", dsn))
