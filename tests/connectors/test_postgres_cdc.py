@@ -218,7 +218,7 @@ def test_a_source_needs_a_pipeline_id_or_a_slot(db: Db, pg_dsn: str) -> None:
 def test_slot_consumed_while_streaming_stops_the_source(db: Db, pg_dsn: str) -> None:
     """Another consumer advances the slot between two polls: the next poll raises, naming both LSNs."""
     db.txn("INSERT INTO orders (id) VALUES (1)")
-    src = PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="p1")
+    src = PostgresSource(pg_dsn, "orders", publication="orders_pub", slot="cdc_a")
     part, items = drive(src, 3)
     ours = slot_rows(db)[0][1]
     db.txn("INSERT INTO orders (id) VALUES (2)")
@@ -240,7 +240,7 @@ def test_slot_consumed_while_streaming_stops_the_source(db: Db, pg_dsn: str) -> 
 
 def test_snapshot_that_fails_drops_the_slot_it_created(db: Db, pg_dsn: str) -> None:
     db.txn("INSERT INTO orders (id, amount) VALUES (1, 'NaN')")  # numeric NaN has no decimal128 form
-    src = PostgresSource(pg_dsn, "orders", publication="orders_pub", pipeline_id="p1")
+    src = PostgresSource(pg_dsn, "orders", publication="orders_pub", slot="cdc_nan")
     with pytest.raises(PostgresCdcError, match="table public.orders column 'amount'.*'NaN'"):
         drive(src, 2)
     assert slot_rows(db) == []
@@ -267,3 +267,17 @@ def test_vanished_slot_hints_at_the_old_slot_name(db: Db, pg_dsn: str) -> None:
     with pytest.raises(PostgresCdcError, match="old naming exists.*slot='shardflow_orders'"):
         src.check()
     assert [s for s, _ in slot_rows(db)] == ["shardflow_orders"]
+
+
+def test_first_run_of_another_source_never_takes_a_streaming_sources_slot(db: Db, pg_dsn: str) -> None:
+    """Two sources configured with one slot: the second's first run refuses; the first misses nothing."""
+    db.txn("INSERT INTO orders (id) VALUES (1), (2)")
+    a = PostgresSource(pg_dsn, "orders", publication="orders_pub", slot="shared")
+    part, items = drive(a, 3)
+    db.txn("INSERT INTO orders (id) VALUES (3)")
+    with pytest.raises(PostgresCdcError, match="'shared' already exists.*will not drop it"):
+        drive(PostgresSource(pg_dsn, "orders", publication="orders_pub", slot="shared"), 2)
+    items += part.next_batch()
+    part.close()
+    batches = [x.table for x in items if isinstance(x, UpdateBatch)]
+    assert accumulate(batches, db.states[-1][0]) == db.states[-1][1]
