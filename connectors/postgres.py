@@ -32,6 +32,18 @@ durable) on the next poll. Without acks, each poll re-decodes the changes since
 the last restart (they are skipped, not re-emitted): call `ack()` to keep polls
 cheap and to let PostgreSQL recycle WAL.
 
+Slots: one per pipeline. A slot is a cursor that only one consumer may move:
+two pipelines sharing one lose rows (one's first run, or its acks, move the
+other's cursor). So the slot is named after a `pipeline_id` stored with the
+pipeline's collection (its shard id in `examples/postgres_cdc.py`): the same data
+dir finds its slot after a restart, another data dir gets another slot. The
+source drops only slots it created: its own (pipeline-named) leftover of a first
+run that died before its first commit, and the slot of a first run that fails
+before the snapshot is emitted. On resume, and after every peek, the slot must
+exist and must not be past the source's offset; otherwise it stops with an
+error naming the slot and both LSNs, rather than re-snapshotting (which would
+double rows) or skipping changes.
+
 Why `REPLICA IDENTITY FULL`: a retraction needs the *whole* old row. With the
 default identity pgoutput sends only the key columns of an updated or deleted
 row (or nothing), so the source refuses such tables, with the statement to fix
@@ -43,10 +55,10 @@ Types: integers, floats, booleans, text types, date, timestamp(tz) (as UTC) and
 numeric with a declared precision map to their Arrow types; bytea to binary;
 anything else (json, uuid, numeric without precision, ...) to its text form.
 
-Example (needs a server; see tests/connectors/test_postgres.py)::
+Example (needs a server; see tests/connectors/test_postgres_cdc.py)::
 
     src = PostgresSource(dsn, "public.orders", publication="orders_pub", mode="continuous",
-                         resume=committed_offsets)
+                         pipeline_id=shard_id, resume=committed_offsets)
 """
 
 from __future__ import annotations
@@ -243,7 +255,8 @@ class PostgresSource(UpdateSource):
         advanced past the committed offset; on a first run, SELECT on the table and
         that an explicit slot does not exist yet. Raises `PostgresCdcError` as the
         partition would, but from the flow's build, where it is one clear line
-        rather than an error inside the running dataflow. Nothing is created or dropped.
+        rather than an error inside the running dataflow. Nothing is created or
+        dropped (on a resume the slot is advanced to the committed offset, as a run does).
         """
         part = self.build_partition(self.key, self.resume.get(self.key))
         try:
@@ -373,15 +386,15 @@ class _PgPartition(UpdatePartition):
         row = self._slot_row()
         assert self.confirmed is not None  # INVARIANT: set by the snapshot or the resume check
         if row is None:
-            raise self._vanished(self.confirmed)
+            raise self._vanished(self.confirmed, "acknowledged offset")
         c = parse_lsn(row[1]) if row[1] else 0
         if c > self.confirmed:
-            raise self._ahead(c, self.confirmed, "last acknowledged offset")
+            raise self._ahead(c, self.confirmed, "acknowledged offset")
 
-    def _vanished(self, committed: int) -> PostgresCdcError:
+    def _vanished(self, committed: int, what: str = "committed offset") -> PostgresCdcError:
         s = self.src
         msg = (
-            f"replication slot {s.slot!r} does not exist, but source {s.name!r} has committed offset "
+            f"replication slot {s.slot!r} does not exist, but source {s.name!r} has {what} "
             f"LSN {format_lsn(committed)} (table {s.qualified}): the changes after it are lost, and a new "
             f"snapshot would double or lose rows. To start over, drop the collection and rerun"
         )
@@ -409,7 +422,7 @@ class _PgPartition(UpdatePartition):
         try:
             self.conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.src.slot, format_lsn(lsn)))
         except psycopg.errors.UndefinedObject:
-            raise self._vanished(lsn) from None
+            raise self._vanished(lsn, "acknowledged offset") from None
         self.confirmed = lsn
         self.unacked = [u for u in self.unacked if u[0] > lsn]
 
@@ -584,7 +597,7 @@ class _PgPartition(UpdatePartition):
             ).fetchall()
         except psycopg.errors.UndefinedObject:
             assert self.confirmed is not None  # INVARIANT: set by the snapshot or the resume check
-            raise self._vanished(self.confirmed) from None
+            raise self._vanished(self.confirmed, "acknowledged offset") from None
         caught_up = len(rows) < limit
         self._check_slot_unchanged()
         txns = self._decode([bytes(r[0]) for r in rows])
