@@ -217,3 +217,32 @@ def _root(e: BaseException) -> str:
 
 
 _ = format_lsn
+
+
+@pytest.mark.slow
+def test_three_pipelines_random_interleaving(orders: str, tmp_path: Path) -> None:
+    """Random DML between randomly chosen pipelines' runs; after each run it equals the table."""
+    import random
+
+    rng = random.Random(7)
+    dirs = [tmp_path / n for n in "abc"]
+    next_id = 1
+    for _ in range(25):
+        stmts = []
+        for _ in range(rng.randint(1, 4)):
+            k = rng.random()
+            if k < 0.5:
+                stmts.append(f"INSERT INTO orders SELECT g, g FROM generate_series({next_id}, {next_id + 2}) g")
+                next_id += 3
+            elif k < 0.8:
+                stmts.append(f"UPDATE orders SET qty = qty + 1 WHERE id % {rng.randint(2, 5)} = 0")
+            else:
+                stmts.append(f"DELETE FROM orders WHERE id % {rng.randint(3, 7)} = 1")
+        sql(orders, *stmts)
+        d = rng.choice(dirs)
+        run_flow(EXAMPLE, d)
+        assert contents(d) == table(orders), d.name
+    for d in dirs:
+        run_flow(EXAMPLE, d)
+        assert contents(d) == table(orders), d.name
+    assert len(slots(orders)) == 3
