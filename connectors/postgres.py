@@ -86,7 +86,7 @@ from storage.updates import update_schema
 from .base import Item, UpdatePartition, UpdateSource, awake_in, partition_key, stop_requested
 from .errors import PostgresCdcError
 
-__all__ = ["PostgresCdcError", "PostgresSource", "format_lsn", "parse_lsn", "pg_type_to_arrow"]
+__all__ = ["PostgresCdcError", "PostgresSource", "format_lsn", "parse_lsn", "pg_type_to_arrow", "slot_name"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
