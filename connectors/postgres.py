@@ -32,6 +32,18 @@ durable) on the next poll. Without acks, each poll re-decodes the changes since
 the last restart (they are skipped, not re-emitted): call `ack()` to keep polls
 cheap and to let PostgreSQL recycle WAL.
 
+Slots: one per pipeline. A slot is a cursor that only one consumer may move:
+two pipelines sharing one lose rows (one's first run, or its acks, move the
+other's cursor). So the slot is named after a `pipeline_id` stored with the
+pipeline's collection (its shard id in `examples/postgres_cdc.py`): the same data
+dir finds its slot after a restart, another data dir gets another slot. The
+source drops only slots it created: its own (pipeline-named) leftover of a first
+run that died before its first commit, and the slot of a first run that fails
+before the snapshot is emitted. On resume, and after every peek, the slot must
+exist and must not be past the source's offset; otherwise it stops with an
+error naming the slot and both LSNs, rather than re-snapshotting (which would
+double rows) or skipping changes.
+
 Why `REPLICA IDENTITY FULL`: a retraction needs the *whole* old row. With the
 default identity pgoutput sends only the key columns of an updated or deleted
 row (or nothing), so the source refuses such tables, with the statement to fix
@@ -43,14 +55,15 @@ Types: integers, floats, booleans, text types, date, timestamp(tz) (as UTC) and
 numeric with a declared precision map to their Arrow types; bytea to binary;
 anything else (json, uuid, numeric without precision, ...) to its text form.
 
-Example (needs a server; see tests/connectors/test_postgres.py)::
+Example (needs a server; see tests/connectors/test_postgres_cdc.py)::
 
     src = PostgresSource(dsn, "public.orders", publication="orders_pub", mode="continuous",
-                         resume=committed_offsets)
+                         pipeline_id=shard_id, resume=committed_offsets)
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import struct
@@ -73,7 +86,7 @@ from storage.updates import update_schema
 from .base import Item, UpdatePartition, UpdateSource, awake_in, partition_key, stop_requested
 from .errors import PostgresCdcError
 
-__all__ = ["PostgresCdcError", "PostgresSource", "format_lsn", "parse_lsn", "pg_type_to_arrow"]
+__all__ = ["PostgresCdcError", "PostgresSource", "format_lsn", "parse_lsn", "pg_type_to_arrow", "slot_name"]
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
 
@@ -149,8 +162,14 @@ class PostgresSource(UpdateSource):
             REPLICATION attribute (for the slot) and SELECT on the table.
         table: `"schema.table"` or `"table"` (schema `public`).
         publication: A publication that includes the table.
-        slot: Replication slot name; default `"shardflow_<name>"`. Use one slot
-            per source: the source advances it.
+        pipeline_id: An id stored with the pipeline's collection, e.g. its shard
+            id (`ctx.collection(...)` returns it). The slot is named after it,
+            `"shardflow_<name>_<12 hex of sha256(pipeline_id)>"`, so a restarted
+            pipeline finds its slot again and another pipeline (another data
+            dir) on the same table gets its own. Required unless `slot` is given.
+        slot: An explicit replication slot name instead. The source advances the
+            slot, so it must belong to this pipeline alone. An explicit slot is
+            never dropped: if it exists before a first run, that is an error.
         mode: `"continuous"` streams until `request_stop()`; `"batch"` reads the
             changes committed up to when it started, then ends.
         name: Source name, the prefix of the partition key; default the table name.
@@ -160,7 +179,14 @@ class PostgresSource(UpdateSource):
 
     Raises (when the partition is built):
         PostgresCdcError: the server or table is not set up for CDC; the message
-            says which statement fixes it.
+            says which statement fixes it. Also: on resume, the slot is missing or
+            was advanced past the committed offset (by another consumer); on a
+            first run, an explicit slot already exists.
+
+    Slots: the source drops a slot only if it created it, i.e. a slot named
+    after its own `pipeline_id` that a first run left behind (it died before its
+    first commit), or the slot its own first run just created when that run
+    fails before emitting the snapshot.
     """
 
     def __init__(
@@ -172,6 +198,7 @@ class PostgresSource(UpdateSource):
         slot: str | None = None,
         mode: Literal["batch", "continuous"] = "continuous",
         name: str | None = None,
+        pipeline_id: str | None = None,
         poll_interval: float = 0.2,
         max_changes: int = 10_000,
         resume: Mapping[str, Any] | None = None,
@@ -190,8 +217,15 @@ class PostgresSource(UpdateSource):
         self.qualified = f"{schema_name}.{table_name}"
         self.publication = publication
         self.name = name or table_name
-        self.slot = slot or re.sub(r"[^a-z0-9_]", "_", f"shardflow_{self.name}".lower())
-        if not re.match(r"^[a-z0-9_]{1,63}$", self.slot):
+        self.pipeline_id = pipeline_id
+        #: True when the slot is named after `pipeline_id`: only this pipeline creates it.
+        self.own_slot = slot is None and pipeline_id is not None
+        self.slot: str | None = slot
+        if slot is None and pipeline_id is not None:
+            if not isinstance(pipeline_id, str) or not pipeline_id:
+                raise InvalidInput(f"PostgresSource {self.name!r}: pipeline_id must be a non-empty str, got {pipeline_id!r}")
+            self.slot = slot_name(self.name, pipeline_id)
+        if self.slot is not None and not re.match(r"^[a-z0-9_]{1,63}$", self.slot):
             raise InvalidInput(f"PostgresSource: slot name {self.slot!r} must match [a-z0-9_]{{1,63}}")
         self.mode = mode
         self.poll_interval = poll_interval
@@ -204,9 +238,32 @@ class PostgresSource(UpdateSource):
         return [self.key]
 
     def build_partition(self, key: str, resume_offset: Any) -> _PgPartition:
+        if self.slot is None:
+            raise InvalidInput(
+                f"PostgresSource {self.name!r} on {self.qualified}: give pipeline_id= (an id stored with the "
+                f"collection, e.g. the shard id ctx.collection() returns) or slot=; a slot shared by two "
+                f"pipelines loses rows"
+            )
         if resume_offset is not None and (not isinstance(resume_offset, int) or resume_offset < 0):
             raise InvalidInput(f"PostgresSource {self.name!r}: resume offset must be an LSN int, got {resume_offset!r}")
         return _PgPartition(self, key, resume_offset)
+
+    def check(self) -> None:
+        """Check, before the flow runs, what building its partition would check.
+
+        The setup (as `row_schema`); on a resume, that the slot exists and was not
+        advanced past the committed offset; on a first run, SELECT on the table and
+        that an explicit slot does not exist yet. Raises `PostgresCdcError` as the
+        partition would, but from the flow's build, where it is one clear line
+        rather than an error inside the running dataflow. Nothing is created or
+        dropped (on a resume the slot is advanced to the committed offset, as a run does).
+        """
+        part = self.build_partition(self.key, self.resume.get(self.key))
+        try:
+            if part.last is None:
+                part.check_first_run()
+        finally:
+            part.close()
 
     def ack(self, offsets: Mapping[str, Any]) -> None:
         """Tell the source these offsets are durable; the slot advances to them on the next poll."""
@@ -271,6 +328,12 @@ class PostgresSource(UpdateSource):
         return [_Column(n, int(o), int(m), bool(nn)) for n, o, m, nn in cols]
 
 
+def slot_name(name: str, pipeline_id: str) -> str:
+    """The replication slot of pipeline `pipeline_id`'s source `name`: `shardflow_<name>_<12 hex>` (<= 63 chars)."""
+    clean = re.sub(r"[^a-z0-9_]", "_", name.lower())[:40]
+    return f"shardflow_{clean}_{hashlib.sha256(pipeline_id.encode()).hexdigest()[:12]}"
+
+
 class _PgPartition(UpdatePartition):
     def __init__(self, src: PostgresSource, key: str, resume: int | None) -> None:
         self.src = src
@@ -293,48 +356,100 @@ class _PgPartition(UpdatePartition):
             self._check_slot_for_resume(resume)
 
     # ---- slot ----
-    def _slot_row(self) -> tuple[str, str | None, bool] | None:
+    def _slot_row(self, slot: str | None = None) -> tuple[str, str | None, bool] | None:
         return self.conn.execute(
             "SELECT plugin, confirmed_flush_lsn::text, active FROM pg_replication_slots WHERE slot_name = %s",
-            (self.src.slot,),
+            (slot or self.src.slot,),
         ).fetchone()
 
     def _check_slot_for_resume(self, resume: int) -> None:
         row = self._slot_row()
         s = self.src
         if row is None:
-            raise PostgresCdcError(
-                f"replication slot {s.slot!r} does not exist, but source {s.name!r} has committed offset "
-                f"LSN {format_lsn(resume)}: changes after it are lost. To start over with a fresh snapshot, "
-                f"drop the collection (and its offsets) and rerun; the source recreates the slot"
-            )
+            raise self._vanished(resume)
         plugin, confirmed, _active = row
         if plugin != "pgoutput":
             raise PostgresCdcError(f"replication slot {s.slot!r} uses plugin {plugin!r}, not 'pgoutput'")
         c = parse_lsn(confirmed) if confirmed else 0
         if c > resume:
-            raise PostgresCdcError(
-                f"replication slot {s.slot!r} was advanced to {format_lsn(c)}, past source {s.name!r}'s committed "
-                f"offset {format_lsn(resume)}: the changes in between are gone; another consumer uses this slot?"
-            )
+            raise self._ahead(c, resume)
         self.confirmed = c
         self._advance(resume)
+
+    def _check_slot_unchanged(self) -> None:
+        """After a peek: the slot still exists, and nobody advanced it past where this source left it.
+
+        SUBTLE: checked *after* the peek: had another consumer advanced the slot
+        before it, the peek would have silently started past changes this source
+        never emitted.
+        """
+        row = self._slot_row()
+        assert self.confirmed is not None  # INVARIANT: set by the snapshot or the resume check
+        if row is None:
+            raise self._vanished(self.confirmed, "acknowledged offset")
+        c = parse_lsn(row[1]) if row[1] else 0
+        if c > self.confirmed:
+            raise self._ahead(c, self.confirmed, "acknowledged offset")
+
+    def _vanished(self, committed: int, what: str = "committed offset") -> PostgresCdcError:
+        s = self.src
+        msg = (
+            f"replication slot {s.slot!r} does not exist, but source {s.name!r} has {what} "
+            f"LSN {format_lsn(committed)} (table {s.qualified}): the changes after it are lost, and a new "
+            f"snapshot would double or lose rows. To start over, drop the collection and rerun"
+        )
+        legacy = re.sub(r"[^a-z0-9_]", "_", f"shardflow_{s.name}".lower())
+        if s.own_slot and legacy != s.slot and self._slot_row(legacy) is not None:
+            # NB: slots used to be named shardflow_<table>, shared by every pipeline on the table.
+            msg += (
+                f"; a slot {legacy!r} of the old naming exists: if this pipeline created it, "
+                f"keep using it with slot={legacy!r}"
+            )
+        return PostgresCdcError(msg)
+
+    def _ahead(self, confirmed: int, committed: int, what: str = "committed offset") -> PostgresCdcError:
+        s = self.src
+        return PostgresCdcError(
+            f"replication slot {s.slot!r} was advanced to confirmed_flush_lsn {format_lsn(confirmed)}, past "
+            f"source {s.name!r}'s {what} LSN {format_lsn(committed)} (table {s.qualified}): the "
+            f"changes in between are gone; another consumer uses this slot? To start over, drop the "
+            f"collection and the slot and rerun"
+        )
 
     def _advance(self, lsn: int) -> None:
         if self.confirmed is not None and lsn <= self.confirmed:
             return
-        self.conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.src.slot, format_lsn(lsn)))
+        try:
+            self.conn.execute("SELECT pg_replication_slot_advance(%s, %s::pg_lsn)", (self.src.slot, format_lsn(lsn)))
+        except psycopg.errors.UndefinedObject:
+            raise self._vanished(lsn, "acknowledged offset") from None
         self.confirmed = lsn
         self.unacked = [u for u in self.unacked if u[0] > lsn]
 
+    def check_first_run(self) -> tuple[str, str | None, bool] | None:
+        """SELECT on the table, and an existing slot is this pipeline's own; returns the slot's row."""
+        s = self.src
+        self._check_select()
+        row = self._slot_row()
+        if row is not None and not s.own_slot:
+            raise PostgresCdcError(
+                f"replication slot {s.slot!r} already exists, but source {s.name!r} (table {s.qualified}) has "
+                f"no committed offset, so this pipeline did not create it and will not drop it: choose "
+                f"another slot, or, if it is a leftover of this pipeline, SELECT pg_drop_replication_slot('{s.slot}')"
+            )
+        return row
+
     def _snapshot(self) -> list[Item]:
         s = self.src
-        row = self._slot_row()
+        row = self.check_first_run()
         if row is not None:
-            # No committed offset, so nothing read from this slot was ever durable:
-            # it is a leftover of a first run that died before its first commit.
+            # Named after this pipeline's id, so this pipeline created it; with no committed
+            # offset nothing read from it was durable: a first run died before its first commit.
             if row[2]:
-                raise PostgresCdcError(f"replication slot {s.slot!r} exists and is in use by another connection")
+                raise PostgresCdcError(
+                    f"replication slot {s.slot!r} of source {s.name!r} is in use by another connection "
+                    f"(another copy of this pipeline still taking its first snapshot?)"
+                )
             self.conn.execute("SELECT pg_drop_replication_slot(%s)", (s.slot,))
         try:
             rconn = psycopg.connect(s.dsn, replication="database", autocommit=True)
@@ -343,17 +458,55 @@ class _PgPartition(UpdatePartition):
                 f"cannot open a replication connection for slot {s.slot!r}: {e}".strip()
                 + " (the role needs the REPLICATION attribute: ALTER ROLE <role> REPLICATION)"
             ) from None
+        created = False
         try:
-            syntax = "(SNAPSHOT 'export')" if self.conn.info.server_version >= 150000 else "EXPORT_SNAPSHOT"
-            res = rconn.pgconn.exec_(f'CREATE_REPLICATION_SLOT "{s.slot}" LOGICAL pgoutput {syntax}'.encode())
-            if res.status != psycopg.pq.ExecStatus.TUPLES_OK:
-                msg = (res.error_message or b"").decode(errors="replace").strip()
-                raise PostgresCdcError(f"cannot create replication slot {s.slot!r}: {msg}")
-            consistent = parse_lsn(bytes(res.get_value(0, 1) or b"").decode())
-            snapshot_name = bytes(res.get_value(0, 2) or b"").decode()
-            data = self._copy_table(snapshot_name)
-        finally:
-            rconn.close()
+            try:
+                syntax = "(SNAPSHOT 'export')" if self.conn.info.server_version >= 150000 else "EXPORT_SNAPSHOT"
+                res = rconn.pgconn.exec_(f'CREATE_REPLICATION_SLOT "{s.slot}" LOGICAL pgoutput {syntax}'.encode())
+                if res.status != psycopg.pq.ExecStatus.TUPLES_OK:
+                    msg = (res.error_message or b"").decode(errors="replace").strip()
+                    raise PostgresCdcError(f"cannot create replication slot {s.slot!r}: {msg}")
+                created = True
+                consistent = parse_lsn(bytes(res.get_value(0, 1) or b"").decode())
+                snapshot_name = bytes(res.get_value(0, 2) or b"").decode()
+                data = self._copy_table(snapshot_name)
+            finally:
+                rconn.close()
+            items = self._snapshot_items(data, consistent)
+        except BaseException:
+            # SUBTLE: nothing of this slot was emitted, so nothing can be committed against it;
+            # left behind it would hold WAL until someone drops it by hand.
+            if created:
+                self._drop_own_slot()
+            raise
+        return items
+
+    def _check_select(self) -> None:
+        s = self.src
+        ok = self.conn.execute(
+            "SELECT has_table_privilege(c.oid, 'SELECT'), current_user FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s",
+            (s.schema_name, s.table_name),
+        ).fetchone()
+        if ok is not None and not ok[0]:
+            raise PostgresCdcError(
+                f"role {ok[1]!r} lacks SELECT on table {s.qualified}, needed for the first snapshot of source "
+                f"{s.name!r}: run GRANT SELECT ON {s.qualified} TO {ok[1]}"
+            )
+
+    def _drop_own_slot(self) -> None:
+        # The replication connection that created the slot is closed, so it is inactive
+        # (a backend may take a moment to exit: retry briefly).
+        for _ in range(50):
+            try:
+                self.conn.execute("SELECT pg_drop_replication_slot(%s)", (self.src.slot,))
+                return
+            except psycopg.errors.ObjectInUse:
+                threading.Event().wait(0.05)
+            except psycopg.Error:
+                return
+
+    def _snapshot_items(self, data: bytes, consistent: int) -> list[Item]:
         strings = pacsv.read_csv(
             io.BytesIO(data),
             read_options=pacsv.ReadOptions(column_names=self.row_schema.names, use_threads=False),
@@ -365,7 +518,7 @@ class _PgPartition(UpdatePartition):
             ),
         ) if data else None
         cols = (
-            [_from_text(strings.column(i).combine_chunks(), f.type) for i, f in enumerate(self.row_schema)]
+            [self._convert(strings.column(i).combine_chunks(), f) for i, f in enumerate(self.row_schema)]
             if strings is not None
             else [pa.array([], f.type) for f in self.row_schema]
         )
@@ -395,6 +548,14 @@ class _PgPartition(UpdatePartition):
                     buf.write(chunk)
             c.rollback()
         return buf.getvalue()
+
+    def _convert(self, arr: pa.Array, f: pa.Field) -> pa.Array:
+        try:
+            return _from_text(arr, f.type)
+        except (pa.ArrowInvalid, ValueError) as e:
+            raise PostgresCdcError(
+                f"table {self.src.qualified} column {f.name!r}: a value has no {f.type} form: {e}"
+            ) from None
 
     def _table(self, cols: list[pa.Array], times: pa.Array, diffs: pa.Array) -> pa.Table:
         try:
@@ -428,12 +589,17 @@ class _PgPartition(UpdatePartition):
         if s.mode == "batch" and self.stop_at is None:
             self.stop_at = flush
         limit = s.max_changes + sum(m for _, m in self.unacked)
-        rows = self.conn.execute(
-            "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
-            "'proto_version', '1', 'publication_names', %s)",
-            (s.slot, limit, s.publication),
-        ).fetchall()
+        try:
+            rows = self.conn.execute(
+                "SELECT data FROM pg_logical_slot_peek_binary_changes(%s, NULL, %s, "
+                "'proto_version', '1', 'publication_names', %s)",
+                (s.slot, limit, s.publication),
+            ).fetchall()
+        except psycopg.errors.UndefinedObject:
+            assert self.confirmed is not None  # INVARIANT: set by the snapshot or the resume check
+            raise self._vanished(self.confirmed, "acknowledged offset") from None
         caught_up = len(rows) < limit
+        self._check_slot_unchanged()
         txns = self._decode([bytes(r[0]) for r in rows])
         assert self.last is not None
         new = [t for t in txns if t.end_lsn > self.last]
@@ -441,7 +607,7 @@ class _PgPartition(UpdatePartition):
         if new:
             changes = [(vals, diff, t.end_lsn) for t in new for vals, diff in t.rows]
             cols = [
-                _from_text(pa.array([c[0][i] for c in changes], pa.string()), f.type)
+                self._convert(pa.array([c[0][i] for c in changes], pa.string()), f)
                 for i, f in enumerate(self.row_schema)
             ]
             times = pa.array([c[2] for c in changes], pa.int64())
