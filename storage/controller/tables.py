@@ -99,7 +99,9 @@ def append_tables(
         heads = {}
         for w in writes:
             h = consensus.head(shard_key(w.shard_id))
-            s = st.initial(w.shard_id, w.schema) if h is None else st.ShardState.decode(h.data, f"shard {w.shard_id}")
+            s = st.initial(w.shard_id, w.schema) if h is None else st.ShardState.decode(
+                h.data, f"shard {w.shard_id} seqno {h.seqno}", seqno=h.seqno, shard_id=w.shard_id
+            )
             if h is not None and s.seqno != h.seqno:
                 s = replace(s, seqno=h.seqno)
             if s.is_tombstone:
