@@ -75,6 +75,13 @@ class StateCorrupt(ShardflowError):
     """A consensus entry could not be decoded as shard or catalog state."""
 
 
+class InvariantViolated(ShardflowError):
+    """An internal invariant does not hold (a bug); raised instead of acting on a wrong state.
+
+    Checked with real `if`s, never `assert`, so it also holds under `python -O`.
+    """
+
+
 class LeaseExpired(ShardflowError):
     """A leased reader or writer used its handle after its lease expired."""
 

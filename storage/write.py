@@ -199,8 +199,7 @@ class WriteHandle:
                 part = table.filter(pc.greater_equal(table.column(TIME), cur.time))
             try:
                 out = self.compare_and_append(part, cur, up, metadata=metadata)
-                assert isinstance(out, st.Appended)
-                return out
+                return st.Appended(out.upper)  # no token, so never AlreadyCommitted
             except UpperMismatch:
                 continue
 
