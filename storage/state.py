@@ -36,6 +36,8 @@ from .errors import InvalidBounds, LeaseExpired, StateCorrupt, Tombstone
 from .frontier import Frontier
 
 STATE_VERSION = 1
+#: The metadata key of the committed source offsets (partition key -> offset to resume after).
+OFFSETS_KEY = "offsets"
 
 _SEAL_HEAD = b'{"sha256":"'
 _SEAL_MID = b'","state":'
@@ -266,6 +268,14 @@ class UpperMismatchResult:
 
 
 @dataclass(frozen=True)
+class OffsetsMismatchResult:
+    """The shard's committed offsets for the writer's partitions are not the expected ones."""
+
+    expected: Mapping[str, Any]
+    current: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class OpaqueMismatch:
     actual: Any
 
@@ -312,12 +322,21 @@ def compare_and_append(
     metadata: Mapping[str, Any] | None,
     lease_ms: int,
     now_ms: int,
-) -> tuple[ShardState | None, Appended | AlreadyCommitted | UpperMismatchResult]:
+    offsets: Mapping[str, Any] | None = None,
+    expected_offsets: Mapping[str, Any] | None = None,
+) -> tuple[ShardState | None, Appended | AlreadyCommitted | UpperMismatchResult | OffsetsMismatchResult]:
     """Append `batch` iff `batch.lower == state.upper`; otherwise `UpperMismatchResult`.
 
     A repeated idempotency `token` of this writer returns `AlreadyCommitted` and
     changes nothing. An empty batch only advances the upper (and is merged into a
     preceding empty batch, so idle ticks do not grow the state).
+
+    Source offsets are part of the compare-and-set: with `expected_offsets`
+    (partition key -> offset, None for "none committed") the append happens only
+    if the shard's committed offset of every such key is exactly that; otherwise
+    `OffsetsMismatchResult` (checked before the upper: a writer whose input is
+    already in must not retry at a new upper). `offsets` are merged per key into
+    the committed offsets (`metadata[OFFSETS_KEY]`) in the same CAS.
     """
     _tombstone_check(state)
     if batch.upper < batch.lower:
@@ -325,8 +344,15 @@ def compare_and_append(
     w = state.writers.get(writer_id)
     if token is not None and w is not None and w.last_token == token:
         return None, AlreadyCommitted(token, state.upper)
+    if expected_offsets:
+        committed = state.metadata.get(OFFSETS_KEY) or {}
+        current = {k: committed.get(k) for k in expected_offsets}
+        if current != dict(expected_offsets):
+            return None, OffsetsMismatchResult(dict(expected_offsets), current)
     if state.upper != batch.lower:
         return None, UpperMismatchResult(batch.lower, state.upper)
+    if batch.upper == batch.lower and offsets:
+        raise InvalidBounds(f"shard {state.shard_id}: source offsets need a batch with lower < upper, got [{batch.lower}, {batch.upper})")
     if batch.upper == batch.lower:
         # SUBTLE: an empty-width append changes nothing, but it has been checked against
         # the head just read, so it is linearized at that read; no write is needed.
@@ -341,6 +367,8 @@ def compare_and_append(
     md = dict(state.metadata)
     if metadata:
         md.update(metadata)
+    if offsets:
+        md[OFFSETS_KEY] = {**(md.get(OFFSETS_KEY) or {}), **offsets}
     new = replace(state, batches=tuple(batches), upper=batch.upper, writers=writers, metadata=md)
     new = _expire_leases(new, now_ms)
     return new, Appended(batch.upper)
