@@ -1,0 +1,162 @@
+"""Several copies of one append_sink flow on one data dir commit every source record once.
+
+The committed source offsets are part of the compare-and-set: a copy that loses
+the race re-reads them and drops what the other copy already committed, instead
+of retrying its batch at the new upper (which wrote it twice).
+
+Every concurrent run here is a real `shardflow run` process; the data is checked
+afterwards through `shardflow query`: exact row count, no id twice.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+import storage
+from storage.errors import OffsetsMismatch
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARDFLOW = [sys.executable, "-m", "flows.cli"]
+
+TICKS, ROWS = 200, 20  # 4,000 rows, ids 1..4000
+
+FLOW = """
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow
+from connectors.loadgen import Counter
+from connectors.loadgen_source import LoadgenSource
+
+def build(ctx):
+    gen = Counter(seed=0, rows_per_tick=ROWS)
+    flow = Dataflow("events")
+    ctx.collection("events", gen.schemas()["counter"], data_source="ingestion")
+    src = LoadgenSource(gen, "counter", ticks=TICKS, rate=RATE, resume=ctx.resume_offsets("events"))
+    ctx.append("sink", op.input("in", flow, src), "events", batch_duration=0.02)
+    return flow
+"""
+
+
+def _flow(tmp_path: Path, rate: float) -> Path:
+    p = tmp_path / "events_flow.py"
+    p.write_text(f"TICKS = {TICKS}\nROWS = {ROWS}\nRATE = {rate!r}\n" + FLOW)
+    return p
+
+
+def _query(data: Path, sql: str) -> list[str]:
+    out = subprocess.run(
+        [*SHARDFLOW, "query", "--data", str(data), "--format", "csv", sql],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()[1:]
+
+
+def _two_copies(tmp_path: Path, trial: int, rate: float) -> None:
+    data = tmp_path / f"data{trial}"
+    flow = _flow(tmp_path, rate)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [
+        subprocess.Popen([*SHARDFLOW, "run", str(flow), "--data", str(data)], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    for p, (o, e) in zip(procs, outs, strict=True):
+        # Both copies finish: the one that lost a race dropped what was in and went on.
+        assert p.returncode == 0, (p.returncode, o, e)
+    n, distinct, lo, hi = _query(data, "SELECT count(*), count(DISTINCT counter), min(counter), max(counter) "
+                                       "FROM events")[0].split(",")
+    assert (int(n), int(distinct), int(lo), int(hi)) == (TICKS * ROWS, TICKS * ROWS, 1, TICKS * ROWS), trial
+    assert _query(data, "SELECT count(*) FROM events WHERE counter IS NULL") == ["0"]
+
+
+def test_two_concurrent_runs_commit_each_row_once(tmp_path: Path) -> None:
+    for trial in range(2):
+        _two_copies(tmp_path, trial, rate=400.0)
+
+
+@pytest.mark.slow
+def test_two_concurrent_runs_commit_each_row_once_loop(tmp_path: Path) -> None:
+    for trial in range(8):
+        _two_copies(tmp_path, trial, rate=[None, 200.0, 1000.0][trial % 3])
+
+
+# ---- the API: two writers racing with offsets ----
+
+SCHEMA = pa.schema([("id", pa.int64())])
+
+
+def _rows(ids: range) -> pa.Table:
+    return pa.table({"id": pa.array(list(ids), pa.int64())})
+
+
+def test_writers_racing_with_offsets(tmp_path: Path) -> None:
+    client = storage.open(str(tmp_path), fsync=False)
+    shard = storage.ShardId.new()
+    a = client.open_writer(shard, schema=SCHEMA, writer_id="a")
+    b = client.open_writer(shard, writer_id="b")
+    # Both read partition "p" from the start (nothing committed) and batch ticks 0 and 1.
+    a.monotonic_append(_rows(range(0, 10)), offsets={"p": 0}, expected_offsets={"p": None})
+    # b lost the race: the same input, expecting nothing committed, is refused (not retried at the new upper).
+    with pytest.raises(OffsetsMismatch) as ei:
+        b.monotonic_append(_rows(range(0, 10)), offsets={"p": 0}, expected_offsets={"p": None})
+    assert ei.value.expected == {"p": None} and ei.value.current == {"p": 0}
+    assert str(shard) in str(ei.value) and "\n" not in str(ei.value)
+    # b re-reads the offsets and appends only what is not in yet.
+    b.monotonic_append(_rows(range(10, 20)), offsets={"p": 1}, expected_offsets=ei.value.current)
+    # Offsets merge per key in the CAS: another partition does not clobber "p".
+    a.monotonic_append(_rows(range(100, 105)), offsets={"q": [7, "x"]}, expected_offsets={"q": None})
+    s = client.state(shard)
+    assert s.metadata["offsets"] == {"p": 1, "q": [7, "x"]}
+    # Tuples compare as the JSON lists they read back as.
+    a.monotonic_append(_rows(range(105, 106)), offsets={"q": (8, "x")}, expected_offsets={"q": (7, "x")})
+    ids = sorted(client.open_leased_reader(shard).snapshot(client.state(shard).upper.time - 1)
+                 .column("id").to_pylist())
+    assert ids == [*range(0, 20), *range(100, 106)]
+    client.close()
+
+
+def test_writers_racing_threads(tmp_path: Path) -> None:
+    """Two writers feed the same 100 ticks as fast as they can; the shard holds each tick once."""
+    import threading
+
+    client = storage.open(str(tmp_path), fsync=False)
+    shard = storage.ShardId.new()
+    client.open_writer(shard, schema=SCHEMA, writer_id="init")
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        w = client.open_writer(shard, writer_id=name)
+        expected = None
+        tick = 0
+        try:
+            while tick < 100:
+                try:
+                    w.monotonic_append(_rows(range(tick * 5, tick * 5 + 5)), offsets={"p": tick},
+                                       expected_offsets={"p": expected})
+                    expected = tick
+                    tick += 1
+                except OffsetsMismatch as e:
+                    expected = e.current["p"]  # another writer is ahead: skip what it committed
+                    tick = expected + 1
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    ts = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    t0 = time.monotonic()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert time.monotonic() - t0 < 120
+    ids = client.open_leased_reader(shard).snapshot(client.state(shard).upper.time - 1).column("id").to_pylist()
+    assert sorted(ids) == list(range(500))
+    client.close()
