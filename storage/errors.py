@@ -94,7 +94,16 @@ class ShardNotFound(ShardflowError, KeyError):
 
 
 class StateCorrupt(ShardflowError):
-    """A consensus entry could not be decoded as shard or catalog state."""
+    """A consensus entry failed its checksum or invariants, or could not be decoded.
+
+    Attributes:
+        shard: the shard id when the entry is a shard's state (None for the catalog),
+            so a caller that knows the collections can name the collection too.
+    """
+
+    def __init__(self, msg: str, shard: str | None = None):
+        self.shard = shard
+        super().__init__(msg)
 
 
 class InvariantViolated(ShardflowError):

@@ -212,6 +212,15 @@ class ShardState:
             StateCorrupt: naming `where` (the shard and seqno) and what is wrong.
         """
         try:
+            return cls._decode(data, where, seqno=seqno, shard_id=shard_id)
+        except StateCorrupt as e:
+            if e.shard is None:
+                e.shard = shard_id
+            raise
+
+    @classmethod
+    def _decode(cls, data: bytes, where: str, *, seqno: int | None, shard_id: str | None) -> ShardState:
+        try:
             body = unseal(data, where, "shard state")
             d = json.loads(body)
             if d.get("v") != STATE_VERSION:
@@ -537,7 +546,7 @@ def check_invariants(state: ShardState, where: str | None = None) -> None:
         return "the empty frontier" if x.is_empty else str(x.time)
 
     def bad(msg: str) -> StateCorrupt:
-        return StateCorrupt(f"{w}: invalid shard state: {msg}")
+        return StateCorrupt(f"{w}: invalid shard state: {msg}", shard=state.shard_id)
 
     if state.is_tombstone:
         if state.batches and not state.batches[-1].upper.is_empty:

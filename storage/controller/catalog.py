@@ -237,6 +237,25 @@ def check_catalog(state: CatalogState, where: str) -> None:
             )
 
 
+def collection_of_shard(consensus: Consensus, shard_id: str) -> str | None:
+    """The name of the collection whose shard is `shard_id` in the latest catalog, if any.
+
+    For error messages (a corrupt shard state names its collection): None when
+    there is no catalog, it is unreadable too, or no collection uses the shard.
+    """
+    try:
+        h = consensus.head(CATALOG_KEY)
+        if h is None:
+            return None
+        cat = CatalogState.decode(h.seqno, h.data)
+    except Exception:  # noqa: BLE001 - only used to word another error
+        return None
+    for name, m in cat.collections.items():
+        if m.shard_id == shard_id:
+            return name
+    return None
+
+
 # ---- pure transitions ----
 
 
