@@ -51,8 +51,11 @@ def seal(body: bytes) -> bytes:
     return b"".join((_SEAL_HEAD, hashlib.sha256(body).hexdigest().encode(), _SEAL_MID, body, b"}"))
 
 
-def unseal(data: bytes, where: str, what: str) -> bytes:
+def unseal(data: bytes, where: str, what: str, legacy_head: bytes = _LEGACY_HEAD) -> bytes:
     """The body of a sealed entry, its sha256 checked; a legacy (unsealed) body is returned as is.
+
+    A legacy body is recognised by how it starts (`legacy_head`: how the bodies
+    written before checksums began), so a damaged envelope is never taken for one.
 
     Raises:
         StateCorrupt: the digest does not match the body, or the bytes are neither
@@ -71,7 +74,7 @@ def unseal(data: bytes, where: str, what: str) -> bytes:
                 f"{stored[:16].decode(errors='replace')}.., found {actual[:16].decode()}..); it was altered after it was written"
             )
         return body
-    if data.startswith(_LEGACY_HEAD):
+    if data.startswith(legacy_head):
         return data  # written before checksums: the invariants are still checked
     raise StateCorrupt(f"{where}: cannot decode {what} (expected a checksummed JSON envelope, found {data[:20]!r})")
 

@@ -38,6 +38,7 @@ from .policy import ReadPolicy, coerce_policy, policy_from_json, policy_to_json
 
 CATALOG_KEY = "catalog"
 CATALOG_VERSION = 1
+_LEGACY_HEAD = b'{"collections":'  # versions written before checksums: sorted keys, no envelope
 DATA_SOURCES = ("ingestion", "table", "webhook", "introspection", "other")
 SYSTEM_PREFIX = "system."
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -174,7 +175,7 @@ class CatalogState:
         """
         where = f"catalog seqno {seqno}"
         try:
-            d = json.loads(unseal(data, where, "catalog"))
+            d = json.loads(unseal(data, where, "catalog", _LEGACY_HEAD))
             if d.get("v") != CATALOG_VERSION:
                 raise ValueError(f"unknown catalog version {d.get('v')!r}")
             cols = {}
