@@ -22,7 +22,6 @@ import pyarrow as pa
 import pytest
 
 import storage
-from storage import state as st
 from storage.controller.catalog import CATALOG_KEY, CatalogState
 from storage.errors import StateCorrupt
 from storage.machine import shard_key
@@ -64,9 +63,9 @@ def flip_digit(data: bytes, field: bytes) -> bytes:
 
 def unseal_legacy(data: bytes) -> bytes:
     """The body without its checksum envelope: what versions written before checksums look like."""
-    body = st.unseal(data, "test", "state")
-    assert body != data
-    return body
+    if not data.startswith(b'{"sha256":"'):
+        return data  # already unsealed
+    return json.dumps(json.loads(data)["state"], separators=(",", ":")).encode()
 
 
 def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> str:
