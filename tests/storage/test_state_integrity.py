@@ -9,6 +9,8 @@ must stop with one line naming the shard (or catalog) and the seqno.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -30,7 +32,19 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def sf(*args: str, optimize: bool = False, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    py = [sys.executable, *(["-O"] if optimize else []), "-m", "flows.cli"]
+    """`shardflow ARGS`: in this process (quick), or a `python -O` process with `optimize`."""
+    if not optimize:
+        from flows.cli import main
+
+        out, err = (io.TextIOWrapper(io.BytesIO(), encoding="utf-8") for _ in range(2))  # with .buffer
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = main(list(args))
+        text = []
+        for f in (out, err):
+            f.flush()
+            text.append(f.buffer.getvalue().decode())  # type: ignore[attr-defined]
+        return subprocess.CompletedProcess(list(args), rc, text[0], text[1])
+    py = [sys.executable, "-O", "-m", "flows.cli"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([*py, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
