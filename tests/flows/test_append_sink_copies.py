@@ -11,6 +11,7 @@ afterwards through `shardflow query`: exact row count, no id twice.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -68,9 +69,15 @@ def _two_copies(tmp_path: Path, trial: int, rate: float) -> None:
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=240) for p in procs]
+    committed = 0
     for p, (o, e) in zip(procs, outs, strict=True):
         # Both copies finish: the one that lost a race dropped what was in and went on.
         assert p.returncode == 0, (p.returncode, o, e)
+        m = re.search(r"([\d,]+) rows in", o + e)
+        assert m is not None, (o, e)
+        committed += int(m.group(1).replace(",", ""))
+    # What the two copies say they committed adds up to one copy's input (often split between them).
+    assert committed == TICKS * ROWS, outs
     n, distinct, lo, hi = _query(data, "SELECT count(*), count(DISTINCT counter), min(counter), max(counter) "
                                        "FROM events")[0].split(",")
     assert (int(n), int(distinct), int(lo), int(hi)) == (TICKS * ROWS, TICKS * ROWS, 1, TICKS * ROWS), trial
