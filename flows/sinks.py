@@ -658,11 +658,12 @@ class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
         return False
 
     def _stop(self, key: str, prev: Any, off: Any, committed: Any) -> OffsetsMismatch:
+        start = "the start" if prev is None else repr(prev)
         msg = (
             f"step {self.step_id!r}: another run of this flow committed source partition {key!r} of shard "
             f"{self.shard} up to offset {committed!r}, which is not a batch boundary of this run's input "
-            f"(a batch after {prev!r} up to {off!r}); it cannot tell which of its rows are already in, "
-            "so it stops (nothing of that batch was written)"
+            f"(read from {start} up to {off!r}); it cannot tell which of its rows are already in, "
+            "so it stops (none of them was written)"
         )
         return OffsetsMismatch(self.shard, {key: off}, {key: committed}, msg)
 

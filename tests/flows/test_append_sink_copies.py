@@ -167,3 +167,61 @@ def test_writers_racing_threads(tmp_path: Path) -> None:
     ids = client.open_leased_reader(shard).snapshot(client.state(shard).upper.time - 1).column("id").to_pylist()
     assert sorted(ids) == list(range(500))
     client.close()
+
+
+# ---- AppendLogic directly: two committers of one shard ----
+
+
+def _logic(client: storage.Client, shard: str, resume: dict | None = None):  # type: ignore[no-untyped-def]
+    from flows.sinks import AppendLogic
+
+    return AppendLogic("sink", client, shard, 0.0, resume_offsets=resume or {})
+
+
+def _tick(i: int, key: str = "p", off: object = None) -> storage.UpdateBatch:
+    t = pa.table({"id": pa.array(range(i * 3, i * 3 + 3), pa.int64()),
+                  "_time": pa.array([i] * 3, pa.int64()), "_diff": pa.array([1] * 3, pa.int64())})
+    return storage.UpdateBatch(t, offsets={key: i if off is None else off})
+
+
+def _ids(client: storage.Client, shard: str) -> list[int]:
+    s = client.state(shard)
+    return sorted(client.open_leased_reader(shard).snapshot(s.upper.time - 1).column("id").to_pylist())
+
+
+def test_append_logic_copies_drop_what_the_other_committed(tmp_path: Path) -> None:
+    client = storage.open(str(tmp_path), fsync=False)
+    shard = str(storage.ShardId.new())
+    client.open_writer(shard, schema=SCHEMA)
+    a, b = _logic(client, shard), _logic(client, shard)
+    a.on_batch([_tick(i) for i in range(5)])  # batch_duration 0: flushes at once
+    out, _ = b.on_batch([_tick(i) for i in range(5)])
+    assert list(out) == []  # all of it was in
+    out, _ = b.on_batch([_tick(5), _tick(6)])
+    assert [c.rows for c in out] == [6]
+    # a is behind: tick 5 is in (dropped at the CAS), tick 6 on arrival, tick 7 is new.
+    assert list(a.on_batch([_tick(5)])[0]) == []
+    assert list(a.on_batch([_tick(6)])[0]) == []
+    assert [c.rows for c in a.on_batch([_tick(7)])[0]] == [3]
+    assert _ids(client, shard) == list(range(24))
+    assert client.state(shard).metadata["offsets"] == {"p": 7}
+    client.close()
+
+
+def test_append_logic_stops_when_offsets_do_not_line_up(tmp_path: Path) -> None:
+    """Opaque offsets that are not a batch boundary of this copy cannot be placed: one clear line."""
+    client = storage.open(str(tmp_path), fsync=False)
+    shard = str(storage.ShardId.new())
+    client.open_writer(shard, schema=SCHEMA)
+    a, b = _logic(client, shard), _logic(client, shard)
+    b.clock = lambda: 0.0  # b buffers (its batch duration has not passed)
+    b.batch_duration = 10.0
+    b.last_commit = 0.0
+    b.on_batch([_tick(0, "f", {"file": "x", "pos": 10}), _tick(1, "f", {"file": "x", "pos": 20})])
+    a.on_batch([_tick(0, "f", {"file": "x", "pos": 15})])  # another batching of the same file
+    with pytest.raises(OffsetsMismatch) as ei:
+        b.flush()
+    msg = str(ei.value)
+    assert "\n" not in msg and shard in msg and "'f'" in msg and "stops" in msg, msg
+    assert _ids(client, shard) == [0, 1, 2]  # only a's batch
+    client.close()
