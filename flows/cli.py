@@ -414,6 +414,22 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _name_collection(args: argparse.Namespace, shard: str, msg: str) -> str:
+    """Prefix an error about `shard` with its collection's name, when the catalog can tell."""
+    try:
+        import storage
+        from storage.controller.catalog import collection_of_shard
+
+        client = storage.open(args.data, consensus=args.consensus)
+        try:
+            name = collection_of_shard(client.consensus, shard)
+        finally:
+            client.close()
+    except Exception:  # noqa: BLE001 - only words another error
+        return msg
+    return msg if name is None else f"collection {name!r}: {msg}"
+
+
 def _each(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]]]:
     client = _open(args)
     ctl = _controller(client)
@@ -865,7 +881,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = root.__cause__
         if isinstance(root, Exception):
             e = root
-        if isinstance(e, storage.ShardflowError):
+        if isinstance(e, storage.StateCorrupt) and e.shard is not None:
+            msg = _name_collection(args, e.shard, str(e))
+        elif isinstance(e, storage.ShardflowError):
             msg = str(e)
         elif isinstance(e, duckdb.Error):
             msg = f"query: {str(e).splitlines()[0]}"

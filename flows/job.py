@@ -155,6 +155,8 @@ class FlowContext:
     stats: JobStats = field(default_factory=JobStats)
     shards: dict[str, str] = field(default_factory=dict)
     process_id: int = 0
+    #: collection -> the committed offsets `resume_offsets` handed to a source (append_sink's CAS expects them).
+    resumed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def continuous(self) -> bool:
@@ -192,7 +194,8 @@ class FlowContext:
         out: dict[str, Any] = {}
         for n in names:
             # Offsets regardless of a resume upper: append-only collections record none.
-            out.update(committed_offsets(self.client.state(self.shard(n))))
+            self.resumed[n] = committed_offsets(self.client.state(self.shard(n)))
+            out.update(self.resumed[n])
         return out
 
     def resume_as_of(self, name: str) -> int | None:
@@ -211,7 +214,9 @@ class FlowContext:
     ) -> Stream[Committed]:
         """`append_sink` into collection `name`; counted in `stats`."""
         shard = self.collection(name, schema) if schema is not None else self.shard(name)
-        out = append_sink(step_id, up, self.client, shard, batch_duration=batch_duration)
+        out = append_sink(
+            step_id, up, self.client, shard, batch_duration=batch_duration, resume_offsets=self.resumed.get(name)
+        )
         op.inspect(f"{step_id}_stats", out, lambda _s, c: self.stats.on_commit(name, c))
         return out
 

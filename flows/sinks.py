@@ -8,6 +8,7 @@ runner counts; ignore it if you do not need it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -29,7 +30,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from storage import Client, Frontier, Progress, UpdateBatch
 from storage import state as st
-from storage.errors import InvalidInput, InvalidUppers, UpperMismatch
+from storage.errors import InvalidInput, InvalidUppers, OffsetsMismatch, UpperMismatch
 from storage.read import parts_source
 from storage.updates import DIFF, TIME, qident, validate_updates
 from storage.write import PART_MAX_ROWS, WRITER_LEASE_MS, write_parts
@@ -541,16 +542,63 @@ def persist_sink(
 # --------------------------------------------------------------------------------------------
 
 
-class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
-    """Buffers rows and appends them with `monotonic_append` at most once per `batch_duration`."""
+@dataclass
+class _Pending:
+    """A buffered input batch of `append_sink`: its rows and the source position it covers.
 
-    def __init__(self, step_id: str, client: Client, shard: str, batch_duration: float, clock: Any = time.monotonic):
+    For each partition key in `offsets`, the batch holds that partition's records
+    after `prev[key]` (the offset before it in this run's input; None: from the
+    start) up to and including `offsets[key]`.
+    """
+
+    table: pa.Table | None
+    offsets: dict[str, Any]
+    prev: dict[str, Any]
+
+
+def _is_pos(x: Any) -> bool:
+    """Integer offsets (ticks, LSNs, frontiers) are ordered positions; others compare only by equality."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
+    """Buffers rows and appends them with `monotonic_append` at most once per `batch_duration`.
+
+    Exactly once across concurrent copies: the source offsets of the buffered
+    batches go into the CAS, together with the offsets this run expects to be
+    committed (`expected`: what its source resumed from, then what it committed
+    itself). When another run committed past them (`OffsetsMismatch`), it
+    re-reads the committed offsets and drops the batches that are already in:
+    a batch whose offsets are all at or before the committed ones. Later input
+    up to the committed offsets is dropped on arrival. A batch that straddles a
+    committed offset (its records lie on both sides) cannot be split, nor can a
+    committed opaque offset that is not one of this run's batch boundaries be
+    placed: then the sink stops with `OffsetsMismatch` and one clear line.
+    """
+
+    def __init__(
+        self,
+        step_id: str,
+        client: Client,
+        shard: str,
+        batch_duration: float,
+        clock: Any = time.monotonic,
+        resume_offsets: Mapping[str, Any] | None = None,
+    ):
         self.step_id = step_id
         self.writer = client.open_writer(shard)
         self.shard = shard
         self.batch_duration = batch_duration
         self.clock = clock
-        self.buf: list[pa.Table] = []
+        if resume_offsets is None:
+            resume_offsets = committed_offsets(self.writer.machine.fetch())
+        #: partition key -> the committed offset this run's next commit must find.
+        self.expected: dict[str, Any] = _json(dict(resume_offsets))
+        #: partition key -> the offset of the last batch seen (committed or not).
+        self.seen: dict[str, Any] = dict(self.expected)
+        self.buf: list[_Pending] = []
+        #: partition key -> an integer offset another run committed beyond what this run had read.
+        self.ahead: dict[str, Any] = {}
         self.offsets: dict[str, Any] = {}
         self.tmax = -1
         self.last_commit = float("-inf")
@@ -559,20 +607,129 @@ class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
         for v in values:
             check_item(self.step_id, v)
             if isinstance(v, UpdateBatch):
-                if v.table.num_rows:
-                    self.buf.append(v.table)
-                    self.tmax = max(self.tmax, tmax_of(v.table))
-                if v.offsets:
-                    self.offsets.update(v.offsets)
+                self._push(v)
         if self.clock() - self.last_commit >= self.batch_duration:
             return self.flush(), StatefulBatchLogic.RETAIN
         return [], StatefulBatchLogic.RETAIN
+
+    def _push(self, v: UpdateBatch) -> None:
+        offs = _json(dict(v.offsets)) if v.offsets else {}
+        if not offs and not v.table.num_rows:
+            return
+        p = _Pending(v.table if v.table.num_rows else None, offs, {k: self.seen.get(k) for k in offs})
+        self.seen.update(offs)
+        if offs and self.ahead and self._arrived_covered(p):
+            return  # another run of this flow already committed it
+        self.buf.append(p)
+        if p.table is not None:
+            self.tmax = max(self.tmax, tmax_of(p.table))
+        self.offsets.update(offs)
+
+    def _arrived_covered(self, p: _Pending) -> bool:
+        """For partitions another run committed beyond what this run had read (`ahead`):
+        True if `p` lies at or before that offset, False if after (and the partition is caught up)."""
+        flags = []
+        for k, o in p.offsets.items():
+            c = self.ahead.get(k)
+            if c is None:
+                flags.append(False)
+                continue
+            prev = p.prev[k]
+            if o == c or (_is_pos(o) and o < c):
+                flags.append(True)
+                if o == c:
+                    del self.ahead[k]  # caught up: from here on this run's input is new
+            elif prev == c or (_is_pos(prev) and prev > c):
+                flags.append(False)
+                del self.ahead[k]
+            else:
+                raise self._stop(k, prev, o, c)
+        return self._all_or_none(p, flags)
+
+    def _all_or_none(self, p: _Pending, flags: list[bool]) -> bool:
+        if all(flags):
+            return bool(flags)
+        if any(flags):
+            msg = (
+                f"step {self.step_id!r}: an input batch with offsets {p.offsets} is partly committed by another "
+                f"run of this flow in shard {self.shard} (committed: {self.expected}); it cannot be split, so it stops"
+            )
+            raise OffsetsMismatch(self.shard, p.offsets, dict(self.expected), msg)
+        return False
+
+    def _stop(self, key: str, prev: Any, off: Any, committed: Any) -> OffsetsMismatch:
+        start = "the start" if prev is None else repr(prev)
+        msg = (
+            f"step {self.step_id!r}: another run of this flow committed source partition {key!r} of shard "
+            f"{self.shard} up to offset {committed!r}, which is not a batch boundary of this run's input "
+            f"(read from {start} up to {off!r}); it cannot tell which of its rows are already in, "
+            "so it stops (none of them was written)"
+        )
+        return OffsetsMismatch(self.shard, {key: off}, {key: committed}, msg)
+
+    def _resync(self, current: Mapping[str, Any]) -> None:
+        """Another run committed `current` (partition key -> offset): drop the buffered batches it covers.
+
+        Per partition, in this run's input order: every batch up to the one that ends
+        at the committed offset is in, and so is every batch after the one that starts
+        there is not. A committed offset beyond everything read so far (integer
+        offsets only) covers the whole buffer, and later input up to it is dropped on
+        arrival (`ahead`).
+        """
+        covered: dict[int, list[bool]] = {}
+        for k, c in current.items():
+            if c == self.expected.get(k):
+                continue
+            mine = [i for i, p in enumerate(self.buf) if k in p.offsets]
+            flags = self._place(k, c, [self.buf[i] for i in mine])
+            for i, f in zip(mine, flags, strict=True):
+                covered.setdefault(i, []).append(f)
+        self.expected.update(current)
+        keep = []
+        for i, p in enumerate(self.buf):
+            if not self._all_or_none(p, covered.get(i, [])):
+                keep.append(p)
+        self.buf = keep
+        self.offsets, self.tmax = {}, -1
+        for p in self.buf:
+            self.offsets.update(p.offsets)
+            if p.table is not None:
+                self.tmax = max(self.tmax, tmax_of(p.table))
+
+    def _place(self, k: str, c: Any, items: list[_Pending]) -> list[bool]:
+        """Covered flags of `items` (the buffered batches of partition `k`, in order) given committed offset `c`."""
+        n = len(items)
+        for i, p in enumerate(items):
+            if p.offsets[k] == c:
+                return [True] * (i + 1) + [False] * (n - i - 1)
+            if p.prev[k] == c:
+                return [True] * i + [False] * (n - i)
+        if n and _is_pos(c) and all(_is_pos(p.offsets[k]) for p in items):
+            if items[-1].offsets[k] < c:
+                self.ahead[k] = c  # beyond all this run has read: the rest arrives later
+                return [True] * n
+            flags = []
+            for p in items:
+                if p.offsets[k] < c:
+                    flags.append(True)
+                elif _is_pos(p.prev[k]) and p.prev[k] >= c:
+                    flags.append(False)
+                else:
+                    raise self._stop(k, p.prev[k], p.offsets[k], c)
+            return flags
+        if n == 0 and _is_pos(c) and (self.seen.get(k) is None or _is_pos(self.seen.get(k))):
+            if self.seen.get(k) is None or self.seen[k] < c:
+                self.ahead[k] = c
+            return []
+        if n == 0:
+            return []
+        raise self._stop(k, items[0].prev[k], items[-1].offsets[k], c)
 
     def on_notify(self) -> tuple[Iterable[Committed], bool]:
         return self.flush(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        if not self.buf and not self.offsets:
+        if not self.buf:
             return None
         wait = max(0.0, self.last_commit + self.batch_duration - self.clock())
         return datetime.now(UTC) + timedelta(seconds=wait)
@@ -584,16 +741,44 @@ class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
         return None
 
     def flush(self) -> list[Committed]:
-        if not self.buf and not self.offsets:
-            return []
-        table = pa.concat_tables(self.buf) if self.buf else _empty(self.writer.schema)
-        rows = table.drop_columns([TIME]) if TIME in table.schema.names else table
-        md = {OFFSETS_KEY: {**committed_offsets(self.writer.machine.fetch()), **self.offsets}} if self.offsets else None
-        lower = self.writer.upper
-        ts = self.writer.monotonic_append(rows, at_least=max(self.tmax, 0), metadata=md)
-        out = [Committed(self.shard, Frontier(max(ts, lower.time or 0)), Frontier(ts + 1), table.num_rows, dict(self.offsets), int(time.time() * 1000))]
-        self.buf, self.offsets, self.last_commit = [], {}, self.clock()
-        return out
+        for _ in range(MAX_CAS_ATTEMPTS):
+            if not self.buf:
+                return []
+            tables = [p.table for p in self.buf if p.table is not None]
+            table = pa.concat_tables(tables) if tables else _empty(self.writer.schema)
+            rows = table.drop_columns([TIME]) if TIME in table.schema.names else table
+            offs = dict(self.offsets)
+            expected = {k: self.expected.get(k) for k in offs}
+            lower = self.writer.upper
+            try:
+                ts = self.writer.monotonic_append(
+                    rows, at_least=max(self.tmax, 0), offsets=offs or None, expected_offsets=expected or None
+                )
+            except OffsetsMismatch as e:
+                # SUBTLE: another copy of this flow committed some of this input. Retrying
+                # at the new upper would write it twice; drop what is in and try the rest.
+                self._resync(e.current)
+                continue
+            out = [
+                Committed(
+                    self.shard, Frontier(max(ts, lower.time or 0)), Frontier(ts + 1), table.num_rows, offs,
+                    int(time.time() * 1000),
+                )
+            ]
+            self.expected.update(offs)
+            self.buf, self.offsets, self.tmax, self.last_commit = [], {}, -1, self.clock()
+            return out
+        msg = (
+            f"step {self.step_id!r}: shard {self.shard}: lost the race on committed source offsets "
+            f"{MAX_CAS_ATTEMPTS} times in a row; stopping"
+        )
+        raise InvalidUppers(msg)
+
+
+def _json(offs: dict[str, Any]) -> dict[str, Any]:
+    """Offsets as they read back from a shard's state (tuples become lists)."""
+    out: dict[str, Any] = json.loads(json.dumps(offs))
+    return out
 
 
 @operator
@@ -603,14 +788,28 @@ def append_sink(
     client: Client,
     shard: str,
     batch_duration: float = 1.0,
+    resume_offsets: Mapping[str, Any] | None = None,
 ) -> Stream[Committed]:
     """Blind appends: every update goes in with `monotonic_append` at `max(upper, its max time)`.
 
     At most one commit per `batch_duration` seconds (default 1 s); whatever is
-    buffered at end of input is flushed. Source offsets go into the same CAS.
-    `Progress` items are ignored (an append-only collection's upper is the
-    time of its last write). One committer per shard (a single key).
+    buffered at end of input is flushed. Source offsets go into the same CAS,
+    and so do the offsets the sink expects to be committed: several copies of
+    one flow writing the same shard commit each source record once (see
+    `AppendLogic`). `Progress` items are ignored (an append-only collection's
+    upper is the time of its last write). One committer per shard (a single key).
+
+    Args:
+        resume_offsets: the committed offsets the source was resumed from
+            (`ctx.resume_offsets`); None reads them from the shard now. Pass
+            them when the source was built from an earlier read, or a copy that
+            commits in between goes unnoticed.
     """
+    if resume_offsets is None:
+        resume_offsets = committed_offsets(client.state(shard))
+    offs = dict(resume_offsets)
     keyed = one_key("key", up)
-    out = op.stateful_batch("append", keyed, lambda _resume: AppendLogic(step_id, client, shard, batch_duration))
+    out = op.stateful_batch(
+        "append", keyed, lambda _resume: AppendLogic(step_id, client, shard, batch_duration, resume_offsets=offs)
+    )
     return op.key_rm("unkey", out)

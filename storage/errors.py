@@ -48,6 +48,28 @@ class UpperMismatch(ShardflowError):
         super().__init__(f"shard {shard}: expected upper {expected}, found {current}")
 
 
+class OffsetsMismatch(ShardflowError):
+    """compare_and_append lost a race on source offsets: another writer committed past them.
+
+    The offsets a writer expects are part of the compare-and-set (exactly-once
+    ingestion): when the shard's committed offset of a source partition is not
+    the one the writer read its input from, its batch may repeat what is
+    already in, and nothing is written.
+
+    Attributes:
+        expected: partition key -> the offset the caller expected (None: none committed).
+        current: partition key -> the offset committed in the shard, for the same keys.
+    """
+
+    def __init__(self, shard: str, expected: Any, current: Any, detail: str | None = None):
+        self.shard = shard
+        self.expected = expected
+        self.current = current
+        super().__init__(
+            detail or f"shard {shard}: expected committed source offsets {expected}, found {current}"
+        )
+
+
 class ReadBeforeSince(ShardflowError):
     """A read asked for an `as_of` that compaction may already have advanced past."""
 
@@ -72,7 +94,23 @@ class ShardNotFound(ShardflowError, KeyError):
 
 
 class StateCorrupt(ShardflowError):
-    """A consensus entry could not be decoded as shard or catalog state."""
+    """A consensus entry failed its checksum or invariants, or could not be decoded.
+
+    Attributes:
+        shard: the shard id when the entry is a shard's state (None for the catalog),
+            so a caller that knows the collections can name the collection too.
+    """
+
+    def __init__(self, msg: str, shard: str | None = None):
+        self.shard = shard
+        super().__init__(msg)
+
+
+class InvariantViolated(ShardflowError):
+    """An internal invariant does not hold (a bug); raised instead of acting on a wrong state.
+
+    Checked with real `if`s, never `assert`, so it also holds under `python -O`.
+    """
 
 
 class LeaseExpired(ShardflowError):

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from . import state as st
-from .errors import CorruptPart
+from .errors import CorruptPart, StateCorrupt
 from .machine import Machine
 
 if TYPE_CHECKING:
@@ -87,7 +87,9 @@ def _scan(m: Machine, from_seqno: int, to_seqno: int) -> list[st.ShardState]:
         for r in rows:
             if r.seqno > to_seqno:
                 return out
-            out.append(st.ShardState.decode(r.data, f"shard {m.shard_id} seqno {r.seqno}"))
+            out.append(
+                st.ShardState.decode(r.data, f"shard {m.shard_id} seqno {r.seqno}", seqno=r.seqno, shard_id=m.shard_id)
+            )
         nxt = rows[-1].seqno + 1
     return out
 
@@ -185,7 +187,11 @@ def finalize(client: Client, shard: str) -> None:
     s, _ = m.apply(lambda s, now: (st.finalize_batches(s), None))
     # INVARIANT: the head is a tombstone without batches, so no version from here on
     # references a part; every part under the shard's prefix is garbage.
-    assert s.is_tombstone and not s.batches, (s.since, s.upper, len(s.batches))
+    if not (s.is_tombstone and not s.batches):
+        raise StateCorrupt(
+            f"shard {m.shard_id} seqno {s.seqno}: finalization left since {s.since}, upper {s.upper} and "
+            f"{len(s.batches)} batches, expected a tombstone without batches; no part was deleted"
+        )
     for meta in list(client.blob.list(f"{m.shard_id}/")):
         client.blob.delete(meta.key)
     if s.seqno > 0:

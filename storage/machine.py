@@ -41,7 +41,9 @@ class Machine:
         head = self.consensus.head(self.key)
         if head is None:
             raise ShardNotFound(f"shard {self.shard_id}: does not exist (nothing was ever written to it)")
-        s = st.ShardState.decode(head.data, f"shard {self.shard_id} seqno {head.seqno}")
+        s = st.ShardState.decode(
+            head.data, f"shard {self.shard_id} seqno {head.seqno}", seqno=head.seqno, shard_id=self.shard_id
+        )
         if s.seqno != head.seqno:
             s = replace(s, seqno=head.seqno)
         return s
@@ -51,7 +53,9 @@ class Machine:
         while True:
             head = self.consensus.head(self.key)
             if head is not None:
-                s = st.ShardState.decode(head.data, f"shard {self.shard_id} seqno {head.seqno}")
+                s = st.ShardState.decode(
+                    head.data, f"shard {self.shard_id} seqno {head.seqno}", seqno=head.seqno, shard_id=self.shard_id
+                )
                 if schema is not None and not s.schema.equals(schema):
                     raise SchemaMismatch(
                         f"shard {self.shard_id}: opened with schema {_fmt(schema)}, but the shard's schema is {_fmt(s.schema)}"

@@ -7,16 +7,24 @@ A transition returns `None` as the new state when nothing is to be written; a
 lost race is returned as a value (`UpperMismatch`, `OpaqueMismatch`), and
 invalid usage raises.
 
-INVARIANTS (checked by `check_invariants`, which the tests call after every step):
+INVARIANTS (checked by `check_invariants` on every decode, and by the tests after every step):
 - batches are contiguous: `batches[0].lower == 0`, each `lower` equals the
   previous `upper`, and the last `upper` is the shard's upper;
 - `since <= upper` (a tombstone has both empty);
 - since = max(old since, min over live readers' sinces): it never moves back.
+
+Encoding: every stored version is sealed (`seal`) in a JSON envelope
+`{"sha256":"<hex of the body>","state":<body>}`; `unseal` checks the digest
+over the exact stored bytes before anything is parsed, so a flipped byte
+anywhere is `StateCorrupt`, never a state. Versions written before checksums
+(a bare `{"v":1,...}` body) are still read, with the invariants checked; every
+new version is written sealed.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -28,6 +36,47 @@ from .errors import InvalidBounds, LeaseExpired, StateCorrupt, Tombstone
 from .frontier import Frontier
 
 STATE_VERSION = 1
+#: The metadata key of the committed source offsets (partition key -> offset to resume after).
+OFFSETS_KEY = "offsets"
+
+_SEAL_HEAD = b'{"sha256":"'
+_SEAL_MID = b'","state":'
+_DIGEST_LEN = 64
+_BODY_AT = len(_SEAL_HEAD) + _DIGEST_LEN + len(_SEAL_MID)
+_LEGACY_HEAD = b'{"v":'
+
+
+def seal(body: bytes) -> bytes:
+    """Wrap an encoded JSON `body` in the checksummed envelope (see the module docstring)."""
+    return b"".join((_SEAL_HEAD, hashlib.sha256(body).hexdigest().encode(), _SEAL_MID, body, b"}"))
+
+
+def unseal(data: bytes, where: str, what: str, legacy_head: bytes = _LEGACY_HEAD) -> bytes:
+    """The body of a sealed entry, its sha256 checked; a legacy (unsealed) body is returned as is.
+
+    A legacy body is recognised by how it starts (`legacy_head`: how the bodies
+    written before checksums began), so a damaged envelope is never taken for one.
+
+    Raises:
+        StateCorrupt: the digest does not match the body, or the bytes are neither
+            a sealed envelope nor a legacy body. The message names `where`.
+    """
+    data = bytes(data)
+    if data.startswith(_SEAL_HEAD):
+        stored = data[len(_SEAL_HEAD) : len(_SEAL_HEAD) + _DIGEST_LEN]
+        if data[_BODY_AT - len(_SEAL_MID) : _BODY_AT] != _SEAL_MID or not data.endswith(b"}"):
+            raise StateCorrupt(f"{where}: cannot decode {what} (its checksum envelope is malformed)")
+        body = data[_BODY_AT:-1]
+        actual = hashlib.sha256(body).hexdigest().encode()
+        if actual != stored:
+            raise StateCorrupt(
+                f"{where}: stored {what} fails its checksum (expected sha256 "
+                f"{stored[:16].decode(errors='replace')}.., found {actual[:16].decode()}..); it was altered after it was written"
+            )
+        return body
+    if data.startswith(legacy_head):
+        return data  # written before checksums: the invariants are still checked
+    raise StateCorrupt(f"{where}: cannot decode {what} (expected a checksummed JSON envelope, found {data[:20]!r})")
 
 
 @dataclass(frozen=True)
@@ -153,16 +202,34 @@ class ShardState:
             "metadata": dict(self.metadata),
             "schema_changed": self.schema_changed,
         }
-        return json.dumps(d, separators=(",", ":")).encode()
+        return seal(json.dumps(d, separators=(",", ":")).encode())
 
     @classmethod
-    def decode(cls, data: bytes, where: str) -> ShardState:
+    def decode(cls, data: bytes, where: str, *, seqno: int | None = None, shard_id: str | None = None) -> ShardState:
+        """Decode a stored version: checksum, then fields, then `check_invariants`.
+
+        `seqno`/`shard_id`, when given, are what consensus says this entry is; a body
+        claiming another seqno or shard is corrupt too (e.g. a version copied over another).
+
+        Raises:
+            StateCorrupt: naming `where` (the shard and seqno) and what is wrong.
+        """
         try:
-            d = json.loads(data)
+            return cls._decode(data, where, seqno=seqno, shard_id=shard_id)
+        except StateCorrupt as e:
+            if e.shard is None:
+                e.shard = shard_id
+            raise
+
+    @classmethod
+    def _decode(cls, data: bytes, where: str, *, seqno: int | None, shard_id: str | None) -> ShardState:
+        try:
+            body = unseal(data, where, "shard state")
+            d = json.loads(body)
             if d.get("v") != STATE_VERSION:
                 raise ValueError(f"unknown state version {d.get('v')!r}")
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["schema"])))
-            return cls(
+            state = cls(
                 shard_id=d["shard_id"],
                 seqno=int(d["seqno"]),
                 schema=schema,
@@ -184,6 +251,12 @@ class ShardState:
             raise
         except Exception as e:  # noqa: BLE001 - any decoding failure is the same to the caller
             raise StateCorrupt(f"{where}: cannot decode shard state ({type(e).__name__}: {e})") from None
+        if shard_id is not None and state.shard_id != shard_id:
+            raise StateCorrupt(f"{where}: stored state belongs to shard {state.shard_id}, expected shard {shard_id}")
+        if seqno is not None and state.seqno != seqno:
+            raise StateCorrupt(f"{where}: stored state says seqno {state.seqno}, expected {seqno}")
+        check_invariants(state, where)
+        return state
 
 
 # ---- results (lost races are values) ----
@@ -204,6 +277,14 @@ class AlreadyCommitted:
 class UpperMismatchResult:
     expected: Frontier
     current: Frontier
+
+
+@dataclass(frozen=True)
+class OffsetsMismatchResult:
+    """The shard's committed offsets for the writer's partitions are not the expected ones."""
+
+    expected: Mapping[str, Any]
+    current: Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -253,12 +334,21 @@ def compare_and_append(
     metadata: Mapping[str, Any] | None,
     lease_ms: int,
     now_ms: int,
-) -> tuple[ShardState | None, Appended | AlreadyCommitted | UpperMismatchResult]:
+    offsets: Mapping[str, Any] | None = None,
+    expected_offsets: Mapping[str, Any] | None = None,
+) -> tuple[ShardState | None, Appended | AlreadyCommitted | UpperMismatchResult | OffsetsMismatchResult]:
     """Append `batch` iff `batch.lower == state.upper`; otherwise `UpperMismatchResult`.
 
     A repeated idempotency `token` of this writer returns `AlreadyCommitted` and
     changes nothing. An empty batch only advances the upper (and is merged into a
     preceding empty batch, so idle ticks do not grow the state).
+
+    Source offsets are part of the compare-and-set: with `expected_offsets`
+    (partition key -> offset, None for "none committed") the append happens only
+    if the shard's committed offset of every such key is exactly that; otherwise
+    `OffsetsMismatchResult` (checked before the upper: a writer whose input is
+    already in must not retry at a new upper). `offsets` are merged per key into
+    the committed offsets (`metadata[OFFSETS_KEY]`) in the same CAS.
     """
     _tombstone_check(state)
     if batch.upper < batch.lower:
@@ -266,8 +356,15 @@ def compare_and_append(
     w = state.writers.get(writer_id)
     if token is not None and w is not None and w.last_token == token:
         return None, AlreadyCommitted(token, state.upper)
+    if expected_offsets:
+        committed = state.metadata.get(OFFSETS_KEY) or {}
+        current = {k: committed.get(k) for k in expected_offsets}
+        if current != dict(expected_offsets):
+            return None, OffsetsMismatchResult(dict(expected_offsets), current)
     if state.upper != batch.lower:
         return None, UpperMismatchResult(batch.lower, state.upper)
+    if batch.upper == batch.lower and offsets:
+        raise InvalidBounds(f"shard {state.shard_id}: source offsets need a batch with lower < upper, got [{batch.lower}, {batch.upper})")
     if batch.upper == batch.lower:
         # SUBTLE: an empty-width append changes nothing, but it has been checked against
         # the head just read, so it is linearized at that read; no write is needed.
@@ -282,6 +379,8 @@ def compare_and_append(
     md = dict(state.metadata)
     if metadata:
         md.update(metadata)
+    if offsets:
+        md[OFFSETS_KEY] = {**(md.get(OFFSETS_KEY) or {}), **offsets}
     new = replace(state, batches=tuple(batches), upper=batch.upper, writers=writers, metadata=md)
     new = _expire_leases(new, now_ms)
     return new, Appended(batch.upper)
@@ -439,17 +538,33 @@ def set_schema(state: ShardState, schema: pa.Schema) -> ShardState | None:
     return replace(state, schema=schema, schema_changed=True)
 
 
-def check_invariants(state: ShardState) -> None:
-    """Raise AssertionError if a structural invariant is broken (used by tests and fsck)."""
+def check_invariants(state: ShardState, where: str | None = None) -> None:
+    """Raise `StateCorrupt` if a structural invariant is broken (on every decode, in tests and fsck).
+
+    Real checks, not `assert`: they hold under `python -O` too. Cost: one pass over the batches.
+    """
+    w = where or f"shard {state.shard_id} seqno {state.seqno}"
+
+    def f(x: Frontier) -> str:
+        return "the empty frontier" if x.is_empty else str(x.time)
+
+    def bad(msg: str) -> StateCorrupt:
+        return StateCorrupt(f"{w}: invalid shard state: {msg}", shard=state.shard_id)
+
     if state.is_tombstone:
-        assert not state.batches or state.batches[-1].upper.is_empty
+        if state.batches and not state.batches[-1].upper.is_empty:
+            raise bad(f"a tombstone whose last batch ends at {f(state.batches[-1].upper)}, expected the empty frontier")
         return
     # INVARIANT: since <= upper, unless the shard is a tombstone.
-    assert state.since <= state.upper, (state.since, state.upper)
+    if not state.since <= state.upper:
+        raise bad(f"since {f(state.since)} is beyond upper {f(state.upper)}")
     expect = Frontier.MIN
-    for b in state.batches:
+    for i, b in enumerate(state.batches):
         # INVARIANT: batches are contiguous from 0 to the upper.
-        assert b.lower == expect, (b.lower, expect)
-        assert b.lower < b.upper, (b.lower, b.upper)
+        if b.lower != expect:
+            raise bad(f"batch {i} starts at {f(b.lower)}, expected {f(expect)} (the previous batch's upper)")
+        if not b.lower < b.upper:
+            raise bad(f"batch {i} is [{f(b.lower)}, {f(b.upper)}), expected lower < upper")
         expect = b.upper
-    assert expect == state.upper, (expect, state.upper)
+    if expect != state.upper:
+        raise bad(f"upper is {f(state.upper)}, but its batches end at {f(expect)}")

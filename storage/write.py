@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -12,7 +13,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import state as st
-from .errors import InvalidBounds, InvalidInput, UpperMismatch
+from .errors import InvalidBounds, InvalidInput, OffsetsMismatch, UpperMismatch
 from .frontier import Frontier
 from .updates import DIFF, TIME, time_bounds, update_schema, validate_updates
 
@@ -61,6 +62,28 @@ def check_bounds(shard_id: str, table: pa.Table, lower: Frontier, upper: Frontie
 
 def _end(f: Frontier) -> str:
     return "inf" if f.is_empty else str(f.time)
+
+
+def _json_offsets(shard_id: str, what: str, offs: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """`offs` as they read back from the state (tuples become lists), so comparisons are exact."""
+    if offs is None:
+        return None
+    try:
+        out = json.loads(json.dumps(dict(offs)))
+    except (TypeError, ValueError) as e:
+        raise InvalidInput(f"shard {shard_id}: {what} must be a JSON object of partition key -> offset ({e})") from None
+    if not all(isinstance(k, str) for k in offs):
+        raise InvalidInput(f"shard {shard_id}: {what} keys must be str partition keys, got {list(offs)!r}")
+    return out
+
+
+def _offsets_check(shard_id: str, s: st.ShardState, expected: Mapping[str, Any] | None) -> None:
+    if not expected:
+        return
+    committed = s.metadata.get(st.OFFSETS_KEY) or {}
+    current = {k: committed.get(k) for k in expected}
+    if current != dict(expected):
+        raise OffsetsMismatch(shard_id, dict(expected), current)
 
 
 class WriteHandle:
@@ -118,13 +141,22 @@ class WriteHandle:
         *,
         token: str | None = None,
         metadata: Mapping[str, Any] | None = None,
+        offsets: Mapping[str, Any] | None = None,
+        expected_offsets: Mapping[str, Any] | None = None,
     ) -> st.Appended | st.AlreadyCommitted:
         """Append `updates` as the batch `[expected_upper, new_upper)` iff the upper is `expected_upper`.
 
         Order: validate the schema, check the bounds, write the parts, CAS the state.
         Nothing becomes visible on any error. An empty batch only advances the upper;
-        `new_upper=Frontier.EMPTY` (or None) closes the shard. `metadata` (e.g. a
-        source's offsets) is committed in the same CAS as the data.
+        `new_upper=Frontier.EMPTY` (or None) closes the shard. `metadata` is
+        committed in the same CAS as the data.
+
+        Exactly-once ingestion: `offsets` (partition key -> source offset to resume
+        after) are merged into the shard's committed offsets in the same CAS, and
+        with `expected_offsets` the CAS also requires the committed offset of each
+        of those keys to be exactly the given one (None: nothing committed yet).
+        A writer that read its input from those offsets thereby never commits
+        input that another writer already committed.
 
         Returns:
             `Appended(upper)`, or `AlreadyCommitted` when this writer already
@@ -135,8 +167,12 @@ class WriteHandle:
             InvalidBounds: a time outside `[expected_upper, new_upper)`, or
                 `new_upper` before `expected_upper`.
             UpperMismatch: the shard's upper is not `expected_upper`; `.current` says what it is.
+            OffsetsMismatch: the committed offsets are not `expected_offsets`
+                (checked first); `.current` holds the committed ones.
         """
         lower, upper = Frontier.of(expected_upper), Frontier.of(new_upper)
+        offsets = _json_offsets(self.shard_id, "offsets", offsets)
+        expected_offsets = _json_offsets(self.shard_id, "expected_offsets", expected_offsets)
         table = self._validate(updates)
         check_bounds(self.shard_id, table, lower, upper)
         if token is not None and not isinstance(token, str):
@@ -150,6 +186,7 @@ class WriteHandle:
         w = cur.writers.get(self.writer_id)
         if token is not None and w is not None and w.last_token == token:
             return st.AlreadyCommitted(token, cur.upper)
+        _offsets_check(self.shard_id, cur, expected_offsets)
         if lower < cur.upper:
             raise UpperMismatch(self.shard_id, lower, cur.upper)
         parts = write_parts(self.client, self.shard_id, table) if table.num_rows else ()
@@ -158,10 +195,12 @@ class WriteHandle:
         def transition(s: st.ShardState, now: int) -> Any:
             return st.compare_and_append(
                 s, batch, writer_id=self.writer_id, token=token, metadata=metadata,
-                lease_ms=WRITER_LEASE_MS, now_ms=now,
+                lease_ms=WRITER_LEASE_MS, now_ms=now, offsets=offsets, expected_offsets=expected_offsets,
             )
 
         _, result = self.machine.apply(transition)
+        if isinstance(result, st.OffsetsMismatchResult):
+            raise OffsetsMismatch(self.shard_id, result.expected, result.current)
         if isinstance(result, st.UpperMismatchResult):
             # The parts we wrote are orphans now; gc removes them after its grace period.
             raise UpperMismatch(self.shard_id, result.expected, result.current)
@@ -199,17 +238,25 @@ class WriteHandle:
                 part = table.filter(pc.greater_equal(table.column(TIME), cur.time))
             try:
                 out = self.compare_and_append(part, cur, up, metadata=metadata)
-                assert isinstance(out, st.Appended)
-                return out
+                return st.Appended(out.upper)  # no token, so never AlreadyCommitted
             except UpperMismatch:
                 continue
 
     def monotonic_append(
-        self, rows: Any, at_least: int = 0, *, metadata: Mapping[str, Any] | None = None
+        self,
+        rows: Any,
+        at_least: int = 0,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        offsets: Mapping[str, Any] | None = None,
+        expected_offsets: Mapping[str, Any] | None = None,
     ) -> int:
         """Blind write of `rows` at time `max(upper, at_least)`; returns that time.
 
         `rows` holds the schema's columns and optionally `_diff` (default +1).
+        A lost race on the upper is retried at the new upper, but a lost race on
+        `expected_offsets` is not: it raises `OffsetsMismatch` (see
+        `compare_and_append`), since retrying would commit the same input twice.
         """
         from .updates import as_table
 
@@ -228,7 +275,9 @@ class WriteHandle:
             upd = t.drop_columns([DIFF]).append_column(TIME, times).append_column(DIFF, diff)
             upd = upd.select(update_schema(self.schema).names) if set(update_schema(self.schema).names) == set(upd.schema.names) else upd
             try:
-                self.compare_and_append(upd, cur, ts + 1, metadata=metadata)
+                self.compare_and_append(
+                    upd, cur, ts + 1, metadata=metadata, offsets=offsets, expected_offsets=expected_offsets
+                )
                 return ts
             except UpperMismatch:
                 continue

@@ -32,11 +32,13 @@ from ..errors import (
     SourceIdReused,
     StateCorrupt,
 )
+from ..state import seal, unseal
 from ..updates import check_row_schema
 from .policy import ReadPolicy, coerce_policy, policy_from_json, policy_to_json
 
 CATALOG_KEY = "catalog"
 CATALOG_VERSION = 1
+_LEGACY_HEAD = b'{"collections":'  # versions written before checksums: sorted keys, no envelope
 DATA_SOURCES = ("ingestion", "table", "webhook", "introspection", "other")
 SYSTEM_PREFIX = "system."
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -152,28 +154,107 @@ class CatalogState:
     unfinalized_shards: tuple[str, ...] = ()
 
     def encode(self) -> bytes:
+        """The stored form: canonical JSON (sorted keys) sealed with its sha256 (`storage.state.seal`)."""
         d = {
             "v": CATALOG_VERSION,
+            "seqno": self.seqno,
             "epoch": self.epoch,
             "collections": {k: v.to_json() for k, v in sorted(self.collections.items())},
             "unfinalized_shards": list(self.unfinalized_shards),
         }
-        return json.dumps(d, separators=(",", ":"), sort_keys=True).encode()
+        return seal(json.dumps(d, separators=(",", ":"), sort_keys=True).encode())
 
     @classmethod
     def decode(cls, seqno: int, data: bytes) -> CatalogState:
+        """Decode the catalog version `seqno`: checksum, fields, then `check_catalog`.
+
+        Versions written before checksums (no envelope, no stored seqno) are still read.
+
+        Raises:
+            StateCorrupt: naming the catalog seqno (and the collection, where one is at fault).
+        """
+        where = f"catalog seqno {seqno}"
         try:
-            d = json.loads(data)
+            d = json.loads(unseal(data, where, "catalog", _LEGACY_HEAD))
             if d.get("v") != CATALOG_VERSION:
                 raise ValueError(f"unknown catalog version {d.get('v')!r}")
-            return cls(
+            cols = {}
+            for k, v in d["collections"].items():
+                try:
+                    cols[k] = CollectionMeta.from_json(k, v)
+                except Exception as e:  # noqa: BLE001
+                    raise StateCorrupt(
+                        f"{where}: collection {k!r} cannot be decoded ({type(e).__name__}: {e})"
+                    ) from None
+            state = cls(
                 seqno=seqno,
                 epoch=int(d["epoch"]),
-                collections={k: CollectionMeta.from_json(k, v) for k, v in d["collections"].items()},
+                collections=cols,
                 unfinalized_shards=tuple(d.get("unfinalized_shards", ())),
             )
+            stored_seqno = d.get("seqno")  # absent in versions written before checksums
+        except StateCorrupt:
+            raise
         except Exception as e:  # noqa: BLE001 - any decoding failure is the same to the caller
-            raise StateCorrupt(f"catalog seqno {seqno}: cannot decode ({type(e).__name__}: {e})") from None
+            raise StateCorrupt(f"{where}: cannot decode ({type(e).__name__}: {e})") from None
+        if stored_seqno is not None and stored_seqno != seqno:
+            raise StateCorrupt(f"{where}: stored catalog says seqno {stored_seqno!r}, expected {seqno}")
+        check_catalog(state, where)
+        return state
+
+
+def check_catalog(state: CatalogState, where: str) -> None:
+    """Raise `StateCorrupt` if the catalog is not well formed (real checks, not `assert`).
+
+    Every name is valid, every collection has a shard of its own and a known data
+    source, every dependency exists, and the epoch is not negative.
+    """
+    if state.epoch < 0:
+        raise StateCorrupt(f"{where}: epoch is {state.epoch}, expected >= 0")
+    owners: dict[str, str] = {}
+    for name, m in state.collections.items():
+        try:
+            validate_name(name, allow_system=True)
+        except InvalidInput:
+            raise StateCorrupt(f"{where}: collection name {name!r} is not a valid name") from None
+        if not isinstance(m.shard_id, str) or not m.shard_id:
+            raise StateCorrupt(f"{where}: collection {name!r} has shard id {m.shard_id!r}, expected a shard id")
+        if m.shard_id in owners:
+            raise StateCorrupt(
+                f"{where}: collections {owners[m.shard_id]!r} and {name!r} both claim shard {m.shard_id}"
+            )
+        owners[m.shard_id] = name
+        if m.data_source not in DATA_SOURCES:
+            raise StateCorrupt(
+                f"{where}: collection {name!r} has data source {m.data_source!r}, expected one of {list(DATA_SOURCES)}"
+            )
+        for dep in m.depends_on:
+            if dep not in state.collections:
+                raise StateCorrupt(f"{where}: collection {name!r} depends on {dep!r}, which is not in the catalog")
+    for shard in state.unfinalized_shards:
+        if shard in owners:
+            raise StateCorrupt(
+                f"{where}: shard {shard} is both dropped (unfinalized) and used by collection {owners[shard]!r}"
+            )
+
+
+def collection_of_shard(consensus: Consensus, shard_id: str) -> str | None:
+    """The name of the collection whose shard is `shard_id` in the latest catalog, if any.
+
+    For error messages (a corrupt shard state names its collection): None when
+    there is no catalog, it is unreadable too, or no collection uses the shard.
+    """
+    try:
+        h = consensus.head(CATALOG_KEY)
+        if h is None:
+            return None
+        cat = CatalogState.decode(h.seqno, h.data)
+    except Exception:  # noqa: BLE001 - only used to word another error
+        return None
+    for name, m in cat.collections.items():
+        if m.shard_id == shard_id:
+            return name
+    return None
 
 
 # ---- pure transitions ----

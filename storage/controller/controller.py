@@ -30,6 +30,7 @@ from ..errors import (
     IdentifierMissing,
     InvalidInput,
     InvalidUppers,
+    InvariantViolated,
     ReadBeforeSince,
     ReadOnly,
     ShardNotFound,
@@ -869,7 +870,8 @@ class StorageController:
         if new == c.since:
             return
         # INVARIANT: since only moves forward: every capability added is at or beyond it.
-        assert new > c.since, (c.name, c.since, new)
+        if not new > c.since:
+            raise InvariantViolated(f"collection {c.name!r}: since would move back from {c.since} to {new}")
         c.since = new
         for dep, held in list(c.input_holds.items()):
             ic = c.inputs[dep]

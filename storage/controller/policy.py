@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, InvariantViolated
 from ..frontier import Frontier
 
 # The default policy: keep one second (1000 ms, the default time unit) of history
@@ -236,7 +236,8 @@ class MutableAntichain:
         assert f.time is not None
         n = self._counts.get(f.time, 0) + diff
         # INVARIANT: a count never goes negative: only what was added is removed.
-        assert n >= 0, f"read capability at {f.time} released more often than acquired"
+        if n < 0:
+            raise InvariantViolated(f"read capability at {f.time} released more often than acquired (count {n})")
         if n == 0:
             del self._counts[f.time]
         else:

@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 
 from .. import state as st
 from ..consensus import CasOp, VersionedData
-from ..errors import InvalidBounds, InvalidUppers, UpdateBeyondUpper
+from ..errors import InvalidBounds, InvalidUppers, InvariantViolated, UpdateBeyondUpper
 from ..frontier import Frontier
 from ..machine import shard_key
 from ..read import tombstone_error
@@ -99,7 +99,9 @@ def append_tables(
         heads = {}
         for w in writes:
             h = consensus.head(shard_key(w.shard_id))
-            s = st.initial(w.shard_id, w.schema) if h is None else st.ShardState.decode(h.data, f"shard {w.shard_id}")
+            s = st.initial(w.shard_id, w.schema) if h is None else st.ShardState.decode(
+                h.data, f"shard {w.shard_id} seqno {h.seqno}", seqno=h.seqno, shard_id=w.shard_id
+            )
             if h is not None and s.seqno != h.seqno:
                 s = replace(s, seqno=h.seqno)
             if s.is_tombstone:
@@ -121,7 +123,8 @@ def append_tables(
             new, res = st.compare_and_append(
                 s, batch, writer_id=writer_id, token=None, metadata=None, lease_ms=WRITER_LEASE_MS, now_ms=now_ms
             )
-            assert isinstance(res, st.Appended), res  # INVARIANT: lower == the upper just read
+            if not isinstance(res, st.Appended):  # INVARIANT: lower == the upper just read
+                raise InvariantViolated(f"table {w.name!r} (shard {w.shard_id}): append at its own upper returned {res}")
             if new is None:
                 continue  # [upper, advance_to) is empty: nothing to write for this table
             if h is None:

@@ -13,7 +13,7 @@ from storage.controller import (
     step_back,
 )
 from storage.controller.policy import DEFAULT_POLICY, StepBack, policy_from_json
-from storage.errors import InvalidInput
+from storage.errors import InvalidInput, InvariantViolated
 from storage.frontier import Frontier
 
 E = Frontier.EMPTY
@@ -92,5 +92,5 @@ def test_mutable_antichain(updates, frontier):
 def test_mutable_antichain_never_negative():
     a = MutableAntichain()
     a.update(3, 1)
-    with pytest.raises(AssertionError):
+    with pytest.raises(InvariantViolated):
         a.update(3, -2)
