@@ -158,7 +158,7 @@ class DesiredStore:
             return f"SELECT {total} AS {DIFF} FROM {table} HAVING sum({DIFF}) <> 0"
         return (
             f"SELECT {cols}, {total} AS {DIFF} FROM {table} "
-            f"GROUP BY ALL HAVING sum({DIFF}) <> 0"
+            f"GROUP BY {cols} HAVING sum({DIFF}) <> 0"
         )
 
     def consolidate_desired(self, key: str) -> None:
@@ -188,7 +188,7 @@ class DesiredStore:
         )
         total = diff_sum_sql(cols, f"collection {key!r} (corrections)")
         if sel:
-            sql = f"SELECT {sel}, {total} AS {DIFF} FROM {u} GROUP BY ALL HAVING sum({DIFF}) <> 0"
+            sql = f"SELECT {sel}, {total} AS {DIFF} FROM {u} GROUP BY {sel} HAVING sum({DIFF}) <> 0"
         else:
             sql = f"SELECT {total} AS {DIFF} FROM {u} HAVING sum({DIFF}) <> 0"
         with overflow_checked():
