@@ -1318,10 +1318,15 @@ class StorageController:
                 self._check_epoch()
                 for c in list(self._colls.values()):
                     if c.appender is not None:
-                        if c.appender.pending():
-                            self._flush_appender(c.appender)
-                        else:
-                            self._tick_forward(c)
+                        try:
+                            if c.appender.pending():
+                                self._flush_appender(c.appender)
+                            else:
+                                self._tick_forward(c)
+                        except Exception as e:  # noqa: BLE001 - only system.*: see _introspection_failed
+                            if not c.name.startswith(SYSTEM_PREFIX):
+                                raise
+                            self._introspection_failed(c, "writing it", e)
                 for c in list(self._colls.values()):
                     if c.kind == "differential" and c.name not in sysc.DIFFERENTIAL:
                         self._diff_commit(c)
