@@ -246,9 +246,9 @@ def verify(client: Client, shard: str) -> VerifyReport:
                     )
                 )
                 continue
-            why = _poisoned(data)
-            if why is not None:
-                report.problems.append(client._corrupt(m.shard_id, b, p, why))
+            poison = _poisoned(data)
+            if poison is not None:
+                report.problems.append(client._corrupt(m.shard_id, b, p, poison))
     if report.ok and not s.is_tombstone:
         _check_consolidates(client, s, report)
     return report
