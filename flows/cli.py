@@ -908,6 +908,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = root.__cause__
         if isinstance(root, Exception):
             e = root
+        from storage.updates import as_overflow
+
+        e = as_overflow(e) or e  # a count past int64 inside a query: say so as DiffOverflow does
         if isinstance(e, storage.ShardflowError):
             msg = str(e)
         elif isinstance(e, duckdb.Error):

@@ -196,6 +196,8 @@ def _bad_utf8(arr: pa.Array) -> int | None:
     if pa.types.is_struct(t):
         bad = [i for i in (_bad_utf8(c) for c in arr.flatten()) if i is not None]
         return min(bad) if bad else None
+    if pa.types.is_map(t):  # as list<struct<key, value>>, which flatten() takes
+        arr = arr.cast(pa.list_(pa.struct([t.key_field, t.item_field])))
     if t.num_fields:  # list, large_list, fixed_size_list, map
         c = _bad_utf8(arr.flatten())
         if c is None:
@@ -218,17 +220,23 @@ def _bad_utf8(arr: pa.Array) -> int | None:
 
 
 def first_bad_string(table: pa.Table) -> tuple[str, int] | None:
-    """(column, row) of the first string value (at any nesting depth) that is not valid UTF-8, or None."""
+    """(column, row) of the first string value (at any nesting depth) that is not valid UTF-8, or None.
+
+    Row -1: the only invalid strings are dictionary entries that no row uses.
+    """
+    unused: tuple[str, int] | None = None  # a bad dictionary entry no row of its chunk uses
     for name, col in zip(table.schema.names, table.columns, strict=True):
         if not _has_string(col.type):
             continue
         off = 0
         for chunk in col.chunks:
             i = _bad_utf8(chunk)
-            if i is not None:
-                return name, (off + i if i >= 0 else -1)
+            if i is not None and i >= 0:
+                return name, off + i
+            if i is not None and unused is None:
+                unused = (name, -1)
             off += len(chunk)
-    return None
+    return unused
 
 
 def check_strings(table: pa.Table, where: str) -> None:
