@@ -70,6 +70,11 @@ from .tables import TableWrite, append_tables
 
 log = logging.getLogger("storage.controller")
 
+# The system.* shards whose failure this process already reported (`_introspection_failed`):
+# one warning line per broken collection per process, however many controllers it opens.
+_INTRO_WARNED: set[str] = set()
+_INTRO_WARNED_LOCK = threading.Lock()
+
 CRITICAL_READER_ID = "controller"
 CRASH_ENV = "SHARDFLOW_CONTROLLER_CRASH_AT"
 
@@ -323,7 +328,6 @@ class StorageController:
         self._seen_seqno = -1
         self._desired = DesiredStore(desired_path)
         self._last_status: dict[tuple[str, str], tuple[str, str | None]] = {}
-        self._intro_warned: set[str] = set()  # system.* collections that failed (warned once each)
         self.epoch = 0
         self.ticks = 0
 
@@ -1193,8 +1197,10 @@ class StorageController:
         """
         if isinstance(e, Fenced):
             raise e
-        if c.name not in self._intro_warned:
-            self._intro_warned.add(c.name)
+        with _INTRO_WARNED_LOCK:
+            first = c.shard_id not in _INTRO_WARNED
+            _INTRO_WARNED.add(c.shard_id)
+        if first:
             log.warning(
                 "warning: collection %r: %s failed (%s: %s); going on without it (`shardflow fsck` checks it)",
                 c.name, what, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
