@@ -17,7 +17,7 @@ import storage
 from storage import state as st
 from storage.errors import DiffOverflow, InvalidInput
 from storage.frontier import Frontier
-from storage.updates import check_strings, update_schema
+from storage.updates import update_schema
 from storage.write import write_parts
 
 M = 2**63 - 1
@@ -82,6 +82,8 @@ def test_valid_utf8_is_accepted_and_reads_back(client: storage.Client) -> None:
 
 
 def test_unused_bad_dictionary_entry_is_refused() -> None:
+    from storage.updates import check_strings
+
     d = pa.DictionaryArray.from_arrays(pa.array([0, 0], pa.int32()), bad_strings([b"ok", BAD]))
     with pytest.raises(InvalidInput, match="column 'v' an unused dictionary entry"):
         check_strings(pa.table({"v": d}), "t")
