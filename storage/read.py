@@ -143,11 +143,13 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def snapshot_sql(s: st.ShardState, src: str, as_of: int) -> str:
+def snapshot_sql(s: st.ShardState, src: str, as_of: int, *, what: str | None = None) -> str:
+    """The snapshot at `as_of` over `src`; `what` names the shard in an overflow error
+    (e.g. `collection 'bids' (shard s1..)`; default `shard <id>`)."""
     cols = [qident(n) for n in s.schema.names]
     sel = ", ".join(cols)
     # Overflow-checked: a count outside int64 raises (DiffOverflow under overflow_checked()).
-    total = diff_sum_sql(cols, f"shard {s.shard_id}")
+    total = diff_sum_sql(cols, what or f"shard {s.shard_id}")
     if not cols:
         return f"SELECT {total} AS {DIFF} FROM {src} WHERE {TIME} <= {as_of} HAVING sum({DIFF}) <> 0"
     return (
