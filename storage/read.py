@@ -344,6 +344,7 @@ class ReadHandle:
             ReadBeforeSince: `as_of` is before the shard's since.
             NotYetReadable: the upper did not pass `as_of` in time.
             CorruptPart: a part is missing or does not match its sha256.
+            DiffOverflow: a row's diffs sum past int64 (names the shard and the row).
         """
         as_of = _as_time(as_of)
         s = self.wait_for_upper_past(as_of, timeout)
