@@ -32,6 +32,7 @@ source, and `ctx.persist` passes that upper to `persist_sink` as `as_of`.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import signal
 import sys
@@ -56,6 +57,8 @@ from .sinks import Committed, append_sink, committed_offsets, persist_sink, resu
 __all__ = ["FlowContext", "JobStats", "Summary", "load_flow", "open_controller", "run", "run_flow"]
 
 Mode = Literal["batch", "continuous"]
+
+log = logging.getLogger("flows.job")
 
 
 def open_controller(client: Client, *, read_only: bool = False) -> Any:
@@ -462,14 +465,24 @@ class _Housekeeper:
         self._thread: threading.Thread | None = None
         self._dead = False
 
+    def _give_up(self, what: str, e: Exception) -> None:
+        """Stop driving the controller; say so in one line unless a newer copy fenced it (expected)."""
+        self._dead = True
+        if not isinstance(e, storage.Fenced):
+            first = str(e).splitlines()[0] if str(e) else ""
+            log.warning(
+                "warning: %s failed (%s: %s); the job goes on without its introspection (system.*)",
+                what, type(e).__name__, first,
+            )
+
     def report(self, status: str, error: str | None = None) -> None:
         if self._dead:
             return
         try:
             for name in sorted(self.ctx.shards):
                 self.ctx.controller.report_sink_status(name, status, error)
-        except Exception:  # noqa: BLE001 - fenced or read-only: the data path goes on regardless
-            self._dead = True
+        except Exception as e:  # noqa: BLE001 - fenced or read-only: the data path goes on regardless
+            self._give_up(f"recording sink status {status!r}", e)
 
     def tick(self) -> None:
         # Sinks commit through the shard machine directly, which does not wake the
@@ -483,8 +496,8 @@ class _Housekeeper:
             return
         try:
             self.ctx.controller.tick()
-        except Exception:  # noqa: BLE001 - see the class docstring
-            self._dead = True
+        except Exception as e:  # noqa: BLE001 - see the class docstring
+            self._give_up("the storage controller's tick", e)
 
     def final_tick(self) -> None:
         """Last tick, then compact every shard the job wrote, synchronously, before the process exits."""
@@ -494,8 +507,8 @@ class _Housekeeper:
         if not self._dead:
             try:
                 self.ctx.controller.tick()
-            except Exception:  # noqa: BLE001 - see the class docstring
-                self._dead = True
+            except Exception as e:  # noqa: BLE001 - see the class docstring
+                self._give_up("the storage controller's last tick", e)
         for shard in self.ctx.shards.values() if self.primary else ():
             try:
                 self.ctx.client.compact(shard)

@@ -187,7 +187,7 @@ class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
             # SUBTLE: an update below the emitted frontier is late (a source broke its
             # Progress promise); advancing it to `lower` keeps every accumulation
             # from `lower` on correct, which is the best that can still be done.
-            table = consolidate_table(table, since=lower.time if lower.time else None)
+            table = consolidate_table(table, since=lower.time if lower.time else None, where=f"step {self.step_id!r}")
         else:
             table = None
         if (table is not None and table.num_rows) or offsets:

@@ -32,7 +32,7 @@ from storage import Client, Frontier, Progress, UpdateBatch
 from storage import state as st
 from storage.errors import InvalidInput, InvalidUppers, OffsetsMismatch, UpperMismatch
 from storage.read import parts_source
-from storage.updates import DIFF, TIME, qident, validate_updates
+from storage.updates import DIFF, TIME, diff_sum_sql, overflow_checked, qident, validate_updates
 from storage.write import PART_MAX_ROWS, WRITER_LEASE_MS, write_parts
 
 from .operators import FrontierTracker, OffsetQueue, check_item, one_key, tmax_of, tmin_of
@@ -415,14 +415,16 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         sel_c = sel + ", " if cols else ""
         up = "" if upper.is_empty else f" AND {TIME} < {upper.time}"
         q = (
-            f"SELECT {sel_c}greatest({TIME}, {lo})::BIGINT AS {TIME}, sum({DIFF})::BIGINT AS {DIFF} FROM ("
+            f"SELECT {sel_c}greatest({TIME}, {lo})::BIGINT AS {TIME}, "
+            f"{diff_sum_sql(cols, f'step {self.step_id!r} (shard {self.shard})', f'greatest({TIME}, {lo})')} AS {DIFF} FROM ("
             f"  SELECT {sel_c}{TIME}, {DIFF} FROM {dsrc} WHERE {TIME} >= {self.S}{up}"
             f"  UNION ALL"
             f"  SELECT {sel_c}{TIME}, -{DIFF} AS {DIFF} FROM {psrc} WHERE {TIME} >= {self.S} AND {TIME} < {lo}"
             f") GROUP BY {sel_c}greatest({TIME}, {lo}) HAVING sum({DIFF}) <> 0"
         )
         try:
-            t = con.sql(q).to_arrow_table()
+            with overflow_checked():
+                t = con.sql(q).to_arrow_table()
         finally:
             _unregister(con)
         return validate_updates(t, self.schema, f"step {self.step_id!r}")

@@ -41,7 +41,7 @@ from . import state as st
 from .errors import CorruptPart
 from .frontier import Frontier
 from .read import parts_source, tombstone_error
-from .updates import DIFF, TIME, qident, update_schema
+from .updates import DIFF, TIME, diff_sum_sql, overflow_checked, qident, update_schema
 from .write import write_parts
 
 if TYPE_CHECKING:
@@ -198,7 +198,7 @@ def merge_sql(state: st.ShardState, src: str, adv: int | None) -> str:
     """Advance times to `adv` and consolidate: sum diffs per (row, time), drop zeros, sort by time."""
     cols = [qident(n) for n in state.schema.names]
     t = TIME if adv is None else f"greatest({TIME}, {adv})::BIGINT"
-    sel = ", ".join([*cols, f"{t} AS {TIME}", f"sum({DIFF})::BIGINT AS {DIFF}"])
+    sel = ", ".join([*cols, f"{t} AS {TIME}", f"{diff_sum_sql(cols, f'shard {state.shard_id}', t)} AS {DIFF}"])
     keys = ", ".join([*cols, t])
     return f"SELECT {sel} FROM {src} GROUP BY {keys} HAVING sum({DIFF}) <> 0 ORDER BY {TIME}"
 
@@ -217,7 +217,8 @@ def run_merge(client: Client, state: st.ShardState, plan: MergePlan) -> st.Batch
     con = duckdb.connect()
     try:
         src = parts_source(client, state, [b for b in plan.inputs if b.parts], con, "__inputs")
-        out = con.sql(merge_sql(state, src, adv)).to_arrow_table()
+        with overflow_checked():
+            out = con.sql(merge_sql(state, src, adv)).to_arrow_table()
     finally:
         con.close()
     out = out.cast(update_schema(state.schema))

@@ -86,6 +86,10 @@ class CorruptPart(ShardflowError):
     """A part is missing, or its bytes do not match the recorded sha256."""
 
 
+class DiffOverflow(ShardflowError, ArithmeticError):
+    """The diffs of one row sum to a count outside int64: consolidation cannot represent it."""
+
+
 class ShardNotFound(ShardflowError, KeyError):
     """No shard with this id was ever written."""
 

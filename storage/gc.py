@@ -6,7 +6,9 @@
   state version a live leased reader still pins.
 - `finalize(client, shard)` closes the upper, then the since (the shard becomes
   a tombstone), forgets the batches and deletes every part.
-- `verify(client, shard)` checks every part's existence and sha256.
+- `verify(client, shard)` checks that the shard can be read back: every
+  part exists, matches its sha256 and decodes, its strings are valid UTF-8,
+  and no row's diffs sum past int64.
 
 Which versions are live. A leased reader pins the oldest state version
 (seqno) it may still be reading from (`LeasedReaderState.seqno`, moved forward
@@ -24,13 +26,19 @@ mtimes are wall-clock times, whatever clock the client was opened with).
 from __future__ import annotations
 
 import hashlib
+import io
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from . import state as st
-from .errors import CorruptPart, StateCorrupt
+from .errors import CorruptPart, ShardflowError, StateCorrupt
 from .machine import Machine
+from .updates import DIFF, INT64_MAX, first_bad_string, overflow_checked
 
 if TYPE_CHECKING:
     from .client import Client
@@ -58,14 +66,15 @@ class GcReport:
 
 @dataclass
 class VerifyReport:
-    """Result of `verify`: every part's existence and sha256."""
+    """Result of `verify`: each problem is a `CorruptPart` (a part missing, unreadable, not
+    matching its sha256, or holding invalid UTF-8) or a `DiffOverflow` (a count past int64)."""
 
     shard_id: str
     tombstone: bool = False
     batches: int = 0
     parts_checked: int = 0
     bytes_checked: int = 0
-    problems: list[CorruptPart] = field(default_factory=list)
+    problems: list[ShardflowError] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -199,14 +208,20 @@ def finalize(client: Client, shard: str) -> None:
 
 
 def verify(client: Client, shard: str) -> VerifyReport:
-    """Check that every part of every batch exists and matches its sha256.
+    """Check that the shard can be read back, and list every problem found.
 
-    Reads every byte (no cache). On a tombstone there is nothing to check
-    and the report says `tombstone=True`. For `shardflow fsck`.
+    Per part: it exists and is a readable file, matches its size and sha256,
+    decodes as Parquet, and holds only valid UTF-8 strings (parts written before
+    the write path checked strings may not). Then, if every part passed, the
+    whole shard is consolidated at its latest time, as a snapshot would be, so
+    a count past int64 (diffs summed across batches) shows up too. Reads every
+    byte (no cache). On a tombstone there is nothing to check and the report
+    says `tombstone=True`. For `shardflow fsck`.
 
     Returns:
         A `VerifyReport`; each problem is a `CorruptPart` naming the shard, the
-        batch `[lower, upper)` and the part key.
+        batch `[lower, upper)` and the part key (and the column and row for a
+        bad string), or a `DiffOverflow` naming the shard and the row.
     """
     m = client.machine(shard)
     s = m.fetch()
@@ -214,7 +229,12 @@ def verify(client: Client, shard: str) -> VerifyReport:
     for b in s.batches:
         for p in b.parts:
             report.parts_checked += 1
-            data = client.blob.get(p.key)
+            try:
+                data = client.blob.get(p.key)
+            except OSError as e:  # e.g. a directory in place of the part
+                why = e.strerror or str(e)
+                report.problems.append(client._corrupt(m.shard_id, b, p, f"unreadable ({why})"))
+                continue
             if data is None:
                 report.problems.append(client._corrupt(m.shard_id, b, p, "missing"))
                 continue
@@ -231,4 +251,46 @@ def verify(client: Client, shard: str) -> VerifyReport:
                         m.shard_id, b, p, f"sha256 {digest[:12]}.. does not match {p.sha256[:12]}.."
                     )
                 )
+                continue
+            poison = _poisoned(data)
+            if poison is not None:
+                report.problems.append(client._corrupt(m.shard_id, b, p, poison))
+    if report.ok and not s.is_tombstone:
+        _check_consolidates(client, s, report)
     return report
+
+
+def _poisoned(data: bytes) -> str | None:
+    """Why a part's (checksummed) bytes cannot be read as updates, or None."""
+    try:
+        t = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as e:
+        return f"not readable as Parquet ({str(e).splitlines()[0]})"
+    bad = first_bad_string(t)
+    if bad is None:
+        return None
+    name, row = bad
+    at = "an unused dictionary entry" if row < 0 else f"row {row}"
+    return f"column {name!r} {at}: string is not valid UTF-8"
+
+
+def _check_consolidates(client: Client, s: st.ShardState, report: VerifyReport) -> None:
+    """Consolidate the whole shard at its latest time, as a snapshot would; record why it fails."""
+    from .read import parts_source, snapshot_sql
+
+    batches = [b for b in s.batches if b.parts]
+    if not batches:
+        return
+    as_of = INT64_MAX if s.upper.is_empty else s.upper.time - 1  # type: ignore[operator]
+    con = duckdb.connect()
+    try:
+        src = parts_source(client, s, batches, con, "__parts")
+        # min(_diff) makes DuckDB evaluate the checked sum of every row.
+        with overflow_checked():
+            con.sql(f"SELECT count(*), min({DIFF}) FROM ({snapshot_sql(s, src, as_of)})").fetchall()
+    except ShardflowError as e:
+        report.problems.append(e)
+    except duckdb.Error as e:
+        report.problems.append(CorruptPart(f"shard {s.shard_id}: not readable: {str(e).splitlines()[0]}"))
+    finally:
+        con.close()

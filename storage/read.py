@@ -17,7 +17,17 @@ import pyarrow as pa
 from . import state as st
 from .errors import LeaseExpired, NotYetReadable, ReadBeforeSince, Tombstone
 from .frontier import Frontier
-from .updates import DIFF, TIME, Progress, UpdateBatch, consolidate, qident, update_schema
+from .updates import (
+    DIFF,
+    TIME,
+    Progress,
+    UpdateBatch,
+    consolidate,
+    diff_sum_sql,
+    overflow_checked,
+    qident,
+    update_schema,
+)
 
 if TYPE_CHECKING:
     from .client import Client
@@ -133,13 +143,17 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def snapshot_sql(s: st.ShardState, src: str, as_of: int) -> str:
+def snapshot_sql(s: st.ShardState, src: str, as_of: int, *, what: str | None = None) -> str:
+    """The snapshot at `as_of` over `src`; `what` names the shard in an overflow error
+    (e.g. `collection 'bids' (shard s1..)`; default `shard <id>`)."""
     cols = [qident(n) for n in s.schema.names]
     sel = ", ".join(cols)
+    # Overflow-checked: a count outside int64 raises (DiffOverflow under overflow_checked()).
+    total = diff_sum_sql(cols, what or f"shard {s.shard_id}")
     if not cols:
-        return f"SELECT sum({DIFF})::BIGINT AS {DIFF} FROM {src} WHERE {TIME} <= {as_of} HAVING sum({DIFF}) <> 0"
+        return f"SELECT {total} AS {DIFF} FROM {src} WHERE {TIME} <= {as_of} HAVING sum({DIFF}) <> 0"
     return (
-        f"SELECT {sel}, sum({DIFF})::BIGINT AS {DIFF} FROM {src} WHERE {TIME} <= {as_of} "
+        f"SELECT {sel}, {total} AS {DIFF} FROM {src} WHERE {TIME} <= {as_of} "
         f"GROUP BY {sel} HAVING sum({DIFF}) <> 0"
     )
 
@@ -330,6 +344,7 @@ class ReadHandle:
             ReadBeforeSince: `as_of` is before the shard's since.
             NotYetReadable: the upper did not pass `as_of` in time.
             CorruptPart: a part is missing or does not match its sha256.
+            DiffOverflow: a row's diffs sum past int64 (names the shard and the row).
         """
         as_of = _as_time(as_of)
         s = self.wait_for_upper_past(as_of, timeout)
@@ -342,7 +357,8 @@ class ReadHandle:
                     sql = collapsed_sql(s, src)
                 else:
                     sql = snapshot_sql(s, src, as_of)
-                out = con.sql(sql).to_arrow_table()
+                with overflow_checked():
+                    out = con.sql(sql).to_arrow_table()
             finally:
                 con.close()
         return out.cast(snapshot_schema(s.schema))
@@ -384,7 +400,8 @@ class ReadHandle:
             src = parts_source(self.client, s, batches, con, "__parts")
             collapsed = len(batches) == 1 and is_collapsed(batches[0], as_of)
             sql = collapsed_sql(s, src) if collapsed else snapshot_sql(s, src, as_of)
-            duck = con.sql(sql).to_arrow_reader(batch_size)
+            with overflow_checked():
+                duck = con.sql(sql).to_arrow_reader(batch_size)
             stack.callback(duck.close)
             gen = _stream(stack.pop_all(), duck, schema)
         next(gen)  # start it: from now on closing the generator (or collecting it) runs its cleanup
@@ -471,15 +488,16 @@ class ReadHandle:
             t = con.sql(f"SELECT * FROM {src} WHERE {where}").to_arrow_table()
         finally:
             con.close()
-        return consolidate(t.cast(schema))
+        return consolidate(t.cast(schema), where=f"shard {s.shard_id}")
 
 
 def _stream(cleanup: ExitStack, duck: pa.RecordBatchReader, schema: pa.Schema) -> Iterator[pa.RecordBatch | None]:
     """Yield None once (the caller's priming `next`), then `duck`'s batches cast to `schema`; clean up at the end."""
     with cleanup:
         yield None
-        for b in duck:
-            yield b if b.schema == schema else b.cast(schema)
+        with overflow_checked():
+            for b in duck:
+                yield b if b.schema == schema else b.cast(schema)
 
 
 def _as_time(t: Any) -> int:

@@ -163,7 +163,9 @@ class WriteHandle:
             committed `token` (a retry after an indeterminate outcome).
 
         Raises:
-            SchemaMismatch, InvalidInput: the updates do not fit the schema.
+            SchemaMismatch, InvalidInput: the updates do not fit the schema, a
+                string is not valid UTF-8, or the batch's |diffs| sum past int64
+                (the message names the column and the row).
             InvalidBounds: a time outside `[expected_upper, new_upper)`, or
                 `new_upper` before `expected_upper`.
             UpperMismatch: the shard's upper is not `expected_upper`; `.current` says what it is.

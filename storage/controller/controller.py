@@ -39,7 +39,7 @@ from ..errors import (
 from ..frontier import Frontier
 from ..ids import ShardId
 from ..read import parts_source, snapshot_schema, snapshot_sql
-from ..updates import DIFF, TIME, qident
+from ..updates import DIFF, TIME, overflow_checked, qident
 from ..write import WriteHandle
 from . import introspection as sysc
 from .catalog import (
@@ -70,6 +70,11 @@ from .policy import (
 from .tables import TableWrite, append_tables
 
 log = logging.getLogger("storage.controller")
+
+# The system.* shards whose failure this process already reported (`_introspection_failed`):
+# one warning line per broken collection per process, however many controllers it opens.
+_INTRO_WARNED: set[str] = set()
+_INTRO_WARNED_LOCK = threading.Lock()
 
 CRITICAL_READER_ID = "controller"
 CRASH_ENV = "SHARDFLOW_CONTROLLER_CRASH_AT"
@@ -1081,7 +1086,9 @@ class StorageController:
             con = duckdb.connect()
             try:
                 src = parts_source(self.client, s, batches, con, "__parts")
-                return con.sql(snapshot_sql(s, src, as_of)).to_arrow_table().cast(snapshot_schema(s.schema))
+                with overflow_checked():
+                    out = con.sql(snapshot_sql(s, src, as_of)).to_arrow_table()
+                return out.cast(snapshot_schema(s.schema))
             except CorruptPart:
                 if attempt == 4:
                     raise
@@ -1168,13 +1175,38 @@ class StorageController:
         for n in sysc.DIFFERENTIAL:
             c = self._colls.get(n)
             if c is not None and c.kind is None:
-                self._register_differential(c, init_from_persisted=False)
+                try:
+                    self._register_differential(c, init_from_persisted=False)
+                except Exception as e:  # noqa: BLE001 - see _introspection_failed
+                    self._introspection_failed(c, "reading it at start-up", e)
         for n in sysc.APPEND_ONLY:
             c = self._colls.get(n)
             if c is not None and c.kind is None:
                 self._appender(c)
-                self._load_statuses(c)
+                try:
+                    self._load_statuses(c)
+                except Exception as e:  # noqa: BLE001 - see _introspection_failed
+                    self._introspection_failed(c, "reading its statuses at start-up", e)
         self._refresh_introspection()
+
+    def _introspection_failed(self, c: _Coll, what: str, e: Exception) -> None:
+        """A `system.*` collection could not be read or written: warn once, and go on.
+
+        SUBTLE: introspection is the controller's own record of what it does. One
+        broken part there (deleted by hand, a disk error) must not stop every
+        command and job from opening the controller; the collections it
+        describes are intact. Fenced is never swallowed: it means stop.
+        """
+        if isinstance(e, Fenced):
+            raise e
+        with _INTRO_WARNED_LOCK:
+            first = c.shard_id not in _INTRO_WARNED
+            _INTRO_WARNED.add(c.shard_id)
+        if first:
+            log.warning(
+                "warning: collection %r: %s failed (%s: %s); going on without it (`shardflow fsck` checks it)",
+                c.name, what, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+            )
 
     def _load_statuses(self, c: _Coll) -> None:
         """Remember each object's current status; when writable, keep only the last N per object."""
@@ -1294,10 +1326,15 @@ class StorageController:
                 self._check_epoch()
                 for c in list(self._colls.values()):
                     if c.appender is not None:
-                        if c.appender.pending():
-                            self._flush_appender(c.appender)
-                        else:
-                            self._tick_forward(c)
+                        try:
+                            if c.appender.pending():
+                                self._flush_appender(c.appender)
+                            else:
+                                self._tick_forward(c)
+                        except Exception as e:  # noqa: BLE001 - only system.*: see _introspection_failed
+                            if not c.name.startswith(SYSTEM_PREFIX):
+                                raise
+                            self._introspection_failed(c, "writing it", e)
                 for c in list(self._colls.values()):
                     if c.kind == "differential" and c.name not in sysc.DIFFERENTIAL:
                         self._diff_commit(c)
@@ -1310,7 +1347,10 @@ class StorageController:
                 for n in sysc.DIFFERENTIAL:
                     sc = self._colls.get(n)
                     if sc is not None and sc.kind == "differential":
-                        self._diff_commit(sc)
+                        try:
+                            self._diff_commit(sc)
+                        except Exception as e:  # noqa: BLE001 - see _introspection_failed
+                            self._introspection_failed(sc, "writing it", e)
                 self._maybe_compact()
             self.ticks += 1
 

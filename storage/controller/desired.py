@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..errors import InvalidInput, SchemaMismatch
-from ..updates import DIFF, TIME, as_table, check_columns, qident
+from ..updates import DIFF, TIME, as_table, check_columns, diff_sum_sql, overflow_checked, qident
 
 
 def rows_schema(schema: pa.Schema) -> pa.Schema:
@@ -151,17 +151,20 @@ class DesiredStore:
         self._replace(self._t(key, "persisted"), rows)
 
     def _consolidated(self, table: str, key: str) -> str:
-        cols = ", ".join(qident(n) for n in self._schemas[key].names)
+        names = [qident(n) for n in self._schemas[key].names]
+        cols = ", ".join(names)
+        total = diff_sum_sql(names, f"collection {key!r} (desired)")
         if not cols:
-            return f"SELECT sum({DIFF})::BIGINT AS {DIFF} FROM {table} HAVING sum({DIFF}) <> 0"
+            return f"SELECT {total} AS {DIFF} FROM {table} HAVING sum({DIFF}) <> 0"
         return (
-            f"SELECT {cols}, sum({DIFF})::BIGINT AS {DIFF} FROM {table} "
-            f"GROUP BY ALL HAVING sum({DIFF}) <> 0"
+            f"SELECT {cols}, {total} AS {DIFF} FROM {table} "
+            f"GROUP BY {cols} HAVING sum({DIFF}) <> 0"
         )
 
     def consolidate_desired(self, key: str) -> None:
         t = self._t(key, "desired")
-        self.con.execute(f"CREATE OR REPLACE TABLE {t} AS {self._consolidated(t, key)}")
+        with overflow_checked():
+            self.con.execute(f"CREATE OR REPLACE TABLE {t} AS {self._consolidated(t, key)}")
 
     def persisted_is_desired(self, key: str) -> None:
         """After a successful write: persisted := consolidated desired."""
@@ -183,17 +186,21 @@ class DesiredStore:
             f"(SELECT {sel + ', ' if sel else ''}{DIFF} FROM {d} UNION ALL "
             f"SELECT {sel + ', ' if sel else ''}-{DIFF} AS {DIFF} FROM {p})"
         )
+        total = diff_sum_sql(cols, f"collection {key!r} (corrections)")
         if sel:
-            sql = f"SELECT {sel}, sum({DIFF})::BIGINT AS {DIFF} FROM {u} GROUP BY ALL HAVING sum({DIFF}) <> 0"
+            sql = f"SELECT {sel}, {total} AS {DIFF} FROM {u} GROUP BY {sel} HAVING sum({DIFF}) <> 0"
         else:
-            sql = f"SELECT sum({DIFF})::BIGINT AS {DIFF} FROM {u} HAVING sum({DIFF}) <> 0"
-        out = self.con.sql(sql).to_arrow_table()
+            sql = f"SELECT {total} AS {DIFF} FROM {u} HAVING sum({DIFF}) <> 0"
+        with overflow_checked():
+            out = self.con.sql(sql).to_arrow_table()
         return out.cast(rows_schema(self._schemas[key]))
 
     def desired(self, key: str) -> pa.Table:
         """The consolidated desired contents (for tests and inspection)."""
         t = self._t(key, "desired")
-        return self.con.sql(self._consolidated(t, key)).to_arrow_table().cast(rows_schema(self._schemas[key]))
+        with overflow_checked():
+            out = self.con.sql(self._consolidated(t, key)).to_arrow_table()
+        return out.cast(rows_schema(self._schemas[key]))
 
     def count(self, key: str, which: str = "desired") -> int:
         r = self.con.execute(f"SELECT count(*) FROM {self._t(key, which)}").fetchone()
