@@ -86,7 +86,11 @@ def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> str:
     assert out.returncode != 0, (out.stdout, out.stderr)
     text = (out.stdout + out.stderr).strip()
     assert "Traceback" not in text, text
-    lines = [ln for ln in text.splitlines() if ln.startswith("shardflow: error:") or "FAILED" in ln]
+    lines = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("shardflow: error:") or ("FAILED" in ln and not ln.startswith("fsck:"))
+    ]
     assert len(lines) == 1, text
     for n in needles:
         assert n in lines[0], (n, lines[0])
