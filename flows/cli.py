@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--consensus",
         default=os.environ.get("SHARDFLOW_CONSENSUS"),
         metavar="URL",
-        help="consensus URL, e.g. postgresql://user@127.0.0.1:5432/db (default: SQLite under --data)",
+        help="consensus URL, e.g. postgresql://user@127.0.0.1:5432/db (default: SQLite under --data); "
+        "waits on it are bounded by $SHARDFLOW_CONSENSUS_TIMEOUT seconds",
     )
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
