@@ -316,7 +316,7 @@ class PostgresConsensus(_SqlConsensus):
                 con.execute(_CREATE.format(blob="BYTEA"))
 
         try:
-            self._read(create)
+            self._retrying("connect", create)
         except psycopg.errors.UniqueViolation:
             # Two processes creating the table at once: the other one won, which is fine.
             pass
@@ -358,6 +358,8 @@ class PostgresConsensus(_SqlConsensus):
             try:
                 return fn(self._con())
             except self._psycopg.Error as e:
+                if getattr(e, "sqlstate", None) == "53100":  # disk_full
+                    raise OutOfSpace(f"postgres consensus {self.database}: database or disk is full") from None
                 if not self._transient(e):
                     if isinstance(e, self._psycopg.OperationalError):
                         raise self._unavailable(what, e, time.monotonic() - t0) from None

@@ -115,7 +115,7 @@ def test_unreachable_postgres_is_one_line(tmp_path: Path, pg: PgServer) -> None:
     took = time.monotonic() - t0
     assert r.returncode == 1
     line = one_error_line(r)
-    assert line.startswith(f"postgres consensus postgresql://127.0.0.1:{pg.port}/down: read failed for "), line
+    assert line.startswith(f"postgres consensus postgresql://127.0.0.1:{pg.port}/down: connect failed for "), line
     assert "OperationalError" in line and "Traceback" not in r.stderr
     assert took < 30, took
     pg._pg_ctl_start()

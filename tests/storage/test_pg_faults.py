@@ -195,5 +195,5 @@ def test_database_down_is_one_clear_error(pg_server, tmp_path: Path) -> None:  #
         PostgresConsensus(f"postgresql://postgres@127.0.0.1:{port}/nowhere", timeout=1.5)
     assert time.monotonic() - t0 < 10
     msg = str(e.value)
-    assert msg.startswith(f"postgres consensus postgresql://127.0.0.1:{port}/nowhere: read failed for ")
+    assert msg.startswith(f"postgres consensus postgresql://127.0.0.1:{port}/nowhere: connect failed for ")
     assert "\n" not in msg
