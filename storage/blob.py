@@ -31,7 +31,8 @@ def _is_full(e: OSError) -> bool:
 
 
 def _full(path: str, e: OSError) -> OutOfSpace:
-    return OutOfSpace(f"blob {path}: no space left on device ({e.strerror or os.strerror(errno.ENOSPC)})")
+    code = e.errno if e.errno in _FULL else next((n for n in _FULL if os.strerror(n) in str(e)), errno.ENOSPC)
+    return OutOfSpace(f"blob {path}: {os.strerror(code).lower()}")
 
 
 @dataclass(frozen=True)
