@@ -395,7 +395,10 @@ class PostgresConsensus(_SqlConsensus):
                         if cur.rowcount != 1:
                             raise _Lost
             except (_Lost, errors.UniqueViolation, errors.SerializationFailure):
-                return False
+                # SUBTLE: after an unknown outcome, our earlier COMMIT may still have been in
+                # flight on the server when `_committed` looked; the head has moved now, so
+                # look again before reporting a lost CAS the caller would write again.
+                return unknown and self._committed(con, ops)
             except self._psycopg.Error as e:
                 if self._transient(e):
                     unknown = True

@@ -197,3 +197,33 @@ def test_database_down_is_one_clear_error(pg_server, tmp_path: Path) -> None:  #
     msg = str(e.value)
     assert msg.startswith(f"postgres consensus postgresql://127.0.0.1:{port}/nowhere: connect failed for ")
     assert "\n" not in msg
+
+
+def test_commit_still_in_flight_after_the_cut_is_not_reported_lost(proxied, pg_dsn: str) -> None:  # noqa: ANN001
+    """The reply is lost while the server is still committing (a deferred trigger sleeps).
+
+    The retry first does not see the row, then its own INSERT waits for the
+    in-flight commit and collides with it: that must read as "committed", not
+    as a lost CAS.
+    """
+    import psycopg
+
+    proxy, dsn = proxied
+    c = PostgresConsensus(dsn, timeout=20)
+    try:
+        assert c.compare_and_set("k", None, VersionedData(0, b"v0"))
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(
+                "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "IF NEW.data = 'slow'::bytea THEN PERFORM pg_sleep(1.5); END IF; RETURN NULL; END $$"
+            )
+            admin.execute(
+                "CREATE CONSTRAINT TRIGGER slow_commit AFTER INSERT ON consensus "
+                "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+            )
+        proxy.arm("cut_after_commit")
+        assert c.compare_and_set("k", 0, VersionedData(1, b"slow")) is True
+        assert proxy.cuts == 1
+        assert [(v.seqno, v.data) for v in c.scan("k", 0)] == [(0, b"v0"), (1, b"slow")]
+    finally:
+        c.close()
