@@ -500,7 +500,7 @@ def _no_rust_panic_text(debug: bool) -> Iterator[None]:
     os.close(w)
 
     def pump() -> None:
-        buf, skipping = b"", 0
+        buf, skipping, after = b"", 0, False
         while True:
             chunk = os.read(r, 65536)
             if chunk:
@@ -511,9 +511,13 @@ def _no_rust_panic_text(debug: bool) -> Iterator[None]:
             for line in lines:
                 if skipping:
                     skipping = 0 if line.startswith(_PANIC_NOTE) else skipping - 1
+                    after = not skipping
                 elif _PANIC_HEAD.match(line):
                     skipping = 6  # the payload (`Box<dyn Any>`) and the note follow
+                elif after and not line.strip():
+                    after = False  # the blank line that ends the panic text
                 else:
+                    after = False
                     out.append(line + b"\n")
             # A partial line is passed on at once (a progress line ends in \r), unless it may
             # be the start of a panic head.

@@ -105,6 +105,30 @@ _CREATE = (
 )
 
 
+class _Outage:
+    """How long the next operation may wait, so that a whole outage costs about one timeout.
+
+    Once an operation has given up (the file stayed locked, the server stayed
+    down), the ones after it, e.g. a failing job's status and clean-up writes,
+    only get what is left of that first wait instead of a full one each. The
+    first success ends the outage.
+    """
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.since: float | None = None
+
+    def budget(self, now: float) -> float:
+        return self.timeout if self.since is None else max(0.0, self.since + self.timeout - now)
+
+    def gave_up(self, started: float) -> None:
+        if self.since is None:
+            self.since = started
+
+    def ok(self) -> None:
+        self.since = None
+
+
 def _check(key: str, expected: int | None, new: VersionedData) -> None:
     want = 0 if expected is None else expected + 1
     if new.seqno != want:
@@ -174,6 +198,7 @@ class SqliteConsensus(_SqlConsensus):
     def __init__(self, path: str | os.PathLike[str], *, timeout: float | None = None):
         self.path = os.fspath(path)
         self.timeout = _timeout(timeout, SQLITE_TIMEOUT_S)
+        self._outage = _Outage(self.timeout)
         d = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(d, exist_ok=True)
         self._local = threading.local()
@@ -193,6 +218,7 @@ class SqliteConsensus(_SqlConsensus):
                 raise
             self._local.con = con
             self._local.pid = os.getpid()
+            self._local.busy_ms = int(self.timeout * 1000)
         return con
 
     def _error(self, e: sqlite3.Error) -> Exception:
@@ -219,22 +245,31 @@ class SqliteConsensus(_SqlConsensus):
             raise err from None
 
     def _write(self, fn: Any) -> Any:
-        deadline = time.monotonic() + self.timeout
+        t0 = time.monotonic()
+        budget = max(self._outage.budget(t0), 0.05)
+        deadline = t0 + budget
         attempt = 0
         while True:
             try:
                 con = self._con()
+                busy_ms = int(budget * 1000)
+                if self._local.busy_ms != busy_ms:
+                    con.execute(f"PRAGMA busy_timeout={busy_ms}")
+                    self._local.busy_ms = busy_ms
                 # Waits up to busy_timeout itself; the loop covers SQLITE_BUSY returned without waiting.
                 con.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as e:
                 err = self._error(e)
-                if isinstance(err, ConsensusUnavailable) and time.monotonic() < deadline:
-                    attempt += 1
-                    time.sleep(min(0.001 * 2**attempt, 0.05))
-                    continue
+                if isinstance(err, ConsensusUnavailable):
+                    if time.monotonic() < deadline:
+                        attempt += 1
+                        time.sleep(min(0.001 * 2**attempt, 0.05))
+                        continue
+                    self._outage.gave_up(t0)
                 if err is e:
                     raise
                 raise err from None
+            self._outage.ok()
             try:
                 out = fn(con)
                 con.execute("ROLLBACK" if out is False else "COMMIT")
@@ -299,6 +334,7 @@ class PostgresConsensus(_SqlConsensus):
         self._psycopg = psycopg
         self.dsn = dsn
         self.timeout = _timeout(timeout, POSTGRES_TIMEOUT_S)
+        self._outage = _Outage(self.timeout)
         try:
             info = conninfo_to_dict(dsn)
         except psycopg.Error as e:
@@ -353,10 +389,13 @@ class PostgresConsensus(_SqlConsensus):
     def _retrying(self, what: str, fn: Any) -> Any:
         """`fn(connection)`, retried on a fresh connection while errors are transient."""
         t0 = time.monotonic()
+        budget = self._outage.budget(t0)
         delay = 0.05
         while True:
             try:
-                return fn(self._con())
+                out = fn(self._con())
+                self._outage.ok()
+                return out
             except self._psycopg.Error as e:
                 if getattr(e, "sqlstate", None) == "53100":  # disk_full
                     raise OutOfSpace(f"postgres consensus {self.database}: database or disk is full") from None
@@ -366,7 +405,8 @@ class PostgresConsensus(_SqlConsensus):
                     raise
                 self._drop()
                 waited = time.monotonic() - t0
-                if waited + delay > self.timeout:
+                if waited + delay > budget:
+                    self._outage.gave_up(t0)
                     raise self._unavailable(what, e, waited) from None
                 time.sleep(delay * (0.5 + random.random() / 2))
                 delay = min(delay * 2, 1.0)

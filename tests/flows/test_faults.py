@@ -80,7 +80,7 @@ def test_locked_consensus_stops_with_one_line(tmp_path: Path, locker) -> None:  
         f"sqlite consensus {db}: database is locked by another process; waited 2s "
         "(set $SHARDFLOW_CONSENSUS_TIMEOUT to wait longer)"
     )
-    assert took < 30, took
+    assert took < 15, took  # one wait for the whole failing run (plus start-up), not one per write
     # Once the other process lets go, the same run goes through: nothing lost, nothing doubled.
     release(holder)
     r = shardflow("run", FLOW, "--data", str(data), env=env)
@@ -101,7 +101,7 @@ def test_locked_consensus_default_wait_is_bounded(tmp_path: Path, locker) -> Non
     )
     took = time.monotonic() - t0
     assert r.returncode == 1 and "database is locked by another process; waited 10s" in one_error_line(r)
-    assert 9 < took < 40, took
+    assert 9 < took < 25, took
     release(holder)
 
 
