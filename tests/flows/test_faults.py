@@ -88,6 +88,42 @@ def test_locked_consensus_stops_with_one_line(tmp_path: Path, locker) -> None:  
     assert counter_values(data) == list(range(1, 101))
 
 
+def test_locked_sqlite_consensus_waits_once_per_outage(
+    tmp_path: Path, locker, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    """Public API: a bounded wait, then `ConsensusUnavailable`; the writes after it (a failing
+    job's clean-up) do not each wait again; the first write after the lock is gone succeeds."""
+    import storage
+    from storage.consensus import SqliteConsensus, VersionedData
+
+    path = tmp_path / "c.sqlite"
+    c = SqliteConsensus(path, timeout=1.0)
+    assert c.compare_and_set("k", None, VersionedData(0, b"v0"))
+    holder = locker(path)
+    waits = []
+    for i in range(3):
+        t0 = time.monotonic()
+        with pytest.raises(storage.ConsensusUnavailable, match="database is locked by another process"):
+            c.compare_and_set("k", 0, VersionedData(1, b"v%d" % i))
+        waits.append(time.monotonic() - t0)
+    assert 0.9 < waits[0] < 5 and waits[1] < 0.5 and waits[2] < 0.5, waits
+    assert c.head("k") == VersionedData(0, b"v0")  # reads still work under the writer's lock (WAL)
+    release(holder)
+    assert c.compare_and_set("k", 0, VersionedData(1, b"v1"))
+    holder = locker(path)  # a new outage gets the full wait again
+    t0 = time.monotonic()
+    with pytest.raises(storage.ConsensusUnavailable):
+        c.compare_and_set("k", 1, VersionedData(2, b"v2"))
+    assert time.monotonic() - t0 > 0.9
+    release(holder)
+    assert [v.data for v in c.scan("k", 0)] == [b"v0", b"v1"]
+    c.close()
+    monkeypatch.delenv("SHARDFLOW_CONSENSUS_TIMEOUT", raising=False)
+    assert SqliteConsensus(tmp_path / "d.sqlite").timeout == 10.0
+    monkeypatch.setenv("SHARDFLOW_CONSENSUS_TIMEOUT", "2.5")
+    assert SqliteConsensus(tmp_path / "d.sqlite").timeout == 2.5
+
+
 @pytest.mark.slow  # waits the default 10 s by design
 def test_locked_consensus_default_wait_is_bounded(tmp_path: Path, locker) -> None:  # noqa: ANN001
     """Without the variable the wait is the documented default (10 s), not minutes."""
