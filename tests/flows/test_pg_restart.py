@@ -126,3 +126,25 @@ def test_unreachable_postgres_is_one_line(tmp_path: Path, pg: PgServer) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_postgres_consensus_waits_once_per_outage(pg: PgServer) -> None:
+    """Public API: retries for `timeout`, then one clear error; later calls in the same outage
+    fail at once instead of waiting again; the first call after the restart succeeds."""
+    import storage
+    from storage.consensus import PostgresConsensus, VersionedData
+
+    c = PostgresConsensus(pg.create_database("outage"), timeout=1.5)
+    assert c.compare_and_set("k", None, VersionedData(0, b"v0"))
+    _pg_ctl(pg, "-m", "fast", "stop")
+    waits = []
+    for _ in range(3):
+        t0 = time.monotonic()
+        with pytest.raises(storage.ConsensusUnavailable, match=f"postgresql://127.0.0.1:{pg.port}/outage"):
+            c.compare_and_set("k", 0, VersionedData(1, b"v1"))
+        waits.append(time.monotonic() - t0)
+    assert 1.0 < waits[0] < 8 and waits[1] < 0.5 and waits[2] < 0.5, waits
+    pg._pg_ctl_start()
+    assert c.compare_and_set("k", 0, VersionedData(1, b"v1"))
+    assert [v.data for v in c.scan("k", 0)] == [b"v0", b"v1"]
+    c.close()
