@@ -14,12 +14,14 @@ Errors print one line and exit non-zero; `--debug` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 EXIT_ERROR = 1
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--consensus",
         default=os.environ.get("SHARDFLOW_CONSENSUS"),
         metavar="URL",
-        help="consensus URL, e.g. postgresql://user@127.0.0.1:5432/db (default: SQLite under --data)",
+        help="consensus URL, e.g. postgresql://user@127.0.0.1:5432/db (default: SQLite under --data); "
+        "waits on it are bounded by $SHARDFLOW_CONSENSUS_TIMEOUT seconds",
     )
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
 
@@ -529,6 +532,75 @@ def _fsck_msg(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+_PANIC_HEAD = re.compile(rb"^thread '[^']*' panicked at ")
+_PANIC_NOTE = b"note: run with `RUST_BACKTRACE"
+
+
+@contextlib.contextmanager
+def _no_rust_panic_text(debug: bool) -> Iterator[None]:
+    """Drop the Rust panic text bytewax prints on stderr when a step raises.
+
+    The error itself is reported in one line by `main`; the panic text
+    (`thread '<unnamed>' panicked at src/operators.rs...`, `Box<dyn Any>`, `note:
+    run with RUST_BACKTRACE...`) would only bury it. Everything else written to
+    stderr passes through as it comes. With --debug nothing is filtered.
+    """
+    if debug:
+        yield
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        r, w = os.pipe()
+    except OSError:
+        yield
+        return
+    os.dup2(w, 2)
+    os.close(w)
+
+    def pump() -> None:
+        buf, skipping, after = b"", 0, False
+        while True:
+            chunk = os.read(r, 65536)
+            if chunk:
+                buf += chunk
+            lines = buf.split(b"\n")
+            buf = lines.pop()
+            out = []
+            for line in lines:
+                if skipping:
+                    skipping = 0 if line.startswith(_PANIC_NOTE) else skipping - 1
+                    after = not skipping
+                elif _PANIC_HEAD.match(line):
+                    skipping = 6  # the payload (`Box<dyn Any>`) and the note follow
+                elif after and not line.strip():
+                    after = False  # the blank line that ends the panic text
+                else:
+                    after = False
+                    out.append(line + b"\n")
+            # A partial line is passed on at once (a progress line ends in \r), unless it may
+            # be the start of a panic head.
+            if buf and not skipping and (not chunk or not b"thread '".startswith(buf[:8])):
+                out.append(buf)
+                buf = b""
+            if out:
+                os.write(saved, b"".join(out))
+            if not chunk:
+                os.close(r)
+                return
+
+    t = threading.Thread(target=pump, name="shardflow-stderr", daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # closes our end of the pipe; the pump drains what is left
+        t.join(timeout=5)
+        if not t.is_alive():
+            os.close(saved)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import storage
     from flows.job import run_flow
@@ -544,15 +616,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     client = _storage_open(args)
     progress = not args.no_progress and sys.stderr.isatty()
     if args.processes == 1:
-        summary = run_flow(
-            args.flow,
-            args.data,
-            mode=args.mode,
-            workers=args.workers,
-            tick=args.tick,
-            progress=progress,
-            client=client,
-        )
+        with _no_rust_panic_text(args.debug):
+            summary = run_flow(
+                args.flow,
+                args.data,
+                mode=args.mode,
+                workers=args.workers,
+                tick=args.tick,
+                progress=progress,
+                client=client,
+            )
         print(f"{args.mode} run of {args.flow}: {summary}")
         return 0
     return _run_processes(args, client, progress)

@@ -3,10 +3,13 @@
 Parts are written once under fresh keys and never modified, so a reader that
 holds a key can trust its bytes (the sha256 recorded in the batch metadata
 checks that). `put` is atomic: a reader sees the whole value or no key at all.
+A put that finds the disk full raises `OutOfSpace` naming the path, and leaves
+no temporary file behind.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 import time
@@ -16,6 +19,20 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import pyarrow.fs as pafs
+
+from .errors import OutOfSpace
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _is_full(e: OSError) -> bool:
+    # pyarrow's filesystems raise a bare OSError whose text carries strerror.
+    return e.errno in _FULL or any(os.strerror(n) in str(e) for n in _FULL)
+
+
+def _full(path: str, e: OSError) -> OutOfSpace:
+    code = e.errno if e.errno in _FULL else next((n for n in _FULL if os.strerror(n) in str(e)), errno.ENOSPC)
+    return OutOfSpace(f"blob {path}: {os.strerror(code).lower()}")
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,14 @@ class LocalBlob:
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
+        try:
+            self._put(path, data)
+        except OSError as e:
+            if _is_full(e):
+                raise _full(path, e) from None
+            raise
+
+    def _put(self, path: str, data: bytes) -> None:
         d = os.path.dirname(path)
         os.makedirs(d, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
@@ -142,13 +167,28 @@ class ArrowFsBlob:
 
     def put(self, key: str, data: bytes) -> None:
         path = self._path(key)
+        try:
+            self._put(path, data)
+        except OSError as e:
+            if _is_full(e):
+                raise _full(path, e) from None
+            raise
+
+    def _put(self, path: str, data: bytes) -> None:
         parent = path.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         if isinstance(self.fs, pafs.LocalFileSystem):
             tmp = f"{parent}/.tmp-{uuid.uuid4().hex}"
-            with self.fs.open_output_stream(tmp) as f:
-                f.write(data)
-            self.fs.move(tmp, path)
+            try:
+                with self.fs.open_output_stream(tmp) as f:
+                    f.write(data)
+                self.fs.move(tmp, path)
+            except BaseException:
+                try:
+                    self.fs.delete_file(tmp)
+                except OSError:
+                    pass
+                raise
         else:
             # Object stores make a single PUT atomic on their own.
             with self.fs.open_output_stream(path) as f:

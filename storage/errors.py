@@ -152,6 +152,22 @@ class InvalidUppers(ShardflowError):
     """Writes to these collections could not be applied at the requested upper."""
 
 
+class ConsensusUnavailable(ShardflowError):
+    """Consensus stayed locked (SQLite) or unreachable (PostgreSQL) past the configured wait.
+
+    Nothing was lost: an operation that raises this either did not happen, or
+    happened and is recognised as such when it is retried. See
+    `storage.consensus.TIMEOUT_ENV`.
+    """
+
+
+class OutOfSpace(ShardflowError):
+    """A write failed because the disk is full (ENOSPC/EDQUOT, SQLite's "database or disk is full").
+
+    Nothing half-written becomes visible; free space and rerun.
+    """
+
+
 class UpdateBeyondUpper(ShardflowError, ValueError):
     """An update's time is at or past the upper it is to be committed under."""
 
