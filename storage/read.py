@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from . import state as st
-from .errors import LeaseExpired, NotYetReadable, ReadBeforeSince, Tombstone
+from .errors import LeaseExpired, NegativeCount, NotYetReadable, ReadBeforeSince, Tombstone
 from .frontier import Frontier
 from .updates import DIFF, TIME, Progress, UpdateBatch, consolidate, qident, update_schema
 
@@ -82,6 +84,9 @@ def tombstone_error(shard_id: str) -> Tombstone:
     return Tombstone(f"shard {shard_id}: finalized (a tombstone); it takes no reads or writes")
 
 
+DiffRange = tuple[int, int]  # (min, max) of `_diff` over some parts
+
+
 def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str) -> str:
     """Verify the parts of `batches` and return a DuckDB FROM-clause over them.
 
@@ -89,11 +94,29 @@ def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], 
     blob are fetched, verified and registered as one Arrow table under `name`.
     An empty list yields an empty relation with the shard's update schema.
     """
+    return _parts_source(client, s, batches, con, name, diffs=False)[0]
+
+
+def parts_source_with_diffs(
+    client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str
+) -> tuple[str, DiffRange | None]:
+    """`parts_source`, plus the (min, max) `_diff` over those parts: None if unknown or no parts.
+
+    Local parts answer from their Parquet footers (statistics; no data is read),
+    remote parts from the fetched table. A min `>= 0` proves no count can be
+    negative, so the snapshot needs no check (see `find_negative`).
+    """
+    return _parts_source(client, s, batches, con, name, diffs=True)
+
+
+def _parts_source(
+    client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str, *, diffs: bool
+) -> tuple[str, DiffRange | None]:
     parts = [(b, p) for b in batches for p in b.parts]
     schema = update_schema(s.schema)
     if not parts:
         con.register(name, schema.empty_table())
-        return qident(name)
+        return qident(name), None
     paths = []
     tables = []
     for b, p in parts:
@@ -104,18 +127,108 @@ def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], 
             tables.append(client.read_part(s.shard_id, b, p))
     if tables:
         for path in paths:
-            import pyarrow.parquet as pq
-
             tables.append(pq.read_table(path))
         t = pa.concat_tables([_conform(x, schema) for x in tables])
         con.register(name, t)
-        return qident(name)
+        rng: DiffRange | None = None
+        if diffs and t.num_rows:
+            mm = pc.min_max(t.column(DIFF))
+            rng = (mm["min"].as_py(), mm["max"].as_py())
+        return qident(name), rng
+    rng = _footer_diff_range(paths) if diffs else None
     lst = "[" + ", ".join("'" + x.replace("'", "''") + "'" for x in paths) + "]"
     if s.schema_changed:
         # Older parts lack added (nullable) columns; union_by_name fills them with NULL.
         cols = ", ".join(f"CAST({qident(f.name)} AS {_duck_type(con, f.type)}) AS {qident(f.name)}" for f in schema)
-        return f"(SELECT {cols} FROM read_parquet({lst}, union_by_name=true))"
-    return f"read_parquet({lst})"
+        return f"(SELECT {cols} FROM read_parquet({lst}, union_by_name=true))", rng
+    return f"read_parquet({lst})", rng
+
+
+def _footer_diff_range(paths: list[str]) -> DiffRange | None:
+    """(min, max) `_diff` from the Parquet statistics of `paths`; None if any row group lacks them."""
+    lo: int | None = None
+    hi: int | None = None
+    for path in paths:
+        md = pq.read_metadata(path)
+        for g in range(md.num_row_groups):
+            rg = md.row_group(g)
+            if rg.num_rows == 0:
+                continue
+            col = next((rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema == DIFF), None)
+            st_ = col.statistics if col is not None else None
+            if st_ is None or not st_.has_min_max:
+                return None
+            lo = st_.min if lo is None else min(lo, st_.min)
+            hi = st_.max if hi is None else max(hi, st_.max)
+    return None if lo is None or hi is None else (int(lo), int(hi))
+
+
+def find_negative(
+    con: duckdb.DuckDBPyConnection, s: st.ShardState, src: str, as_of: int | None
+) -> dict[str, Any] | None:
+    """The first row whose count is negative, as `{columns..., _time, _diff}`; None if there is none.
+
+    `as_of` an int: the snapshot at `as_of`. None: every readable time, i.e. the
+    snapshot at each time in `[since, upper)` (times below since count at since).
+
+    Only rows with at least one negative update can have a negative count, so
+    only those are summed: a scan for the candidates, a semi-join and a GROUP BY
+    over the candidates alone; cheaper than consolidating everything. Run it
+    before any filter of the caller's: a filtered query must not skip the check.
+    """
+    cols = [qident(n) for n in s.schema.names]
+    since = s.since.time if s.since.time is not None else 0
+    on = " AND ".join(f"p.{c} IS NOT DISTINCT FROM c.{c}" for c in cols)
+    pcols = ", ".join(f"p.{c}" for c in cols)
+    if as_of is not None:
+        if not cols:
+            sql = (f"SELECT {as_of}::BIGINT AS {TIME}, sum({DIFF})::BIGINT AS {DIFF} FROM {src} "
+                   f"WHERE {TIME} <= {as_of} HAVING sum({DIFF}) < 0")
+        else:
+            sql = (
+                f"WITH c AS (SELECT DISTINCT {', '.join(cols)} FROM {src} WHERE {DIFF} < 0 AND {TIME} <= {as_of}) "
+                f"SELECT {pcols}, {as_of}::BIGINT AS {TIME}, sum(p.{DIFF})::BIGINT AS {DIFF} "
+                f"FROM {src} AS p SEMI JOIN c ON {on} WHERE p.{TIME} <= {as_of} "
+                f"GROUP BY {pcols} HAVING sum(p.{DIFF}) < 0 LIMIT 1"
+            )
+    else:
+        part = f"PARTITION BY {', '.join(cols)} " if cols else ""
+        if not cols:
+            g = f"SELECT greatest({TIME}, {since}) AS {TIME}, sum({DIFF}) AS __d FROM {src} GROUP BY 1"
+        else:
+            g = (
+                f"WITH c AS (SELECT DISTINCT {', '.join(cols)} FROM {src} WHERE {DIFF} < 0) "
+                f"SELECT {pcols}, greatest(p.{TIME}, {since}) AS {TIME}, sum(p.{DIFF}) AS __d "
+                f"FROM {src} AS p SEMI JOIN c ON {on} GROUP BY ALL"
+            )
+        sel = ", ".join([*cols, TIME])
+        sql = (
+            f"SELECT {sel}, __acc::BIGINT AS {DIFF} FROM (SELECT {sel}, sum(__d) OVER ({part}ORDER BY {TIME}) AS __acc "
+            f"FROM ({g})) WHERE __acc < 0 ORDER BY {TIME} LIMIT 1"
+        )
+    rows = con.sql(sql).to_arrow_table().to_pylist()
+    return rows[0] if rows else None
+
+
+def negative_count_error(what: str, row: dict[str, Any]) -> NegativeCount:
+    """`NegativeCount` for a row from `find_negative`; `what` names the shard or collection."""
+    vals = {k: v for k, v in row.items() if k not in (TIME, DIFF)}
+    msg = (
+        f"{what}: row {vals} has negative count {row[DIFF]} at time {row[TIME]} "
+        f"(a retraction without its insertion); the collection is invalid there"
+    )
+    return NegativeCount(msg)
+
+
+def check_counts(
+    con: duckdb.DuckDBPyConnection, s: st.ShardState, src: str, diffs: DiffRange | None, as_of: int | None, what: str
+) -> None:
+    """Raise `NegativeCount` if a count is negative (see `find_negative`); free when `diffs` proves none can be."""
+    if diffs is not None and diffs[0] >= 0:
+        return  # no negative update at all: no count can be negative
+    row = find_negative(con, s, src, as_of)
+    if row is not None:
+        raise negative_count_error(what, row)
 
 
 def _duck_type(con: duckdb.DuckDBPyConnection, t: pa.DataType) -> str:
@@ -329,6 +442,7 @@ class ReadHandle:
         Raises:
             ReadBeforeSince: `as_of` is before the shard's since.
             NotYetReadable: the upper did not pass `as_of` in time.
+            NegativeCount: a row's updates sum to a negative count at `as_of`.
             CorruptPart: a part is missing or does not match its sha256.
         """
         as_of = _as_time(as_of)
@@ -345,6 +459,7 @@ class ReadHandle:
                 out = con.sql(sql).to_arrow_table()
             finally:
                 con.close()
+        _check_snapshot(self.shard_id, out, as_of)
         return out.cast(snapshot_schema(s.schema))
 
     def snapshot_reader(
@@ -361,6 +476,7 @@ class ReadHandle:
         Raises:
             ReadBeforeSince: `as_of` is before the shard's since.
             NotYetReadable: the upper did not pass `as_of` in time.
+            NegativeCount: a row's updates sum to a negative count at `as_of`.
             CorruptPart: a part is missing or does not match its sha256.
 
         Example:
@@ -381,7 +497,9 @@ class ReadHandle:
             con = snapshot_cursor()
             stack.callback(con.close)
             batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
-            src = parts_source(self.client, s, batches, con, "__parts")
+            src, diffs = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+            # Checked before the first batch: a stream must not stop half-way on a bad row.
+            check_counts(con, s, src, diffs, as_of, f"shard {self.shard_id}")
             collapsed = len(batches) == 1 and is_collapsed(batches[0], as_of)
             sql = collapsed_sql(s, src) if collapsed else snapshot_sql(s, src, as_of)
             duck = con.sql(sql).to_arrow_reader(batch_size)
@@ -392,6 +510,50 @@ class ReadHandle:
         # live until the reader is garbage; re-imported through the C stream
         # interface, close() releases the stream and with it the generator.
         return pa.RecordBatchReader.from_stream(pa.RecordBatchReader.from_batches(schema, gen))
+
+    def validate(self, as_of: int | None = None, *, timeout: float | None = None) -> None:
+        """Check that no row has a negative count: at `as_of`, or (None) at every readable time.
+
+        A negative count (a retraction whose insertion never came) makes the
+        collection invalid wherever it holds; every snapshot there raises. With
+        `as_of=None` this checks each time in `[since, upper)` of the current
+        state without waiting; a shard with nothing readable (since == upper) passes.
+        This is the check `fsck` runs.
+
+        Raises:
+            NegativeCount: naming the first such row (earliest time), its count and time.
+            ReadBeforeSince / NotYetReadable: an explicit `as_of`, as in `snapshot`.
+            CorruptPart: a part is missing or does not match its sha256.
+
+        Example:
+            >>> import pyarrow as pa, storage, tempfile
+            >>> client = storage.open(tempfile.mkdtemp())
+            >>> shard = storage.ShardId.new()
+            >>> w = client.open_writer(shard, schema=pa.schema([("k", pa.int64())]))
+            >>> _ = w.compare_and_append(pa.table({"k": [1, 2], "_time": [0, 3], "_diff": [1, -1]}), 0, 5)
+            >>> with client.open_leased_reader(shard) as r:
+            ...     r.validate(2)
+            ...     r.validate()
+            Traceback (most recent call last):
+            storage.errors.NegativeCount: shard ...: row {'k': 2} has negative count -1 at time 3 (a retraction without its insertion); the collection is invalid there
+        """
+        t: int | None = None
+        if as_of is None:
+            self._check_live()
+            s = self._fetch_live()
+            if s.since.time is not None and s.upper.less_equal(s.since.time):
+                return  # since == upper: nothing is readable, so nothing can be wrong
+        else:
+            t = _as_time(as_of)
+            s = self.wait_for_upper_past(t, timeout)
+        with self._reading(s):
+            batches = [b for b in s.batches if b.parts and (t is None or b.lower.less_equal(t))]
+            con = snapshot_cursor()
+            try:
+                src, diffs = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+                check_counts(con, s, src, diffs, t, f"shard {self.shard_id}")
+            finally:
+                con.close()
 
     def snapshot_updates(self, as_of: int, *, timeout: float | None = None) -> UpdateBatch:
         """The snapshot as updates at time `as_of` (for subscribe and the shard source)."""
@@ -472,6 +634,17 @@ class ReadHandle:
         finally:
             con.close()
         return consolidate(t.cast(schema))
+
+
+def _check_snapshot(shard_id: str, out: pa.Table, as_of: int) -> None:
+    """Raise NegativeCount if the consolidated snapshot `out` has a negative `_diff` (one vectorised min)."""
+    if not out.num_rows:
+        return
+    lo = pc.min(out.column(DIFF)).as_py()
+    if lo is not None and lo < 0:
+        bad = out.filter(pc.less(out.column(DIFF), pa.scalar(0, pa.int64()))).slice(0, 1).to_pylist()[0]
+        bad[TIME] = as_of
+        raise negative_count_error(f"shard {shard_id}", bad)
 
 
 def _stream(cleanup: ExitStack, duck: pa.RecordBatchReader, schema: pa.Schema) -> Iterator[pa.RecordBatch | None]:
