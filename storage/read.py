@@ -546,6 +546,10 @@ class ReadHandle:
         else:
             t = _as_time(as_of)
             s = self.wait_for_upper_past(t, timeout)
+        self._check_state(s, t)
+
+    def _check_state(self, s: st.ShardState, t: int | None) -> None:
+        """`validate` on the state version `s`: at `t`, or at every time (None)."""
         with self._reading(s):
             batches = [b for b in s.batches if b.parts and (t is None or b.lower.less_equal(t))]
             con = snapshot_cursor()
@@ -554,6 +558,29 @@ class ReadHandle:
                 check_counts(con, s, src, diffs, t, f"shard {self.shard_id}")
             finally:
                 con.close()
+
+    def count(self, as_of: int, *, timeout: float | None = None) -> int:
+        """The number of live rows at `as_of`, with multiplicity: `snapshot(as_of)`'s `_diff` summed.
+
+        Computed as the sum of the diffs at times `<= as_of` (one column, no
+        consolidation), after the negative-count check, so it is exact.
+
+        Raises:
+            ReadBeforeSince / NotYetReadable / NegativeCount / CorruptPart: as in `snapshot`.
+        """
+        as_of = _as_time(as_of)
+        s = self.wait_for_upper_past(as_of, timeout)
+        with self._reading(s):
+            batches = [b for b in s.batches if b.parts and b.lower.less_equal(as_of)]
+            con = snapshot_cursor()
+            try:
+                src, diffs = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+                check_counts(con, s, src, diffs, as_of, f"shard {self.shard_id}")
+                sql = f"SELECT coalesce(sum({DIFF}), 0)::BIGINT AS n FROM {src} WHERE {TIME} <= {as_of}"
+                n: int = con.sql(sql).to_arrow_table().column(0)[0].as_py()
+            finally:
+                con.close()
+        return n
 
     def snapshot_updates(self, as_of: int, *, timeout: float | None = None) -> UpdateBatch:
         """The snapshot as updates at time `as_of` (for subscribe and the shard source)."""
@@ -564,7 +591,9 @@ class ReadHandle:
         return UpdateBatch(upd, Frontier.MIN, Frontier(as_of + 1))
 
     # ---- listen ----
-    def listen(self, as_of: int, *, timeout: float | None = None) -> Iterator[UpdateBatch | Progress]:
+    def listen(
+        self, as_of: int, *, timeout: float | None = None, validate: bool = False
+    ) -> Iterator[UpdateBatch | Progress]:
         """Yield the updates at times `> as_of` as they commit, then `Progress(upper)`.
 
         Each `UpdateBatch` holds consolidated updates with times in
@@ -572,6 +601,12 @@ class ReadHandle:
         followed by listen from `as_of` is exact: nothing lost, nothing repeated.
         The iterator ends after `Progress(Frontier.EMPTY)` (the shard was closed),
         or when nothing new came for `timeout` seconds (default: wait forever).
+
+        Updates are differences, so a retraction is normal here. With
+        `validate=True`, a batch that holds a retraction is checked first
+        (`validate()` at every time up to its upper: a scan of the shard) and a
+        row whose count goes negative raises `NegativeCount` before the batch
+        is yielded. Off by default: it costs a scan per such batch.
         """
         as_of = _as_time(as_of)
         self._check_live()
@@ -579,9 +614,9 @@ class ReadHandle:
         if not s0.since.less_equal(as_of):
             raise ReadBeforeSince(f"shard {self.shard_id}: as_of {as_of} is before since {s0.since.time}")
         # SUBTLE: the checks above run at the call, not at the first next(): the loop is a separate generator.
-        return self._listen(as_of, timeout)
+        return self._listen(as_of, timeout, validate)
 
-    def _listen(self, as_of: int, timeout: float | None) -> Iterator[UpdateBatch | Progress]:
+    def _listen(self, as_of: int, timeout: float | None, validate: bool) -> Iterator[UpdateBatch | Progress]:
         frontier = Frontier(as_of + 1)
         last_event = time.monotonic()
         attempt = 0
@@ -600,6 +635,8 @@ class ReadHandle:
                 with self._reading(s):
                     batches = [b for b in s.batches if frontier < b.upper and b.parts]
                     t = self._read_range(s, batches, frontier, s.upper)
+                if validate and t.num_rows and pc.min(t.column(DIFF)).as_py() < 0:
+                    self._check_state(s, None)
                 if t.num_rows:
                     yield UpdateBatch(t, frontier, s.upper)
                 yield Progress(s.upper)
@@ -614,13 +651,18 @@ class ReadHandle:
             _sleep_backoff(attempt)
             attempt += 1
 
-    def subscribe(self, as_of: int, *, timeout: float | None = None) -> Iterator[UpdateBatch | Progress]:
-        """The snapshot at `as_of` as one batch of updates at `as_of`, then `listen(as_of)`."""
+    def subscribe(
+        self, as_of: int, *, timeout: float | None = None, validate: bool = False
+    ) -> Iterator[UpdateBatch | Progress]:
+        """The snapshot at `as_of` as one batch of updates at `as_of`, then `listen(as_of)`.
+
+        The snapshot is always checked (`NegativeCount`); `validate` is `listen`'s.
+        """
         snap = self.snapshot_updates(as_of, timeout=timeout)
         if snap.num_rows:
             yield snap
         yield Progress(Frontier(as_of + 1))
-        yield from self.listen(as_of, timeout=timeout)
+        yield from self.listen(as_of, timeout=timeout, validate=validate)
 
     def _read_range(self, s: st.ShardState, batches: list[st.BatchMeta], lo: Frontier, hi: Frontier) -> pa.Table:
         schema = update_schema(s.schema)

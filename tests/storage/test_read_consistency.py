@@ -138,9 +138,9 @@ def poisoned(client):  # noqa: ANN001, ANN201
 ])
 def test_a_filtered_query_does_not_skip_a_negative_count(poisoned, q):  # noqa: ANN001
     client, x = poisoned
-    with pytest.raises(storage.NegativeCount, match=r"collection x: row \{'k': 99\} has negative count -1 at time 19"):
-        with storage.query.connect(client, {"x": x}) as con:
-            rows(con, q)
+    bad = r"collection x: row \{'k': 99\} has negative count -1 at time 19"
+    with pytest.raises(storage.NegativeCount, match=bad), storage.query.connect(client, {"x": x}) as con:
+        rows(con, q)
 
 
 def test_snapshot_and_snapshot_reader_refuse_a_negative_count(poisoned):  # noqa: ANN001
