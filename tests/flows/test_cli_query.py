@@ -77,7 +77,7 @@ def test_query_filtered_negative_count_fails(tmp_path: Path, capsys) -> None:  #
     w.compare_and_append(upd([1, 2, 3], 0), u, 10)
     w.compare_and_append(upd([99], 10, -1), 10, 20)
     client.close()
-    for q in ("SELECT count(*) FROM x", "SELECT count(*) FROM x WHERE k = 2", "SELECT count(*) FROM x WHERE k < 50"):
+    for q in ("SELECT count(*) FROM x WHERE k = 2", "SELECT count(*) FROM x WHERE k < 50", "SELECT count(*) FROM x"):
         rc, out, err = cli(capsys, data, "query", q)
         assert rc == 1 and out == "", (q, out)
         assert "collection x: row {'k': 99} has negative count -1 at time 19" in one_error(err)
