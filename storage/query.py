@@ -268,15 +268,16 @@ def _create_views(
     hidden = _hidden(f"{schema}.{base}" if schema else base)
     since = s.since.time if s.since.time is not None else MAX_TIME
     con.execute("INSERT INTO __since VALUES (?, ?, ?)", [hidden, since, -1 if t is None else t])
-    src, diffs = parts_source_with_diffs(reader.client, s, [b for b in s.batches if b.parts], con, f"__parts_{hidden}")
-    con.execute(f"CREATE VIEW {qident(hidden)} AS SELECT * FROM {src}")
+    ps = parts_source_with_diffs(reader.client, s, [b for b in s.batches if b.parts], con, f"__parts_{hidden}")
+    diffs = ps.diffs
+    con.execute(f"CREATE VIEW {qident(hidden)} AS SELECT * FROM {ps.src}")
     names = s.schema.names
     cols = ", ".join(qident(c) for c in names)
     if t is None:
         body = f"SELECT {cols} FROM {qident(hidden)} WHERE false"
     else:
         # Validate before any filter of the query's: see the module doc.
-        check_counts(con, s, qident(hidden), diffs, t, f"collection {name}")
+        check_counts(con, s, ps, t, f"collection {name}")
         if names and diffs is not None and diffs[0] >= 1 and diffs[1] == 1:
             # Every update is +1: the snapshot is the updates up to t, one row each. No GROUP BY
             # (DESIGN.md §3 Query: a plain scan where Parquet statistics show every _diff is 1).

@@ -9,6 +9,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -87,6 +88,22 @@ def tombstone_error(shard_id: str) -> Tombstone:
 DiffRange = tuple[int, int]  # (min, max) of `_diff` over some parts
 
 
+@dataclass(frozen=True)
+class PartsSource:
+    """FROM-clauses over a state's parts, with what their Parquet statistics say of `_diff`.
+
+    `src` reads every part. `diffs` is (min, max) `_diff` over them, None if
+    unknown or there are no parts. `neg`/`pos` read only the parts whose min
+    `_diff` is negative / not negative (None when not split: remote parts, or
+    statistics missing); `find_negative` uses them to sum fewer updates.
+    """
+
+    src: str
+    diffs: DiffRange | None = None
+    neg: str | None = None
+    pos: str | None = None
+
+
 def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str) -> str:
     """Verify the parts of `batches` and return a DuckDB FROM-clause over them.
 
@@ -94,29 +111,29 @@ def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], 
     blob are fetched, verified and registered as one Arrow table under `name`.
     An empty list yields an empty relation with the shard's update schema.
     """
-    return _parts_source(client, s, batches, con, name, diffs=False)[0]
+    return _parts_source(client, s, batches, con, name, diffs=False).src
 
 
 def parts_source_with_diffs(
     client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str
-) -> tuple[str, DiffRange | None]:
-    """`parts_source`, plus the (min, max) `_diff` over those parts: None if unknown or no parts.
+) -> PartsSource:
+    """`parts_source`, plus what the parts' statistics say of `_diff` (see `PartsSource`).
 
-    Local parts answer from their Parquet footers (statistics; no data is read),
-    remote parts from the fetched table. A min `>= 0` proves no count can be
-    negative, so the snapshot needs no check (see `find_negative`).
+    Local parts answer from their Parquet footers (no data is read), remote
+    parts from the fetched table. A min `>= 0` proves no count can be negative,
+    so the snapshot needs no check (see `check_counts`).
     """
     return _parts_source(client, s, batches, con, name, diffs=True)
 
 
 def _parts_source(
     client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str, *, diffs: bool
-) -> tuple[str, DiffRange | None]:
+) -> PartsSource:
     parts = [(b, p) for b in batches for p in b.parts]
     schema = update_schema(s.schema)
     if not parts:
         con.register(name, schema.empty_table())
-        return qident(name), None
+        return PartsSource(qident(name))
     paths = []
     tables = []
     for b, p in parts:
@@ -134,37 +151,52 @@ def _parts_source(
         if diffs and t.num_rows:
             mm = pc.min_max(t.column(DIFF))
             rng = (mm["min"].as_py(), mm["max"].as_py())
-        return qident(name), rng
-    rng = _footer_diff_range(paths) if diffs else None
+        return PartsSource(qident(name), rng)
+    if not diffs:
+        return PartsSource(_read_parquet(con, s, schema, paths))
+    ranges = [_footer_diff_range(x) for x in paths]
+    known = [r for r in ranges if r is not None]
+    if len(known) < len(ranges) or not known:
+        return PartsSource(_read_parquet(con, s, schema, paths))
+    neg = [x for x, r in zip(paths, known, strict=True) if r[0] < 0]
+    pos = [x for x, r in zip(paths, known, strict=True) if r[0] >= 0]
+    return PartsSource(
+        _read_parquet(con, s, schema, paths),
+        (min(r[0] for r in known), max(r[1] for r in known)),
+        _read_parquet(con, s, schema, neg) if neg else None,
+        _read_parquet(con, s, schema, pos) if pos else None,
+    )
+
+
+def _read_parquet(con: duckdb.DuckDBPyConnection, s: st.ShardState, schema: pa.Schema, paths: list[str]) -> str:
     lst = "[" + ", ".join("'" + x.replace("'", "''") + "'" for x in paths) + "]"
     if s.schema_changed:
         # Older parts lack added (nullable) columns; union_by_name fills them with NULL.
         cols = ", ".join(f"CAST({qident(f.name)} AS {_duck_type(con, f.type)}) AS {qident(f.name)}" for f in schema)
-        return f"(SELECT {cols} FROM read_parquet({lst}, union_by_name=true))", rng
-    return f"read_parquet({lst})", rng
+        return f"(SELECT {cols} FROM read_parquet({lst}, union_by_name=true))"
+    return f"read_parquet({lst})"
 
 
-def _footer_diff_range(paths: list[str]) -> DiffRange | None:
-    """(min, max) `_diff` from the Parquet statistics of `paths`; None if any row group lacks them."""
+def _footer_diff_range(path: str) -> DiffRange | None:
+    """(min, max) `_diff` from the Parquet statistics of one part; None if a row group lacks them."""
     lo: int | None = None
     hi: int | None = None
-    for path in paths:
-        md = pq.read_metadata(path)
-        for g in range(md.num_row_groups):
-            rg = md.row_group(g)
-            if rg.num_rows == 0:
-                continue
-            col = next((rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema == DIFF), None)
-            st_ = col.statistics if col is not None else None
-            if st_ is None or not st_.has_min_max:
-                return None
-            lo = st_.min if lo is None else min(lo, st_.min)
-            hi = st_.max if hi is None else max(hi, st_.max)
+    md = pq.read_metadata(path)
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        if rg.num_rows == 0:
+            continue
+        col = next((rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema == DIFF), None)
+        st_ = col.statistics if col is not None else None
+        if st_ is None or not st_.has_min_max:
+            return None
+        lo = st_.min if lo is None else min(lo, st_.min)
+        hi = st_.max if hi is None else max(hi, st_.max)
     return None if lo is None or hi is None else (int(lo), int(hi))
 
 
 def find_negative(
-    con: duckdb.DuckDBPyConnection, s: st.ShardState, src: str, as_of: int | None
+    con: duckdb.DuckDBPyConnection, s: st.ShardState, ps: PartsSource, as_of: int | None
 ) -> dict[str, Any] | None:
     """The first row whose count is negative, as `{columns..., _time, _diff}`; None if there is none.
 
@@ -176,11 +208,30 @@ def find_negative(
     over the candidates alone; cheaper than consolidating everything. Run it
     before any filter of the caller's: a filtered query must not skip the check.
     """
+    src = ps.src
     cols = [qident(n) for n in s.schema.names]
     since = s.since.time if s.since.time is not None else 0
     on = " AND ".join(f"p.{c} IS NOT DISTINCT FROM c.{c}" for c in cols)
     pcols = ", ".join(f"p.{c}" for c in cols)
-    if as_of is not None:
+    if as_of is not None and cols and ps.neg is not None:
+        # Two stages: updates from parts with no negative diff add >= 0 to a count, so a row
+        # can only end negative if its sum over the `neg` parts is; only those rows are then
+        # looked up in the `pos` parts (often none are left, and `pos` is not read at all).
+        n_on = " AND ".join(f"n.{c} IS NOT DISTINCT FROM q.{c}" for c in cols)
+        ncols = ", ".join(f"n.{c}" for c in cols)
+        n = (f"SELECT {', '.join(cols)}, sum({DIFF}) AS __d FROM {ps.neg} WHERE {TIME} <= {as_of} "
+             f"GROUP BY ALL HAVING sum({DIFF}) < 0")
+        if ps.pos is None:
+            q = f"SELECT {', '.join(cols)}, 0 AS __s FROM n WHERE false"
+        else:
+            q = (f"SELECT {pcols}, sum(p.{DIFF}) AS __s FROM {ps.pos} AS p SEMI JOIN n AS c ON {on} "
+                 f"WHERE p.{TIME} <= {as_of} GROUP BY ALL")
+        sql = (
+            f"WITH n AS ({n}), q AS ({q}) "
+            f"SELECT {ncols}, {as_of}::BIGINT AS {TIME}, (n.__d + coalesce(q.__s, 0))::BIGINT AS {DIFF} "
+            f"FROM n LEFT JOIN q ON {n_on} WHERE n.__d + coalesce(q.__s, 0) < 0 LIMIT 1"
+        )
+    elif as_of is not None:
         if not cols:
             sql = (f"SELECT {as_of}::BIGINT AS {TIME}, sum({DIFF})::BIGINT AS {DIFF} FROM {src} "
                    f"WHERE {TIME} <= {as_of} HAVING sum({DIFF}) < 0")
@@ -220,13 +271,11 @@ def negative_count_error(what: str, row: dict[str, Any]) -> NegativeCount:
     return NegativeCount(msg)
 
 
-def check_counts(
-    con: duckdb.DuckDBPyConnection, s: st.ShardState, src: str, diffs: DiffRange | None, as_of: int | None, what: str
-) -> None:
-    """Raise `NegativeCount` if a count is negative (see `find_negative`); free when `diffs` proves none can be."""
-    if diffs is not None and diffs[0] >= 0:
+def check_counts(con: duckdb.DuckDBPyConnection, s: st.ShardState, ps: PartsSource, as_of: int | None, what: str) -> None:
+    """Raise `NegativeCount` if a count is negative (see `find_negative`); free when statistics prove none can be."""
+    if ps.diffs is not None and ps.diffs[0] >= 0:
         return  # no negative update at all: no count can be negative
-    row = find_negative(con, s, src, as_of)
+    row = find_negative(con, s, ps, as_of)
     if row is not None:
         raise negative_count_error(what, row)
 
@@ -497,9 +546,10 @@ class ReadHandle:
             con = snapshot_cursor()
             stack.callback(con.close)
             batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
-            src, diffs = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+            ps = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+            src = ps.src
             # Checked before the first batch: a stream must not stop half-way on a bad row.
-            check_counts(con, s, src, diffs, as_of, f"shard {self.shard_id}")
+            check_counts(con, s, ps, as_of, f"shard {self.shard_id}")
             collapsed = len(batches) == 1 and is_collapsed(batches[0], as_of)
             sql = collapsed_sql(s, src) if collapsed else snapshot_sql(s, src, as_of)
             duck = con.sql(sql).to_arrow_reader(batch_size)
@@ -554,8 +604,8 @@ class ReadHandle:
             batches = [b for b in s.batches if b.parts and (t is None or b.lower.less_equal(t))]
             con = snapshot_cursor()
             try:
-                src, diffs = parts_source_with_diffs(self.client, s, batches, con, "__parts")
-                check_counts(con, s, src, diffs, t, f"shard {self.shard_id}")
+                ps = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+                check_counts(con, s, ps, t, f"shard {self.shard_id}")
             finally:
                 con.close()
 
@@ -574,9 +624,9 @@ class ReadHandle:
             batches = [b for b in s.batches if b.parts and b.lower.less_equal(as_of)]
             con = snapshot_cursor()
             try:
-                src, diffs = parts_source_with_diffs(self.client, s, batches, con, "__parts")
-                check_counts(con, s, src, diffs, as_of, f"shard {self.shard_id}")
-                sql = f"SELECT coalesce(sum({DIFF}), 0)::BIGINT AS n FROM {src} WHERE {TIME} <= {as_of}"
+                ps = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+                check_counts(con, s, ps, as_of, f"shard {self.shard_id}")
+                sql = f"SELECT coalesce(sum({DIFF}), 0)::BIGINT AS n FROM {ps.src} WHERE {TIME} <= {as_of}"
                 n: int = con.sql(sql).to_arrow_table().column(0)[0].as_py()
             finally:
                 con.close()

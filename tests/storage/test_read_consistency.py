@@ -217,3 +217,16 @@ def test_changes_of_an_empty_collection_past_its_upper_is_refused(client):  # no
         with pytest.raises(duckdb.Error, match="past the query's as_of 2"):
             rows(con, "SELECT * FROM changes('e', -1, 1000)")
         assert rows(con, "SELECT * FROM changes('e')") == []
+
+
+def test_a_retraction_of_a_row_from_an_earlier_part_is_valid_nulls_too(client):  # noqa: ANN001
+    """Inserted (NULL included) in a part with no retraction, retracted in a later part: counts 0, no error."""
+    x = storage.ShardId.new()
+    w = client.open_writer(x, schema=K)
+    w.compare_and_append(upd([1, None, 3], 0), 0, 10)  # type: ignore[list-item]
+    w.compare_and_append(upd([1, None], 10, -1), 10, 20)  # type: ignore[list-item]
+    with storage.query.connect(client, {"x": x}) as con:
+        assert rows(con, "SELECT k FROM x") == [(3,)]
+    w.compare_and_append(upd([None], 20, -1), 20, 30)  # type: ignore[list-item]
+    with pytest.raises(storage.NegativeCount, match=r"row \{'k': None\} has negative count -1 at time 29"):
+        storage.query.connect(client, {"x": x})
