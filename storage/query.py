@@ -232,21 +232,18 @@ def _common_as_of(
         states = {name: r._fetch_live() for name, r in readers.items()}
         if not states or all(s.upper.time == 0 for s in states.values()):
             return None, states
-        for name, s in states.items():
-            if s.since.time is not None and s.upper.less_equal(s.since.time):
-                # since == upper: this collection has no readable time until its upper moves.
-                # Say so now, as a snapshot at upper - 1 would.
-                raise NotYetReadable(
-                    f"collection {name}: nothing is readable yet: since {s.since.time} has reached upper {s.upper.time}"
-                )
+        # The largest time every collection can read: below every upper, at or past every since.
+        # (A since that has reached its own upper, or an upper behind another's since, leaves
+        # none until the uppers move on.)
         hi = min((MAX_TIME if s.upper.time is None else s.upper.time - 1) for s in states.values())
         lo = max((s.since.time or 0) for s in states.values())
         if lo <= hi:
             return hi, {name: readers[name].wait_for_upper_past(hi, 0.0) for name in readers}
         if time.monotonic() >= deadline:
+            where = f"collection {next(iter(states))}" if len(states) == 1 else "every collection of the query"
             raise NotYetReadable(
-                f"no time is readable in every collection of the query (the latest common time is "
-                f"min(upper) - 1 = {hi}, before max(since) = {lo}) after waiting {wait:g}s: {_describe(states)}"
+                f"no time is readable yet in {where}: min(upper) - 1 = {hi} is before max(since) = {lo} "
+                f"after waiting {wait:g}s: {_describe(states)}"
             )
         _sleep_backoff(attempt)
         attempt += 1

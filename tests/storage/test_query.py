@@ -144,13 +144,14 @@ def test_changes_below_since_is_an_error_not_a_wrong_answer(tmp_path):
     r.expire()
 
 
-def test_nothing_readable_when_since_reaches_upper_fails_fast(tmp_path):
+def test_nothing_readable_when_since_reaches_upper_waits_then_says_why(tmp_path):
     client = storage.open(tmp_path)
     s = storage.ShardId.new()
     w = client.open_writer(s, schema=SCHEMA)
     w.compare_and_append(upd([("a", 1, 1, 1)]), 0, 5)
     r = client.open_leased_reader(s)
     r.downgrade_since(5)
-    with pytest.raises(storage.NotYetReadable, match="collection x: nothing is readable yet: since 5 has reached upper 5"):
-        storage.query.connect(client, {"x": s})
+    with pytest.raises(storage.NotYetReadable, match=r"no time is readable yet in collection x: min\(upper\) - 1 = 4 "
+                       r"is before max\(since\) = 5 after waiting 0.1s: x \(since 5, upper 5\)"):
+        storage.query.connect(client, {"x": s}, timeout=0.1)
     r.expire()

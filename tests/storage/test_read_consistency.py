@@ -60,8 +60,8 @@ def test_no_common_time_waits_then_names_each_collection(xy):  # noqa: ANN001
     held = client.open_leased_reader(x)  # registered at since 15
     r.expire()
     t0 = time.monotonic()
-    with pytest.raises(storage.NotYetReadable, match=r"max\(since\) = 15\) after waiting 0.3s: "
-                       r"x \(since 15, upper 20\), y \(since 0, upper 10\)"):
+    with pytest.raises(storage.NotYetReadable, match=r"in every collection of the query: min\(upper\) - 1 = 9 is before "
+                       r"max\(since\) = 15 after waiting 0.3s: x \(since 15, upper 20\), y \(since 0, upper 10\)"):
         storage.query.connect(client, {"x": x, "y": y}, timeout=0.3)
     assert time.monotonic() - t0 >= 0.3
     # While it waits, y's upper moves past x's since: it reads there, both at one time.
