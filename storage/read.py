@@ -266,7 +266,7 @@ def negative_count_error(what: str, row: dict[str, Any]) -> NegativeCount:
     vals = {k: v for k, v in row.items() if k not in (TIME, DIFF)}
     msg = (
         f"{what}: row {vals} has negative count {row[DIFF]} at time {row[TIME]} "
-        f"(a retraction without its insertion); the collection is invalid there"
+        f"(more retractions than insertions); the collection is invalid there"
     )
     return NegativeCount(msg)
 
@@ -589,7 +589,7 @@ class ReadHandle:
             ...     r.validate(2)
             ...     r.validate()
             Traceback (most recent call last):
-            storage.errors.NegativeCount: shard ...: row {'k': 2} has negative count -1 at time 3 (a retraction without its insertion); the collection is invalid there
+            storage.errors.NegativeCount: shard ...: row {'k': 2} has negative count -1 at time 3 (more retractions than insertions); the collection is invalid there
         """
         t: int | None = None
         if as_of is None:
