@@ -113,9 +113,14 @@ def build_parser() -> argparse.ArgumentParser:
         "query",
         parents=[common],
         help="run SQL over every collection",
-        description="Every collection under --data is a view of its snapshot; introspection "
-        "collections are in schema sys. The table function changes(name, from, to) returns raw "
-        "updates with from < _time <= to.",
+        description="Every collection the SQL mentions is a view of its snapshot, all at ONE time "
+        "(--as-of, or the latest time every one of them can read); introspection collections are "
+        "in schema sys. A row with a negative count makes every query over its collection fail, "
+        "however filtered. The table function changes(name, from, to) returns the raw updates, "
+        "with _time and _diff, where from < _time <= to. from defaults to -1, so changes('x') and "
+        "changes('x', -1, T) include time 0, changes('x', 0, T) leaves it out; to defaults to the "
+        "query's as-of, and a later to is an error (those updates are not part of the query). "
+        "from must be >= since once since is past 0.",
     )
     q.add_argument("sql", help="a DuckDB SQL query")
     q.add_argument(
@@ -123,7 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="T",
-        help="read at time T (default: latest readable)",
+        help="read every collection at time T (default: the latest time all of them can read)",
+    )
+    q.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="wait this long for a readable time: --as-of T past an upper, or no time readable in "
+        "every collection yet (default: %(default)s)",
     )
     q.add_argument(
         "--format",
@@ -305,7 +318,9 @@ def cmd_query(args: argparse.Namespace) -> int:
         cat = _referenced(_catalog(ctl), args.sql)
         if not args.sql.strip():
             raise storage.InvalidInput("query: empty SQL")
-        with storage.query.connect(client, cat, as_of=args.as_of) as con:
+        # Only the collections the SQL mentions are opened: an unrelated collection
+        # (a broken part, a since past this as_of) cannot break this query.
+        with storage.query.connect(client, cat, as_of=args.as_of, timeout=args.timeout) as con:
             try:
                 table = con.sql(args.sql).to_arrow_table()
             except duckdb.CatalogException as e:
@@ -338,10 +353,11 @@ def cmd_tail(args: argparse.Namespace) -> int:
         if as_of is None:
             up = client.state(shard).upper
             as_of = max((up.time or 1) - 1, 0) if not up.is_empty else storage.frontier.MAX_TIME
+        # validate: a row whose count goes negative stops the tail with one line (NegativeCount).
         events = (
-            r.listen(as_of, timeout=args.timeout)
+            r.listen(as_of, timeout=args.timeout, validate=True)
             if args.no_snapshot
-            else r.subscribe(as_of, timeout=args.timeout)
+            else r.subscribe(as_of, timeout=args.timeout, validate=True)
         )
         out = sys.stdout
         try:
@@ -379,7 +395,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
         if args.name:
             _resolve(ctl, args.name)
-        infos = {n: client.inspect(cat[n]) for n in names}
+        infos = {n: _inspect_one(client, cat[n]) for n in names}
     finally:
         ctl.close()
     if args.json:
@@ -391,13 +407,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import storage
 
     t = Table(title=f"collections in {args.data}")
-    for col in ("collection", "shard", "since", "upper", "lag", "batches", "rows", "bytes"):
-        t.add_column(
-            col,
-            justify="right" if col in ("since", "upper", "batches", "rows", "bytes") else "left",
-        )
+    right = ("since", "upper", "batches", "rows", "updates", "bytes")
+    for col in ("collection", "shard", "since", "upper", "lag", "batches", "rows", "updates", "bytes"):
+        t.add_column(col, justify="right" if col in right else "left")
     for n, info in infos.items():
         up = storage.Frontier(info["upper"])
+        rows = info["rows"]
         t.add_row(
             n,
             info["shard_id"][:9] + "…",
@@ -405,16 +420,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             str(info["upper"]),
             _lag_ms(up),
             str(len(info["batches"])),
-            f"{info['rows']:,}",
+            f"{rows:,}" if isinstance(rows, int) else str(info.get("rows_error") or "-"),
+            f"{info['updates']:,}",
             f"{info['bytes']:,}",
         )
     Console().print(t)
     if args.name:
         bt = Table(title=f"batches of {args.name}")
-        for col in ("lower", "upper", "since", "parts", "rows", "bytes"):
+        for col in ("lower", "upper", "since", "parts", "updates", "bytes"):
             bt.add_column(col, justify="right")
         for b in infos[args.name]["batches"]:
-            bt.add_row(*[str(b[k]) for k in ("lower", "upper", "since", "parts", "rows", "bytes")])
+            bt.add_row(*[str(b[k]) for k in ("lower", "upper", "since", "parts", "updates", "bytes")])
         Console().print(bt)
     return 0
 
@@ -433,6 +449,41 @@ def _name_collection(args: argparse.Namespace, shard: str, msg: str) -> str:
     except Exception:  # noqa: BLE001 - only words another error
         return msg
     return msg if name is None else f"collection {name!r}: {msg}"
+
+
+def _inspect_one(client: Any, shard: str) -> dict[str, Any]:
+    """`client.inspect(shard)`, with `rows` the live rows and `updates` the stored update records.
+
+    `rows` counts the snapshot at the latest readable time (`upper - 1`), with
+    multiplicity: what `SELECT count(*)` answers there. None when nothing is
+    readable; then, or for an invalid collection, `rows_error` says why.
+    `updates` is the number of `(row, time, diff)` records in the parts; it
+    changes when compaction merges records, though the data does not.
+    """
+    import storage
+
+    info = client.inspect(shard)
+    info["updates"] = info.pop("rows")
+    for b in info["batches"]:
+        b["updates"] = b.pop("rows")
+    info["rows"] = None
+    up, since = info["upper"], info["since"]
+    if info["tombstone"]:
+        info["rows_error"] = "finalized"
+    elif up is not None and (up == 0 or (since is not None and since >= up)):
+        info["rows_error"] = "nothing readable yet"
+    else:
+        as_of = storage.frontier.MAX_TIME if up is None else up - 1
+        try:
+            with client.open_leased_reader(shard) as r:
+                info["rows"] = r.count(as_of, timeout=0)
+        except storage.NegativeCount:
+            info["rows_error"] = "invalid: a negative count"
+        except storage.CorruptPart:
+            info["rows_error"] = "corrupt part: run fsck"
+        except (storage.NotYetReadable, storage.ReadBeforeSince):
+            info["rows_error"] = "nothing readable yet"
+    return info
 
 
 def _each(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]]]:

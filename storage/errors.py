@@ -78,6 +78,14 @@ class NotYetReadable(ShardflowError, TimeoutError):
     """A read asked for an `as_of` at or past the upper, and it did not pass in time."""
 
 
+class NegativeCount(ShardflowError):
+    """A row's updates sum to a negative count at a readable time: the collection is invalid there.
+
+    Every read of such a snapshot raises it (a query, however filtered, a snapshot,
+    `ReadHandle.validate`), naming the row, its count and the time.
+    """
+
+
 class Tombstone(ShardflowError):
     """The shard was finalized: its since and upper are both empty."""
 

@@ -1,13 +1,26 @@
-"""Query shards with DuckDB: every collection is a view of its snapshot.
+"""Query shards with DuckDB: every collection is a view of its snapshot, all at one time.
 
 `connect(client, {"orders": shard})` returns a DuckDB connection in which
-`orders` is the snapshot of that shard at `as_of` (the latest readable time by
-default), one row per unit of count: a row whose updates sum to `_diff = 3`
-appears three times. A negative count is an error that names the row; it is
-never silently dropped. The table function `changes(name, from, to)` returns the
-raw updates with `from < _time <= to`, with their `_time` and `_diff`, so that
-snapshot(a) + changes(a, b) = snapshot(b). `from` must be `>= since` (below it,
-compaction may have moved times), else the query fails rather than answer wrong.
+`orders` is the snapshot of that shard at `as_of`, one row per unit of count: a
+row whose updates sum to `_diff = 3` appears three times. Every collection of a
+connection is read at the SAME `as_of` (by default the latest time all of them
+can read), so a join never mixes times.
+
+A negative count is an error that names the row (`NegativeCount`), raised by
+`connect` for every collection it opens, before any query: DuckDB pushes a
+query's filters below the view, so a check inside the view could be skipped by
+`WHERE k = 2`. The check is free when Parquet statistics show no negative
+`_diff`; otherwise only rows with a negative update are summed.
+
+The table function `changes(name, from, to)` returns the raw updates with
+`from < _time <= to`, with their `_time` and `_diff`, so that
+snapshot(a) + changes(a, b) = snapshot(b).
+- `from` defaults to -1 and `to` to the query's `as_of`: `changes('x')` is every
+  update up to `as_of`. Only `from = -1` (or less) includes time 0, since the
+  range is open below.
+- `from` must be `>= since` once since is past 0 (below it, compaction may have
+  moved times), and `to` must be `<= as_of` (later updates are not known yet, or
+  are not part of this query); otherwise the query fails rather than answer wrong.
 
 Names are validated as `[a-z_][a-z0-9_]*`, optionally prefixed by one schema
 (`sys.frontiers`); identifiers are always quoted.
@@ -20,15 +33,24 @@ that name ambiguous in every query. Introspection collections live in schema
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from contextlib import ExitStack
 from typing import Any
 
 import duckdb
 
+from . import state as st
 from .errors import InvalidInput, NotYetReadable, ReadBeforeSince
 from .frontier import MAX_TIME
-from .read import ReadHandle, parts_source, snapshot_sql
+from .read import (
+    DEFAULT_TIMEOUT_S,
+    ReadHandle,
+    _sleep_backoff,
+    check_counts,
+    parts_source_with_diffs,
+    snapshot_sql,
+)
 from .updates import DIFF, TIME, qident
 
 NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
@@ -96,102 +118,174 @@ def connect(
     *,
     timeout: float | None = None,
 ) -> QueryConnection:
-    """Open a DuckDB connection with one view per collection.
+    """Open a DuckDB connection with one view per collection, all at ONE time.
+
+    Every view shows its collection at the same `as_of`, as Materialize picks one
+    timestamp per query: a join or a subquery over several collections never
+    mixes times. Only the collections given are opened (give the ones a query
+    mentions: a broken, unrelated collection cannot break it).
+
+    Each collection is checked before any query runs: a row with a negative
+    count at `as_of` raises `NegativeCount` here, so no filter of the query can
+    skip it.
 
     Args:
         client: a `storage.Client`.
         collections: view name (`name` or `schema.name`) -> shard id.
-        as_of: the time to read at; None reads each collection at its latest
-            readable time (`upper - 1`). An explicit `as_of` must be `>= since`
-            and waits up to `timeout` for the upper to pass it.
+        as_of: the time to read at. None: the latest time every collection can
+            read, `min(upper) - 1`, which must be `>= max(since)`; if there is
+            none yet (one collection's upper is behind another's since), wait up
+            to `timeout` (default 10 s) for the uppers to move. An explicit
+            `as_of` must be `>= since` of each, and waits up to `timeout` for
+            every upper to pass it.
+        timeout: seconds to wait, in total, for a readable time.
 
     Raises:
-        InvalidInput: a bad view name. ReadBeforeSince / NotYetReadable: see snapshot.
+        InvalidInput: a bad view name.
+        ReadBeforeSince: an explicit `as_of` before a collection's since.
+        NotYetReadable: no readable time came within `timeout` (the message
+            names each collection with its since and upper).
+        NegativeCount: a collection has a row with a negative count at `as_of`.
+
+    Example:
+        >>> import pyarrow as pa, storage, tempfile
+        >>> client = storage.open(tempfile.mkdtemp())
+        >>> x, y = storage.ShardId.new(), storage.ShardId.new()
+        >>> one = pa.table({"k": [1], "_time": [0], "_diff": [1]})
+        >>> wx = client.open_writer(x, schema=pa.schema([("k", pa.int64())]))
+        >>> wy = client.open_writer(y, schema=pa.schema([("k", pa.int64())]))
+        >>> _ = wx.compare_and_append(one, 0, 10), wy.compare_and_append(one, 0, 10)
+        >>> _ = wx.compare_and_append(pa.table({"k": [1, 2], "_time": [10, 10], "_diff": [-1, 1]}), 10, 20)
+        >>> with storage.query.connect(client, {"x": x, "y": y}) as con:
+        ...     con.as_of, con.sql("SELECT * FROM x FULL JOIN y USING (k)").fetchall()
+        ({'x': 9, 'y': 9}, [(1,)])
     """
     checked = {name: _schema_alias(check_name(name)) for name in collections}
     con = duckdb.connect(":memory:")
     stack = ExitStack()
-    as_ofs: dict[str, int | None] = {}
     try:
-        con.execute("CREATE TABLE __since (hidden VARCHAR PRIMARY KEY, since BIGINT)")
-        schemas = {s for s, _ in checked.values() if s}
-        for s in sorted(schemas):
-            con.execute(f"CREATE SCHEMA IF NOT EXISTS {qident(s)}")
+        readers: dict[str, ReadHandle] = {}
         for name, shard in collections.items():
-            schema, base = checked[name]
             reader: ReadHandle = client.open_leased_reader(shard)
             stack.callback(reader.expire)
-            try:
-                as_ofs[name] = _create_views(con, stack, reader, name, schema, base, as_of, timeout)
-            except (ReadBeforeSince, NotYetReadable) as e:
-                # Say which collection: the user named collections, not shards.
-                raise type(e)(f"collection {name}: {e}") from None
+            readers[name] = reader
+        # SUBTLE: the readers are registered first. Each holds its shard's since where it
+        # is now, so no since can pass the time chosen below while we wait and read.
+        t, states = _common_as_of(readers, as_of, timeout)
+        con.execute("CREATE TABLE __since (hidden VARCHAR PRIMARY KEY, since BIGINT, as_of BIGINT)")
+        for sch in sorted({sch for sch, _ in checked.values() if sch}):
+            con.execute(f"CREATE SCHEMA IF NOT EXISTS {qident(sch)}")
+        for name, s in states.items():
+            schema, base = checked[name]
+            _create_views(con, stack, readers[name], s, name, schema, base, t)
         # SUBTLE: below since, compaction may have advanced times (to since), so raw updates
         # there may not be where they were: changes() from a time below since would be
         # silently wrong. It is an error instead, like a snapshot before since. (With
-        # since 0 nothing can have moved, so from = -1 means "everything".)
+        # since 0 nothing can have moved, so from = -1 means "everything".) Past the
+        # query's as_of, updates may not be known yet (or are later than what the views
+        # show): a `to` past it is an error too. The check is an uncorrelated scalar
+        # subquery, so it runs even when the collection is empty or the query filters.
         key = "'__changes_' || replace(regexp_replace(name, '^system[.]', 'sys.'), '.', '__')"
+        call = "'changes(' || name || ', ' || t_from || ', ' || coalesce(CAST(t_to AS VARCHAR), 'as_of') || ')'"
         con.execute(
-            "CREATE MACRO changes(name, t_from, t_to) AS TABLE "
-            f"SELECT * FROM query_table({key}) "
-            f"WHERE CASE WHEN t_from < (SELECT since FROM __since WHERE hidden = {key}) "
-            f"AND (SELECT since FROM __since WHERE hidden = {key}) > 0 "
-            f"THEN error('changes(' || name || ', ' || t_from || ', ...): from is before since ' || "
-            f"(SELECT since FROM __since WHERE hidden = {key}) || '; times below since are compacted') "
-            f"ELSE {TIME} > t_from AND {TIME} <= t_to END"
+            "CREATE MACRO changes(name, t_from := -1, t_to := NULL) AS TABLE "
+            f"SELECT * FROM query_table({key}) WHERE (SELECT CASE "
+            f"WHEN t_from < since AND since > 0 THEN error({call} || ': from is before since ' || since || "
+            "'; times below since are compacted') "
+            f"WHEN t_to > as_of THEN error({call} || ': to is past the query''s as_of ' || as_of || "
+            "'; later updates are not part of this query (use --as-of to read at a later time)') "
+            f"ELSE true END FROM __since WHERE hidden = {key}) "
+            f"AND {TIME} > t_from AND {TIME} <= coalesce(t_to, (SELECT as_of FROM __since WHERE hidden = {key}))"
         )
     except BaseException:
         con.close()
         stack.close()
         raise
-    return QueryConnection(con, stack, as_ofs)
+    return QueryConnection(con, stack, {name: t for name in collections})
+
+
+def _describe(states: Mapping[str, st.ShardState]) -> str:
+    return ", ".join(f"{n} (since {s.since}, upper {s.upper})" for n, s in states.items())
+
+
+def _common_as_of(
+    readers: Mapping[str, ReadHandle], as_of: int | None, timeout: float | None
+) -> tuple[int | None, dict[str, st.ShardState]]:
+    """The one time every collection is read at, and each one's state, readable there.
+
+    None (with each state) when every collection is still empty with upper 0:
+    the views are then empty.
+    """
+    wait = DEFAULT_TIMEOUT_S if timeout is None else timeout
+    deadline = time.monotonic() + wait
+    if as_of is not None:
+        states = {}
+        for name, r in readers.items():
+            try:
+                states[name] = r.wait_for_upper_past(as_of, max(deadline - time.monotonic(), 0.0))
+            except (ReadBeforeSince, NotYetReadable) as e:
+                # Say which collection: the user named collections, not shards.
+                raise type(e)(f"collection {name}: {e}") from None
+        return as_of, states
+    attempt = 0
+    while True:
+        states = {name: r._fetch_live() for name, r in readers.items()}
+        if not states or all(s.upper.time == 0 for s in states.values()):
+            return None, states
+        # The largest time every collection can read: below every upper, at or past every since.
+        # (A since that has reached its own upper, or an upper behind another's since, leaves
+        # none until the uppers move on.)
+        hi = min((MAX_TIME if s.upper.time is None else s.upper.time - 1) for s in states.values())
+        lo = max((s.since.time or 0) for s in states.values())
+        if lo <= hi:
+            return hi, {name: readers[name].wait_for_upper_past(hi, 0.0) for name in readers}
+        if time.monotonic() >= deadline:
+            where = f"collection {next(iter(states))}" if len(states) == 1 else "every collection of the query"
+            raise NotYetReadable(
+                f"no time is readable yet in {where}: min(upper) - 1 = {hi} is before max(since) = {lo} "
+                f"after waiting {wait:g}s: {_describe(states)}"
+            )
+        _sleep_backoff(attempt)
+        attempt += 1
 
 
 def _create_views(
     con: duckdb.DuckDBPyConnection,
     stack: ExitStack,
     reader: ReadHandle,
+    s: st.ShardState,
     name: str,
     schema: str | None,
     base: str,
-    as_of: int | None,
-    timeout: float | None,
-) -> int | None:
-    s = reader.machine.fetch()
-    if as_of is None:
-        if s.upper.is_empty:
-            t: int | None = MAX_TIME
-        elif s.upper.time == 0:
-            t = None
-        else:
-            assert s.upper.time is not None  # INVARIANT: the empty upper was handled above
-            t = s.upper.time - 1
-            if s.since.time is not None and t < s.since.time:
-                # since == upper: no time is readable until the upper moves on. Say so now.
-                raise NotYetReadable(
-                    f"nothing is readable yet: since {s.since.time} has reached upper {s.upper.time}"
-                )
-    else:
-        t = as_of
-    if t is not None:
-        s = reader.wait_for_upper_past(t, timeout if as_of is not None else (timeout or 10.0))
+    t: int | None,
+) -> None:
     # SUBTLE: views are lazy; the reader pins this state version until the connection
     # closes, so gc cannot delete a part a view still reads.
     stack.enter_context(reader._reading(s))
     hidden = _hidden(f"{schema}.{base}" if schema else base)
-    con.execute("INSERT INTO __since VALUES (?, ?)", [hidden, s.since.time if s.since.time is not None else MAX_TIME])
-    src = parts_source(reader.client, s, [b for b in s.batches if b.parts], con, f"__parts_{hidden}")
-    con.execute(f"CREATE VIEW {qident(hidden)} AS SELECT * FROM {src}")
-    cols = [qident(c) for c in s.schema.names]
+    since = s.since.time if s.since.time is not None else MAX_TIME
+    con.execute("INSERT INTO __since VALUES (?, ?, ?)", [hidden, since, -1 if t is None else t])
+    ps = parts_source_with_diffs(reader.client, s, [b for b in s.batches if b.parts], con, f"__parts_{hidden}")
+    diffs = ps.diffs
+    con.execute(f"CREATE VIEW {qident(hidden)} AS SELECT * FROM {ps.src}")
+    names = s.schema.names
+    cols = ", ".join(qident(c) for c in names)
     if t is None:
-        body = f"SELECT {', '.join(cols)} FROM {qident(hidden)} WHERE false"
+        body = f"SELECT {cols} FROM {qident(hidden)} WHERE false"
     else:
-        struct = "{" + ", ".join(f"'{c}': {qident(c)}" for c in s.schema.names) + "}"
-        msg = f"'collection {name}: row ' || CAST({struct} AS VARCHAR) || ' has negative count ' || {DIFF} || ' at as_of {t}'"
-        agg = snapshot_sql(s, qident(hidden), t)
-        body = (
-            f"SELECT * EXCLUDE ({DIFF}, __n) FROM (SELECT *, unnest(CASE WHEN {DIFF} < 0 THEN error({msg}) "
-            f"ELSE range({DIFF}) END) AS __n FROM ({agg}))"
-        )
+        # Validate before any filter of the query's: see the module doc.
+        check_counts(con, s, ps, t, f"collection {name}")
+        if names and diffs is not None and diffs[0] >= 1 and diffs[1] == 1:
+            # Every update is +1: the snapshot is the updates up to t, one row each. No GROUP BY
+            # (DESIGN.md §3 Query: a plain scan where Parquet statistics show every _diff is 1).
+            body = f"SELECT {cols} FROM {qident(hidden)} WHERE {TIME} <= {t}"
+        elif names and diffs is not None and diffs[0] >= 0:
+            # No retraction at all: repeating each update by its diff gives the same multiset
+            # as consolidating first, without the GROUP BY.
+            body = (f"SELECT {cols} FROM (SELECT {cols}, unnest(range({DIFF})) AS __n "
+                    f"FROM {qident(hidden)} WHERE {TIME} <= {t})")
+        else:
+            agg = snapshot_sql(s, qident(hidden), t)
+            # INVARIANT: check_counts above proved every _diff here is > 0.
+            body = f"SELECT * EXCLUDE ({DIFF}, __n) FROM (SELECT *, unnest(range({DIFF})) AS __n FROM ({agg}))"
     con.execute(f"CREATE VIEW {_qualified(schema, base)} AS {body}")
-    return t

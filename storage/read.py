@@ -9,13 +9,16 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from . import state as st
-from .errors import LeaseExpired, NotYetReadable, ReadBeforeSince, Tombstone
+from .errors import LeaseExpired, NegativeCount, NotYetReadable, ReadBeforeSince, Tombstone
 from .frontier import Frontier
 from .updates import (
     DIFF,
@@ -92,6 +95,25 @@ def tombstone_error(shard_id: str) -> Tombstone:
     return Tombstone(f"shard {shard_id}: finalized (a tombstone); it takes no reads or writes")
 
 
+DiffRange = tuple[int, int]  # (min, max) of `_diff` over some parts
+
+
+@dataclass(frozen=True)
+class PartsSource:
+    """FROM-clauses over a state's parts, with what their Parquet statistics say of `_diff`.
+
+    `src` reads every part. `diffs` is (min, max) `_diff` over them, None if
+    unknown or there are no parts. `neg`/`pos` read only the parts whose min
+    `_diff` is negative / not negative (None when not split: remote parts, or
+    statistics missing); `find_negative` uses them to sum fewer updates.
+    """
+
+    src: str
+    diffs: DiffRange | None = None
+    neg: str | None = None
+    pos: str | None = None
+
+
 def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str) -> str:
     """Verify the parts of `batches` and return a DuckDB FROM-clause over them.
 
@@ -99,11 +121,29 @@ def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], 
     blob are fetched, verified and registered as one Arrow table under `name`.
     An empty list yields an empty relation with the shard's update schema.
     """
+    return _parts_source(client, s, batches, con, name, diffs=False).src
+
+
+def parts_source_with_diffs(
+    client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str
+) -> PartsSource:
+    """`parts_source`, plus what the parts' statistics say of `_diff` (see `PartsSource`).
+
+    Local parts answer from their Parquet footers (no data is read), remote
+    parts from the fetched table. A min `>= 0` proves no count can be negative,
+    so the snapshot needs no check (see `check_counts`).
+    """
+    return _parts_source(client, s, batches, con, name, diffs=True)
+
+
+def _parts_source(
+    client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str, *, diffs: bool
+) -> PartsSource:
     parts = [(b, p) for b in batches for p in b.parts]
     schema = update_schema(s.schema)
     if not parts:
         con.register(name, schema.empty_table())
-        return qident(name)
+        return PartsSource(qident(name))
     paths = []
     tables = []
     for b, p in parts:
@@ -114,18 +154,140 @@ def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], 
             tables.append(client.read_part(s.shard_id, b, p))
     if tables:
         for path in paths:
-            import pyarrow.parquet as pq
-
             tables.append(pq.read_table(path))
         t = pa.concat_tables([_conform(x, schema) for x in tables])
         con.register(name, t)
-        return qident(name)
+        rng: DiffRange | None = None
+        if diffs and t.num_rows:
+            mm = pc.min_max(t.column(DIFF))
+            rng = (mm["min"].as_py(), mm["max"].as_py())
+        return PartsSource(qident(name), rng)
+    if not diffs:
+        return PartsSource(_read_parquet(con, s, schema, paths))
+    ranges = [_footer_diff_range(x) for x in paths]
+    known = [r for r in ranges if r is not None]
+    if len(known) < len(ranges) or not known:
+        return PartsSource(_read_parquet(con, s, schema, paths))
+    neg = [x for x, r in zip(paths, known, strict=True) if r[0] < 0]
+    pos = [x for x, r in zip(paths, known, strict=True) if r[0] >= 0]
+    return PartsSource(
+        _read_parquet(con, s, schema, paths),
+        (min(r[0] for r in known), max(r[1] for r in known)),
+        _read_parquet(con, s, schema, neg) if neg else None,
+        _read_parquet(con, s, schema, pos) if pos else None,
+    )
+
+
+def _read_parquet(con: duckdb.DuckDBPyConnection, s: st.ShardState, schema: pa.Schema, paths: list[str]) -> str:
     lst = "[" + ", ".join("'" + x.replace("'", "''") + "'" for x in paths) + "]"
     if s.schema_changed:
         # Older parts lack added (nullable) columns; union_by_name fills them with NULL.
         cols = ", ".join(f"CAST({qident(f.name)} AS {_duck_type(con, f.type)}) AS {qident(f.name)}" for f in schema)
         return f"(SELECT {cols} FROM read_parquet({lst}, union_by_name=true))"
     return f"read_parquet({lst})"
+
+
+def _footer_diff_range(path: str) -> DiffRange | None:
+    """(min, max) `_diff` from the Parquet statistics of one part; None if a row group lacks them."""
+    lo: int | None = None
+    hi: int | None = None
+    md = pq.read_metadata(path)
+    for g in range(md.num_row_groups):
+        rg = md.row_group(g)
+        if rg.num_rows == 0:
+            continue
+        col = next((rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema == DIFF), None)
+        st_ = col.statistics if col is not None else None
+        if st_ is None or not st_.has_min_max:
+            return None
+        lo = st_.min if lo is None else min(lo, st_.min)
+        hi = st_.max if hi is None else max(hi, st_.max)
+    return None if lo is None or hi is None else (int(lo), int(hi))
+
+
+def find_negative(
+    con: duckdb.DuckDBPyConnection, s: st.ShardState, ps: PartsSource, as_of: int | None
+) -> dict[str, Any] | None:
+    """The first row whose count is negative, as `{columns..., _time, _diff}`; None if there is none.
+
+    `as_of` an int: the snapshot at `as_of`. None: every readable time, i.e. the
+    snapshot at each time in `[since, upper)` (times below since count at since).
+
+    Only rows with at least one negative update can have a negative count, so
+    only those are summed: a scan for the candidates, a semi-join and a GROUP BY
+    over the candidates alone; cheaper than consolidating everything. Run it
+    before any filter of the caller's: a filtered query must not skip the check.
+    """
+    src = ps.src
+    cols = [qident(n) for n in s.schema.names]
+    since = s.since.time if s.since.time is not None else 0
+    on = " AND ".join(f"p.{c} IS NOT DISTINCT FROM c.{c}" for c in cols)
+    pcols = ", ".join(f"p.{c}" for c in cols)
+    if as_of is not None and cols and ps.neg is not None:
+        # Two stages: updates from parts with no negative diff add >= 0 to a count, so a row
+        # can only end negative if its sum over the `neg` parts is; only those rows are then
+        # looked up in the `pos` parts (often none are left, and `pos` is not read at all).
+        n_on = " AND ".join(f"n.{c} IS NOT DISTINCT FROM q.{c}" for c in cols)
+        ncols = ", ".join(f"n.{c}" for c in cols)
+        n = (f"SELECT {', '.join(cols)}, sum({DIFF}) AS __d FROM {ps.neg} WHERE {TIME} <= {as_of} "
+             f"GROUP BY ALL HAVING sum({DIFF}) < 0")
+        if ps.pos is None:
+            q = f"SELECT {', '.join(cols)}, 0 AS __s FROM n WHERE false"
+        else:
+            q = (f"SELECT {pcols}, sum(p.{DIFF}) AS __s FROM {ps.pos} AS p SEMI JOIN n AS c ON {on} "
+                 f"WHERE p.{TIME} <= {as_of} GROUP BY ALL")
+        sql = (
+            f"WITH n AS ({n}), q AS ({q}) "
+            f"SELECT {ncols}, {as_of}::BIGINT AS {TIME}, (n.__d + coalesce(q.__s, 0))::BIGINT AS {DIFF} "
+            f"FROM n LEFT JOIN q ON {n_on} WHERE n.__d + coalesce(q.__s, 0) < 0 LIMIT 1"
+        )
+    elif as_of is not None:
+        if not cols:
+            sql = (f"SELECT {as_of}::BIGINT AS {TIME}, sum({DIFF})::BIGINT AS {DIFF} FROM {src} "
+                   f"WHERE {TIME} <= {as_of} HAVING sum({DIFF}) < 0")
+        else:
+            sql = (
+                f"WITH c AS (SELECT DISTINCT {', '.join(cols)} FROM {src} WHERE {DIFF} < 0 AND {TIME} <= {as_of}) "
+                f"SELECT {pcols}, {as_of}::BIGINT AS {TIME}, sum(p.{DIFF})::BIGINT AS {DIFF} "
+                f"FROM {src} AS p SEMI JOIN c ON {on} WHERE p.{TIME} <= {as_of} "
+                f"GROUP BY {pcols} HAVING sum(p.{DIFF}) < 0 LIMIT 1"
+            )
+    else:
+        part = f"PARTITION BY {', '.join(cols)} " if cols else ""
+        if not cols:
+            g = f"SELECT greatest({TIME}, {since}) AS {TIME}, sum({DIFF}) AS __d FROM {src} GROUP BY 1"
+        else:
+            g = (
+                f"WITH c AS (SELECT DISTINCT {', '.join(cols)} FROM {src} WHERE {DIFF} < 0) "
+                f"SELECT {pcols}, greatest(p.{TIME}, {since}) AS {TIME}, sum(p.{DIFF}) AS __d "
+                f"FROM {src} AS p SEMI JOIN c ON {on} GROUP BY ALL"
+            )
+        sel = ", ".join([*cols, TIME])
+        sql = (
+            f"SELECT {sel}, __acc::BIGINT AS {DIFF} FROM (SELECT {sel}, sum(__d) OVER ({part}ORDER BY {TIME}) AS __acc "
+            f"FROM ({g})) WHERE __acc < 0 ORDER BY {TIME} LIMIT 1"
+        )
+    rows = con.sql(sql).to_arrow_table().to_pylist()
+    return rows[0] if rows else None
+
+
+def negative_count_error(what: str, row: dict[str, Any]) -> NegativeCount:
+    """`NegativeCount` for a row from `find_negative`; `what` names the shard or collection."""
+    vals = {k: v for k, v in row.items() if k not in (TIME, DIFF)}
+    msg = (
+        f"{what}: row {vals} has negative count {row[DIFF]} at time {row[TIME]} "
+        f"(more retractions than insertions); the collection is invalid there"
+    )
+    return NegativeCount(msg)
+
+
+def check_counts(con: duckdb.DuckDBPyConnection, s: st.ShardState, ps: PartsSource, as_of: int | None, what: str) -> None:
+    """Raise `NegativeCount` if a count is negative (see `find_negative`); free when statistics prove none can be."""
+    if ps.diffs is not None and ps.diffs[0] >= 0:
+        return  # no negative update at all: no count can be negative
+    row = find_negative(con, s, ps, as_of)
+    if row is not None:
+        raise negative_count_error(what, row)
 
 
 def _duck_type(con: duckdb.DuckDBPyConnection, t: pa.DataType) -> str:
@@ -334,15 +496,19 @@ class ReadHandle:
             _sleep_backoff(attempt)
             attempt += 1
 
-    def snapshot(self, as_of: int, *, timeout: float | None = None) -> pa.Table:
+    def snapshot(self, as_of: int, *, timeout: float | None = None, validate: bool = True) -> pa.Table:
         """The consolidated contents at `as_of`: the schema's columns plus `_diff` (never 0).
 
         Every update at a time `<= as_of` counts; rows whose diffs sum to zero are
         dropped. Waits up to `timeout` seconds (default 10) for the upper to pass `as_of`.
+        A row with a negative count is an error (`NegativeCount`), as in every read;
+        `validate=False` returns it instead, with its negative `_diff`, for callers
+        that work on signed contents (tests of the consolidation itself).
 
         Raises:
             ReadBeforeSince: `as_of` is before the shard's since.
             NotYetReadable: the upper did not pass `as_of` in time.
+            NegativeCount: a row's updates sum to a negative count at `as_of`.
             CorruptPart: a part is missing or does not match its sha256.
             DiffOverflow: a row's diffs sum past int64 (names the shard and the row).
         """
@@ -361,6 +527,8 @@ class ReadHandle:
                     out = con.sql(sql).to_arrow_table()
             finally:
                 con.close()
+        if validate:
+            _check_snapshot(self.shard_id, out, as_of)
         return out.cast(snapshot_schema(s.schema))
 
     def snapshot_reader(
@@ -377,6 +545,7 @@ class ReadHandle:
         Raises:
             ReadBeforeSince: `as_of` is before the shard's since.
             NotYetReadable: the upper did not pass `as_of` in time.
+            NegativeCount: a row's updates sum to a negative count at `as_of`.
             CorruptPart: a part is missing or does not match its sha256.
 
         Example:
@@ -397,7 +566,10 @@ class ReadHandle:
             con = snapshot_cursor()
             stack.callback(con.close)
             batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
-            src = parts_source(self.client, s, batches, con, "__parts")
+            ps = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+            src = ps.src
+            # Checked before the first batch: a stream must not stop half-way on a bad row.
+            check_counts(con, s, ps, as_of, f"shard {self.shard_id}")
             collapsed = len(batches) == 1 and is_collapsed(batches[0], as_of)
             sql = collapsed_sql(s, src) if collapsed else snapshot_sql(s, src, as_of)
             with overflow_checked():
@@ -410,6 +582,77 @@ class ReadHandle:
         # interface, close() releases the stream and with it the generator.
         return pa.RecordBatchReader.from_stream(pa.RecordBatchReader.from_batches(schema, gen))
 
+    def validate(self, as_of: int | None = None, *, timeout: float | None = None) -> None:
+        """Check that no row has a negative count: at `as_of`, or (None) at every readable time.
+
+        A negative count (a retraction whose insertion never came) makes the
+        collection invalid wherever it holds; every snapshot there raises. With
+        `as_of=None` this checks each time in `[since, upper)` of the current
+        state without waiting; a shard with nothing readable (since == upper) passes.
+        This is the check `fsck` runs.
+
+        Raises:
+            NegativeCount: naming the first such row (earliest time), its count and time.
+            ReadBeforeSince / NotYetReadable: an explicit `as_of`, as in `snapshot`.
+            CorruptPart: a part is missing or does not match its sha256.
+
+        Example:
+            >>> import pyarrow as pa, storage, tempfile
+            >>> client = storage.open(tempfile.mkdtemp())
+            >>> shard = storage.ShardId.new()
+            >>> w = client.open_writer(shard, schema=pa.schema([("k", pa.int64())]))
+            >>> _ = w.compare_and_append(pa.table({"k": [1, 2], "_time": [0, 3], "_diff": [1, -1]}), 0, 5)
+            >>> with client.open_leased_reader(shard) as r:
+            ...     r.validate(2)
+            ...     r.validate()
+            Traceback (most recent call last):
+            storage.errors.NegativeCount: shard ...: row {'k': 2} has negative count -1 at time 3 (more retractions than insertions); the collection is invalid there
+        """
+        t: int | None = None
+        if as_of is None:
+            self._check_live()
+            s = self._fetch_live()
+            if s.since.time is not None and s.upper.less_equal(s.since.time):
+                return  # since == upper: nothing is readable, so nothing can be wrong
+        else:
+            t = _as_time(as_of)
+            s = self.wait_for_upper_past(t, timeout)
+        self._check_state(s, t)
+
+    def _check_state(self, s: st.ShardState, t: int | None) -> None:
+        """`validate` on the state version `s`: at `t`, or at every time (None)."""
+        with self._reading(s):
+            batches = [b for b in s.batches if b.parts and (t is None or b.lower.less_equal(t))]
+            con = snapshot_cursor()
+            try:
+                ps = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+                check_counts(con, s, ps, t, f"shard {self.shard_id}")
+            finally:
+                con.close()
+
+    def count(self, as_of: int, *, timeout: float | None = None) -> int:
+        """The number of live rows at `as_of`, with multiplicity: `snapshot(as_of)`'s `_diff` summed.
+
+        Computed as the sum of the diffs at times `<= as_of` (one column, no
+        consolidation), after the negative-count check, so it is exact.
+
+        Raises:
+            ReadBeforeSince / NotYetReadable / NegativeCount / CorruptPart: as in `snapshot`.
+        """
+        as_of = _as_time(as_of)
+        s = self.wait_for_upper_past(as_of, timeout)
+        with self._reading(s):
+            batches = [b for b in s.batches if b.parts and b.lower.less_equal(as_of)]
+            con = snapshot_cursor()
+            try:
+                ps = parts_source_with_diffs(self.client, s, batches, con, "__parts")
+                check_counts(con, s, ps, as_of, f"shard {self.shard_id}")
+                sql = f"SELECT coalesce(sum({DIFF}), 0)::BIGINT AS n FROM {ps.src} WHERE {TIME} <= {as_of}"
+                n: int = con.sql(sql).to_arrow_table().column(0)[0].as_py()
+            finally:
+                con.close()
+        return n
+
     def snapshot_updates(self, as_of: int, *, timeout: float | None = None) -> UpdateBatch:
         """The snapshot as updates at time `as_of` (for subscribe and the shard source)."""
         t = self.snapshot(as_of, timeout=timeout)
@@ -419,7 +662,9 @@ class ReadHandle:
         return UpdateBatch(upd, Frontier.MIN, Frontier(as_of + 1))
 
     # ---- listen ----
-    def listen(self, as_of: int, *, timeout: float | None = None) -> Iterator[UpdateBatch | Progress]:
+    def listen(
+        self, as_of: int, *, timeout: float | None = None, validate: bool = False
+    ) -> Iterator[UpdateBatch | Progress]:
         """Yield the updates at times `> as_of` as they commit, then `Progress(upper)`.
 
         Each `UpdateBatch` holds consolidated updates with times in
@@ -427,6 +672,12 @@ class ReadHandle:
         followed by listen from `as_of` is exact: nothing lost, nothing repeated.
         The iterator ends after `Progress(Frontier.EMPTY)` (the shard was closed),
         or when nothing new came for `timeout` seconds (default: wait forever).
+
+        Updates are differences, so a retraction is normal here. With
+        `validate=True`, a batch that holds a retraction is checked first
+        (`validate()` at every time up to its upper: a scan of the shard) and a
+        row whose count goes negative raises `NegativeCount` before the batch
+        is yielded. Off by default: it costs a scan per such batch.
         """
         as_of = _as_time(as_of)
         self._check_live()
@@ -434,9 +685,9 @@ class ReadHandle:
         if not s0.since.less_equal(as_of):
             raise ReadBeforeSince(f"shard {self.shard_id}: as_of {as_of} is before since {s0.since.time}")
         # SUBTLE: the checks above run at the call, not at the first next(): the loop is a separate generator.
-        return self._listen(as_of, timeout)
+        return self._listen(as_of, timeout, validate)
 
-    def _listen(self, as_of: int, timeout: float | None) -> Iterator[UpdateBatch | Progress]:
+    def _listen(self, as_of: int, timeout: float | None, validate: bool) -> Iterator[UpdateBatch | Progress]:
         frontier = Frontier(as_of + 1)
         last_event = time.monotonic()
         attempt = 0
@@ -455,6 +706,8 @@ class ReadHandle:
                 with self._reading(s):
                     batches = [b for b in s.batches if frontier < b.upper and b.parts]
                     t = self._read_range(s, batches, frontier, s.upper)
+                if validate and t.num_rows and pc.min(t.column(DIFF)).as_py() < 0:
+                    self._check_state(s, None)
                 if t.num_rows:
                     yield UpdateBatch(t, frontier, s.upper)
                 yield Progress(s.upper)
@@ -469,13 +722,18 @@ class ReadHandle:
             _sleep_backoff(attempt)
             attempt += 1
 
-    def subscribe(self, as_of: int, *, timeout: float | None = None) -> Iterator[UpdateBatch | Progress]:
-        """The snapshot at `as_of` as one batch of updates at `as_of`, then `listen(as_of)`."""
+    def subscribe(
+        self, as_of: int, *, timeout: float | None = None, validate: bool = False
+    ) -> Iterator[UpdateBatch | Progress]:
+        """The snapshot at `as_of` as one batch of updates at `as_of`, then `listen(as_of)`.
+
+        The snapshot is always checked (`NegativeCount`); `validate` is `listen`'s.
+        """
         snap = self.snapshot_updates(as_of, timeout=timeout)
         if snap.num_rows:
             yield snap
         yield Progress(Frontier(as_of + 1))
-        yield from self.listen(as_of, timeout=timeout)
+        yield from self.listen(as_of, timeout=timeout, validate=validate)
 
     def _read_range(self, s: st.ShardState, batches: list[st.BatchMeta], lo: Frontier, hi: Frontier) -> pa.Table:
         schema = update_schema(s.schema)
@@ -489,6 +747,17 @@ class ReadHandle:
         finally:
             con.close()
         return consolidate(t.cast(schema), where=f"shard {s.shard_id}")
+
+
+def _check_snapshot(shard_id: str, out: pa.Table, as_of: int) -> None:
+    """Raise NegativeCount if the consolidated snapshot `out` has a negative `_diff` (one vectorised min)."""
+    if not out.num_rows:
+        return
+    lo = pc.min(out.column(DIFF)).as_py()
+    if lo is not None and lo < 0:
+        bad = out.filter(pc.less(out.column(DIFF), pa.scalar(0, pa.int64()))).slice(0, 1).to_pylist()[0]
+        bad[TIME] = as_of
+        raise negative_count_error(f"shard {shard_id}", bad)
 
 
 def _stream(cleanup: ExitStack, duck: pa.RecordBatchReader, schema: pa.Schema) -> Iterator[pa.RecordBatch | None]:
