@@ -546,6 +546,11 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         try:
             check_invariants(client.state(shard))
             report = client.verify(shard)
+            if report.ok:
+                # A negative count (a retraction with no insertion) at any readable time
+                # makes the collection invalid there; every read would refuse it.
+                with client.open_leased_reader(shard) as r:
+                    r.validate()
         except storage.ShardNotFound:
             print(f"{name}: ok (not written yet)")
             continue

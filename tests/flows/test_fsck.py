@@ -191,6 +191,30 @@ def test_a_count_past_int64_is_named_by_query_and_fsck(data: Path) -> None:
     assert f"the diffs of row {row} sum to 9223372036854775808" in fsck_lines(r)["users"]
 
 
+def test_fsck_names_a_negative_count(data: Path) -> None:
+    """A retraction of a user that was never inserted: every read refuses it, and so does fsck."""
+    client = storage.open(data)
+    try:
+        shard = shards(data)["users"]
+        w = client.open_writer(shard, schema=client.state(shard).schema, compact=False)
+        upper = w.upper.time
+        assert upper is not None
+        snap = client.open_leased_reader(shard).snapshot(upper - 1)
+        ghost = snap.slice(0, 1).drop_columns(["_diff"])
+        ghost = ghost.set_column(0, "id", pa.array([999_999], pa.int64()))
+        ghost = ghost.append_column("_time", pa.array([upper], pa.int64()))
+        ghost = ghost.append_column("_diff", pa.array([-1], pa.int64()))
+        w.compare_and_append(ghost, upper, upper + 1)
+    finally:
+        client.close()
+    r = sf("fsck", "--data", str(data))
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = fsck_lines(r)
+    assert lines["users"].startswith("FAILED ") and "negative count -1" in lines["users"], r.stdout
+    assert "999999" in lines["users"], r.stdout
+    assert all(v.startswith("ok") for n, v in lines.items() if n != "users"), r.stdout
+
+
 FLOW = '''
 import os
 import bytewax.operators as op
