@@ -466,7 +466,16 @@ class _Housekeeper:
         self._dead = False
 
     def _give_up(self, what: str, e: Exception) -> None:
-        """Stop driving the controller; say so in one line unless a newer copy fenced it (expected)."""
+        """Stop driving the controller; say so in one line unless a newer copy fenced it (expected).
+
+        A fault of the whole store (consensus locked or unreachable, a full disk) is
+        not the controller's: the data path meets the same fault and stops the job
+        with that one line, or the next tick succeeds once it has passed. So this
+        keeps ticking and adds no second line for it.
+        """
+        if isinstance(e, storage.ConsensusUnavailable | storage.OutOfSpace):
+            log.debug("%s failed (%s: %s); retrying on the next tick", what, type(e).__name__, e)
+            return
         self._dead = True
         if not isinstance(e, storage.Fenced):
             first = str(e).splitlines()[0] if str(e) else ""

@@ -249,6 +249,10 @@ def _common_as_of(
         attempt += 1
 
 
+# DuckDB's range() makes a list, and lists hold at most 2^32 elements.
+_UNNEST_MAX = 2**32
+
+
 def _create_views(
     con: duckdb.DuckDBPyConnection,
     stack: ExitStack,
@@ -279,9 +283,10 @@ def _create_views(
             # Every update is +1: the snapshot is the updates up to t, one row each. No GROUP BY
             # (DESIGN.md §3 Query: a plain scan where Parquet statistics show every _diff is 1).
             body = f"SELECT {cols} FROM {qident(hidden)} WHERE {TIME} <= {t}"
-        elif names and diffs is not None and diffs[0] >= 0:
+        elif names and diffs is not None and diffs[0] >= 0 and diffs[1] < _UNNEST_MAX:
             # No retraction at all: repeating each update by its diff gives the same multiset
-            # as consolidating first, without the GROUP BY.
+            # as consolidating first, without the GROUP BY. (A larger diff goes the checked
+            # way below, so that a count past int64 is named as DiffOverflow.)
             body = (f"SELECT {cols} FROM (SELECT {cols}, unnest(range({DIFF})) AS __n "
                     f"FROM {qident(hidden)} WHERE {TIME} <= {t})")
         else:

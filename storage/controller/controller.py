@@ -24,6 +24,7 @@ from .. import state as st
 from ..client import Client, SinceHandle
 from ..consensus import CasOp, VersionedData
 from ..errors import (
+    ConsensusUnavailable,
     CorruptPart,
     Fenced,
     IdentifierInvalid,
@@ -31,6 +32,7 @@ from ..errors import (
     InvalidInput,
     InvalidUppers,
     InvariantViolated,
+    OutOfSpace,
     ReadBeforeSince,
     ReadOnly,
     ShardNotFound,
@@ -1195,9 +1197,12 @@ class StorageController:
         SUBTLE: introspection is the controller's own record of what it does. One
         broken part there (deleted by hand, a disk error) must not stop every
         command and job from opening the controller; the collections it
-        describes are intact. Fenced is never swallowed: it means stop.
+        describes are intact. Fenced is never swallowed: it means stop. Neither
+        are faults of the whole store (consensus locked or unreachable, a full
+        disk): they are not this collection's, and the command must stop with
+        that one line.
         """
-        if isinstance(e, Fenced):
+        if isinstance(e, Fenced | ConsensusUnavailable | OutOfSpace):
             raise e
         with _INTRO_WARNED_LOCK:
             first = c.shard_id not in _INTRO_WARNED
