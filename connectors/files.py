@@ -222,6 +222,14 @@ class FileSource(UpdateSource):
         self.update_schema = update_schema(schema)
         self.errors_collection = f"{name}_errors"
         # The time every partition starts at (see "Times" in the module docstring).
+        if partitions > 1 and self.resume and resume_upper is None:
+            # SUBTLE: a resumed run's shared time starts at t0; the last run's upper is
+            # t0 + BATCH_SPAN or a wall-clock tick, which the offsets cannot tell. Started
+            # below it, a persist sink would drop the new records as history (silent loss).
+            raise InvalidInput(
+                f"{where}: partitions > 1 resumes need resume_upper= (the collection's upper, "
+                f"e.g. resume_upper=ctx.upper({name!r}) in a flow file), so that new times start past it"
+            )
         starts = [_offsets_sum(v) for v in self.resume.values() if isinstance(v, Mapping)]
         self.t0 = max([*starts, 0] if partitions > 1 else [0])
         if resume_upper is not None and resume_upper.time is not None:

@@ -23,7 +23,6 @@ from bytewax.dataflow import Dataflow
 
 from connectors.files import ERRORS_SCHEMA, FileSource, split_errors
 from flows.operators import consolidate
-from storage import Frontier
 
 SCHEMA = pa.schema([("id", pa.int64()), ("customer", pa.string()), ("amount", pa.float64())])
 
@@ -31,7 +30,6 @@ SCHEMA = pa.schema([("id", pa.int64()), ("customer", pa.string()), ("amount", pa
 def build(ctx):  # type: ignore[no-untyped-def]
     ctx.collection("orders", SCHEMA)
     ctx.collection("orders_errors", ERRORS_SCHEMA)
-    as_of = ctx.resume_as_of("orders")
     src = FileSource(
         os.environ.get("ORDERS_GLOB", "examples/data/orders*.csv"),
         format="csv",
@@ -41,7 +39,7 @@ def build(ctx):  # type: ignore[no-untyped-def]
         name="orders",
         partitions=int(os.environ.get("ORDERS_PARTITIONS", "1")),
         resume=ctx.resume_offsets("orders"),
-        resume_upper=None if as_of is None else Frontier(as_of),
+        resume_upper=ctx.upper("orders"),
     )
     flow = Dataflow("files_orders")
     split = split_errors("split", op.input("files", flow, src))

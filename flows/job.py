@@ -205,6 +205,11 @@ class FlowContext:
         """The `as_of` for `persist_sink` into `name`: the upper its offsets were committed at."""
         return resume_point(self.client.state(self.shard(name)))[1]
 
+    def upper(self, name: str) -> Frontier:
+        """Collection `name`'s upper now: a `resume_upper` that keeps a source's new times past
+        everything committed (a partitioned `FileSource` needs one to resume)."""
+        return self.client.state(self.shard(name)).upper
+
     def persist(self, step_id: str, up: Stream[Any], name: str, *, schema: pa.Schema | None = None) -> Stream[Committed]:
         """`persist_sink` into collection `name`, resuming at its committed offsets; counted in `stats`."""
         shard = self.collection(name, schema) if schema is not None else self.shard(name)

@@ -19,7 +19,6 @@ from bytewax.dataflow import Dataflow
 
 from connectors.files import ERRORS_SCHEMA, FileSource, split_errors
 from flows.operators import consolidate
-from storage import Frontier
 
 SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string())])
 
@@ -28,7 +27,6 @@ def build(ctx):  # type: ignore[no-untyped-def]
     ctx.collection("rows", SCHEMA)
     ctx.collection("rows_errors", ERRORS_SCHEMA)
     sink = os.environ.get("FILES_SINK", "persist")
-    as_of = ctx.resume_as_of("rows") if sink == "persist" else None
     src = FileSource(
         os.environ["FILES_GLOB"],
         format=os.environ.get("FILES_FORMAT", "csv"),
@@ -40,7 +38,7 @@ def build(ctx):  # type: ignore[no-untyped-def]
         block_size=int(os.environ.get("FILES_BLOCK", str(16 << 20))),
         poll_interval=0.05,
         resume=ctx.resume_offsets("rows"),
-        resume_upper=None if as_of is None else Frontier(as_of),
+        resume_upper=ctx.upper("rows"),
     )
     flow = Dataflow("files_flow")
     split = split_errors("split", op.input("files", flow, src))

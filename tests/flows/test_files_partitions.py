@@ -165,3 +165,23 @@ def test_continuous_partitions_commit_while_some_are_idle(tmp_path: Path) -> Non
     assert ids(data) == want + more
 
 
+
+
+def test_partitioned_resume_without_resume_upper_stops(tmp_path: Path) -> None:
+    """A partitioned source resumed without `resume_upper` would start its shared time below
+    the last run's upper, and the persist sink would drop the new rows as history. It stops
+    with one line instead."""
+    src, data = tmp_path / "in", tmp_path / "d"
+    flow = tmp_path / "flow.py"
+    flow.write_text(FLOW.read_text().replace('resume_upper=ctx.upper("rows"),', ""))
+    want = make_files(src, "csv", sizes=[50, 60])
+    env = {"FILES_GLOB": str(src / "*.csv"), "FILES_PARTITIONS": "2"}
+    shardflow(data, "run", str(flow), env=env)
+    assert ids(data) == want
+    make_files(src, "csv", sizes=[7], start=want[-1] + 1, prefix="g")
+    r = subprocess.run([*SHARDFLOW, "run", str(flow), "--data", str(data)], cwd=ROOT, capture_output=True,
+                       text=True, timeout=180, env={**os.environ, **env})
+    assert r.returncode != 0, "a resumed partitioned run without resume_upper must not go on"
+    err = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "partitions > 1 resumes need resume_upper=" in err[0], r.stderr
+    assert ids(data) == want, "nothing half-written"
