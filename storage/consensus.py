@@ -210,8 +210,9 @@ class SqliteConsensus(_SqlConsensus):
             return 0
         free = int(con.execute("PRAGMA freelist_count").fetchone()[0])
         if free:
-            # NB: fetchall: the pragma frees pages one step at a time.
-            con.execute("PRAGMA incremental_vacuum").fetchall()
+            # NB: not execute(): the pragma frees one page per step, and the sqlite3
+            # module steps a pragma that returns no rows once; executescript runs it out.
+            con.executescript("PRAGMA incremental_vacuum;")
         return free
 
 
