@@ -55,6 +55,11 @@ class Client:
         self._closed = False
         _OPEN_CLIENTS.add(self)
 
+    @property
+    def closed(self) -> bool:
+        """True once `close()` ran (by hand, at the end of a `with` block, or by `run_flow`)."""
+        return self._closed
+
     def __enter__(self) -> Client:
         return self
 
