@@ -207,12 +207,22 @@ class SqliteConsensus(_SqlConsensus):
         if int(con.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
             con.execute("PRAGMA auto_vacuum=INCREMENTAL")
             con.execute("VACUUM")
-            return 0
-        free = int(con.execute("PRAGMA freelist_count").fetchone()[0])
-        if free:
-            # NB: not execute(): the pragma frees one page per step, and the sqlite3
-            # module steps a pragma that returns no rows once; executescript runs it out.
-            con.executescript("PRAGMA incremental_vacuum;")
+            free = 0
+        else:
+            free = int(con.execute("PRAGMA freelist_count").fetchone()[0])
+            if free:
+                # NB: not execute(): the pragma frees one page per step, and the sqlite3
+                # module steps a pragma that returns no rows once; executescript runs it out.
+                con.executescript("PRAGMA incremental_vacuum;")
+        # The WAL file keeps its largest size, and under steady writes grows by steps.
+        # Truncate it when that can be done at once: a TRUNCATE checkpoint holds the
+        # write lock while it waits for readers, so wait briefly, and on busy try next time.
+        busy = int(con.execute("PRAGMA busy_timeout").fetchone()[0])
+        con.execute("PRAGMA busy_timeout=200")
+        try:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            con.execute(f"PRAGMA busy_timeout={busy}")
         return free
 
 
