@@ -390,8 +390,7 @@ def run_flow(
         with _Signals():
             return _run_flow(path, client, mode, workers, tick, progress, process_id, addresses, configure, on_built)
     finally:
-        # A client given by the caller stays open (and is theirs to close); its background
-        # compaction was stopped by `_run_flow` all the same (bounded shutdown).
+        # A client given by the caller stays open: theirs to close (or the exit hook's).
         if owned:
             client.close()
 
@@ -435,7 +434,6 @@ def _run_flow(
         close = getattr(ctl, "close", None)
         if close is not None:
             close()
-        housekeeper.stop_compaction()
 
 
 def _root_message(e: BaseException) -> str:
@@ -465,8 +463,8 @@ class _Housekeeper:
     So a job over a constant-size collection stays constant-size.
 
     Shutdown is bounded: a continuous job's final tick does no compaction or gc
-    (what is left is a few seconds' worth; the next run's scheduled gc takes it),
-    and the compactor is stopped with a merge in flight interrupted. A batch job
+    (what is left is a few seconds' worth; the next run's scheduled gc takes it);
+    closing the client stops the compactor, interrupting a merge in flight. A batch job
     still compacts and collects once at its end (its runtime is the data's).
     """
 
@@ -571,12 +569,6 @@ class _Housekeeper:
             except Exception:  # noqa: BLE001 - maintenance; the next run retries
                 pass
         self.collect_garbage()
-
-    def stop_compaction(self) -> None:
-        """Stop the client's background compactor (bounded: a merge in flight is interrupted)."""
-        comp = self.ctx.client._compactor
-        if comp is not None:
-            comp.stop(grace=1.0, timeout=5.0)
 
     def _loop(self) -> None:
         assert self.interval is not None

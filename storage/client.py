@@ -254,6 +254,16 @@ class Client:
 
         return verify(self, ShardId(shard))
 
+    def stop_compaction(self, *, grace: float = 1.0, timeout: float = 5.0) -> bool:
+        """Stop background compaction for good (bounded; see `BackgroundCompactor.stop`).
+
+        The client stays usable otherwise: `compact()` still works on demand.
+        Returns True when no compactor thread is left running.
+        """
+        with self._vlock:
+            compactor = self._compactor
+        return True if compactor is None else bool(compactor.stop(grace=grace, timeout=timeout))
+
     def close(self, *, timeout: float = 5.0) -> None:
         """Stop background work and close consensus. Idempotent; bounded by about `timeout` seconds.
 
@@ -269,10 +279,7 @@ class Client:
             return
         self._closed = True
         _OPEN_CLIENTS.discard(self)
-        with self._vlock:
-            compactor = self._compactor
-        if compactor is not None:
-            compactor.stop(grace=min(1.0, timeout), timeout=timeout)
+        self.stop_compaction(grace=min(1.0, timeout), timeout=timeout)
         self.consensus.close()
 
 
