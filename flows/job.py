@@ -395,11 +395,17 @@ def run_flow(
         raise InvalidInput(f"mode must be 'batch' or 'continuous', got {mode!r}")
     if workers < 1:
         raise InvalidInput(f"workers must be >= 1, got {workers}")
+    owned = client is None
     client = client or storage.open(data_dir)
-    # Signals first: a SIGTERM while the flow is being built still stops it cleanly.
-    sources.reset_stop()
-    with _Signals():
-        return _run_flow(path, client, mode, workers, tick, progress, process_id, addresses, configure, on_built)
+    try:
+        # Signals first: a SIGTERM while the flow is being built still stops it cleanly.
+        sources.reset_stop()
+        with _Signals():
+            return _run_flow(path, client, mode, workers, tick, progress, process_id, addresses, configure, on_built)
+    finally:
+        # A client given by the caller stays open: theirs to close (or the exit hook's).
+        if owned:
+            client.close()
 
 
 def _run_flow(
@@ -460,15 +466,45 @@ class _Housekeeper:
 
     Only the primary (process 0 of a multi-process run) asks for compaction; the
     others' read-only controllers record nothing, so ticking them is harmless.
+
+    Garbage. The primary of a continuous job also runs `gc` on its thread every
+    `gc_interval` seconds (default 10; `$SHARDFLOW_GC_INTERVAL`, 0 turns it off;
+    off the sinks' write path) over the job's shards and
+    the controller's `system.*` shards: parts of compacted-away batches are
+    deleted and consensus is truncated while the job runs, and every
+    `reclaim_interval` seconds the consensus file gives the freed space back.
+    So a job over a constant-size collection stays constant-size.
+
+    Shutdown is bounded: a continuous job's final tick does no compaction or gc
+    (what is left is a few seconds' worth; the next run's scheduled gc takes it);
+    closing the client stops the compactor, interrupting a merge in flight. A batch job
+    still compacts and collects once at its end (its runtime is the data's).
     """
 
-    def __init__(self, ctx: FlowContext, interval: float | None, *, primary: bool = True):
+    GC_INTERVAL = 10.0
+    RECLAIM_INTERVAL = 60.0
+
+    def __init__(
+        self,
+        ctx: FlowContext,
+        interval: float | None,
+        *,
+        primary: bool = True,
+        gc_interval: float | None = None,
+        reclaim_interval: float | None = None,
+    ):
         self.ctx = ctx
         self.interval = interval
         self.primary = primary
+        if gc_interval is None:
+            gc_interval = float(os.environ.get("SHARDFLOW_GC_INTERVAL") or self.GC_INTERVAL)
+        self.gc_interval = gc_interval
+        self.reclaim_interval = self.RECLAIM_INTERVAL if reclaim_interval is None else reclaim_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._dead = False
+        self.gc_runs = 0
+        self.gc_errors: list[BaseException] = []
 
     def _give_up(self, what: str, e: Exception) -> None:
         """Stop driving the controller; say so in one line unless a newer copy fenced it (expected).
@@ -513,8 +549,42 @@ class _Housekeeper:
         except Exception as e:  # noqa: BLE001 - see the class docstring
             self._give_up("the storage controller's tick", e)
 
+    def _gc_shards(self) -> list[str]:
+        shards = list(self.ctx.shards.values())
+        try:
+            shards += [s for s in self.ctx.controller.introspection_shards().values() if s not in shards]
+        except Exception:  # noqa: BLE001 - no introspection (fenced, older controller): the job's shards
+            pass
+        return shards
+
+    def collect_garbage(self, *, reclaim: bool = False) -> None:
+        """One gc round over the job's and the controller's shards (primary only).
+
+        gc deletes only parts no live reader can reach (and orphans past their grace
+        period), so it is safe while the sinks, other jobs and queries run.
+        """
+        if not self.primary:
+            return
+        for shard in self._gc_shards():
+            if self._stop.is_set() and self.interval:
+                return  # shutting down: the next round (or run) does the rest
+            try:
+                self.ctx.client.gc(shard)
+            except Exception as e:  # noqa: BLE001 - maintenance; the next round retries
+                self.gc_errors = [*self.gc_errors[-9:], e]
+        self.gc_runs += 1
+        if reclaim:
+            try:
+                self.ctx.client.reclaim_space()
+            except Exception as e:  # noqa: BLE001 - maintenance; the next round retries
+                self.gc_errors = [*self.gc_errors[-9:], e]
+
     def final_tick(self) -> None:
-        """Last tick, then compact every shard the job wrote, synchronously, before the process exits."""
+        """Last tick; a batch job then compacts and collects every shard it wrote, synchronously.
+
+        A continuous job does not: its scheduled gc kept garbage small, and SIGINT
+        must stop it within seconds (see the class docstring).
+        """
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
@@ -523,19 +593,27 @@ class _Housekeeper:
                 self.ctx.controller.tick()
             except Exception as e:  # noqa: BLE001 - see the class docstring
                 self._give_up("the storage controller's last tick", e)
+        if self.interval:
+            return
         for shard in self.ctx.shards.values() if self.primary else ():
             try:
                 self.ctx.client.compact(shard)
-                # gc deletes only parts no live reader can reach (and orphans past their grace
-                # period), so it is safe while other jobs and queries run.
-                self.ctx.client.gc(shard)
             except Exception:  # noqa: BLE001 - maintenance; the next run retries
                 pass
+        self.collect_garbage()
 
     def _loop(self) -> None:
         assert self.interval is not None
+        last_gc = last_reclaim = time.monotonic()
         while not self._stop.wait(self.interval):
             self.tick()
+            now = time.monotonic()
+            if self.gc_interval and now - last_gc >= self.gc_interval and not self._stop.is_set():
+                reclaim = bool(self.reclaim_interval) and now - last_reclaim >= self.reclaim_interval
+                self.collect_garbage(reclaim=reclaim)
+                last_gc = time.monotonic()
+                if reclaim:
+                    last_reclaim = last_gc
 
     def __enter__(self) -> _Housekeeper:
         if self.interval:

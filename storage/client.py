@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import builtins
 import hashlib
 import io
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,11 @@ class Client:
 
     Get one with `storage.open(root)`. Thread-safe: handles may be used from
     several threads; separate processes coordinate through consensus.
+
+    A context manager: `with storage.open(root) as client:` closes it at the
+    end of the block. Without `with`, call `close()`; a client left open is
+    closed at interpreter exit anyway (its background work is stopped before
+    DuckDB is torn down), so a script that just ends exits normally.
     """
 
     def __init__(self, root: str | None, consensus: Consensus, blob: Blob, clock: Callable[[], int] = wall_clock_ms):
@@ -45,6 +52,19 @@ class Client:
         self._verified: dict[tuple[str, int, int, int], None] = {}
         self._vlock = threading.Lock()
         self._compactor: Any = None
+        self._closed = False
+        _OPEN_CLIENTS.add(self)
+
+    @property
+    def closed(self) -> bool:
+        """True once `close()` ran (by hand, at the end of a `with` block, or by `run_flow`)."""
+        return self._closed
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return f"Client(root={self.root!r})"
@@ -188,7 +208,10 @@ class Client:
 
     @property
     def compactor(self) -> Any:
-        """The background compactor (one daemon thread, started on first use)."""
+        """The background compactor (one daemon thread, started on first use).
+
+        After `close()` it is stopped: requests are ignored.
+        """
         with self._vlock:
             if self._compactor is None:
                 from .compact import BackgroundCompactor
@@ -203,7 +226,23 @@ class Client:
     def gc(self, shard: str, **kw: Any) -> Any:
         from .gc import gc
 
-        return gc(self, ShardId(shard), **kw)
+        report = gc(self, ShardId(shard), **kw)
+        if report.deleted and not kw.get("dry_run"):
+            # Forget the checks of deleted parts, so the cache tracks live parts only.
+            gone = set(report.deleted)
+            with self._vlock:
+                self._verified = {k: None for k in self._verified if k[0] not in gone}
+        return report
+
+    def reclaim_space(self) -> int:
+        """Give the space of truncated consensus versions back to the file system.
+
+        What it does depends on the consensus: SQLite returns free pages
+        (`SqliteConsensus.reclaim`); others (PostgreSQL's autovacuum) need
+        nothing. Returns the pages freed (0 when not applicable).
+        """
+        reclaim = getattr(self.consensus, "reclaim", None)
+        return int(reclaim()) if reclaim is not None else 0
 
     def finalize(self, shard: str) -> None:
         from .gc import finalize
@@ -215,14 +254,32 @@ class Client:
 
         return verify(self, ShardId(shard))
 
-    def close(self) -> None:
-        """Let background compaction finish, then close consensus.
+    def stop_compaction(self, *, grace: float = 1.0, timeout: float = 5.0) -> bool:
+        """Stop background compaction for good (bounded; see `BackgroundCompactor.stop`).
+
+        The client stays usable otherwise: `compact()` still works on demand.
+        Returns True when no compactor thread is left running.
+        """
+        with self._vlock:
+            compactor = self._compactor
+        return True if compactor is None else bool(compactor.stop(grace=grace, timeout=timeout))
+
+    def close(self, *, timeout: float = 5.0) -> None:
+        """Stop background work and close consensus. Idempotent; bounded by about `timeout` seconds.
+
+        Compaction requests not yet started are dropped (the next process, or the
+        next request, compacts them); a merge in flight may finish for a second,
+        then it is interrupted (its output parts are left for gc).
 
         SUBTLE: the compactor is a daemon thread; one still inside DuckDB when the
-        interpreter exits aborts the process (SIGABRT), so close waits for it.
+        interpreter exits aborts the process (SIGABRT). close (and the exit hook,
+        for clients nobody closed) stops it and joins it first.
         """
-        if self._compactor is not None:
-            self._compactor.wait_idle()
+        if self._closed:
+            return
+        self._closed = True
+        _OPEN_CLIENTS.discard(self)
+        self.stop_compaction(grace=min(1.0, timeout), timeout=timeout)
         self.consensus.close()
 
 
@@ -300,3 +357,41 @@ def open(
     )
     b = blob if blob is not None else LocalBlob(os.path.join(root_s, "blob"), fsync=fsync)
     return Client(root_s, cons, b, clock or wall_clock_ms)
+
+
+# ---- interpreter exit ----
+# Every client not yet closed. Weak: a dropped client is not kept alive by this.
+_OPEN_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+def _stop_background_work() -> None:
+    """At interpreter exit: stop every open client's background threads before DuckDB goes.
+
+    SUBTLE: registered with `threading._register_atexit` when there is one: those
+    hooks run in `threading._shutdown`, before non-daemon threads are joined and
+    before any `atexit` hook (DuckDB's and `storage.read`'s among them), so no
+    compactor is inside DuckDB when its objects are torn down. Only the
+    background threads are stopped here; consensus connections are left to the
+    interpreter (another thread may still be using them).
+    """
+    for c in list(_OPEN_CLIENTS):
+        comp = c._compactor
+        if comp is not None:
+            try:
+                comp.stop(grace=0.0, timeout=10.0)
+            except Exception:  # noqa: BLE001 - exiting: best effort, never raise
+                pass
+
+
+def _register_exit_hook() -> None:
+    reg = getattr(threading, "_register_atexit", None)
+    if reg is not None:
+        try:
+            reg(_stop_background_work)
+            return
+        except RuntimeError:  # interpreter already shutting down
+            pass
+    atexit.register(_stop_background_work)
+
+
+_register_exit_hook()

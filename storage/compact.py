@@ -31,6 +31,7 @@ adds up diffs of updates that every such snapshot counts together.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -203,7 +204,53 @@ def merge_sql(state: st.ShardState, src: str, adv: int | None) -> str:
     return f"SELECT {sel} FROM {src} GROUP BY {keys} HAVING sum({DIFF}) <> 0 ORDER BY {TIME}"
 
 
-def run_merge(client: Client, state: st.ShardState, plan: MergePlan) -> st.BatchMeta:
+class Interrupt:
+    """A stop switch for compactions running on other threads.
+
+    `stop()` makes `compact` return before its next merge and interrupts the
+    DuckDB query of the merge in flight (`duckdb.InterruptException` in that
+    thread). SUBTLE: a thread still inside DuckDB when the interpreter tears
+    down aborts the process (SIGABRT), so exit must be able to end a merge
+    early instead of waiting for it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._cons: set[duckdb.DuckDBPyConnection] = set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        with self._lock:
+            cons = list(self._cons)
+        for con in cons:
+            try:
+                con.interrupt()
+            except Exception:  # noqa: BLE001 - closed meanwhile: nothing left to interrupt
+                pass
+
+    def attach(self, con: duckdb.DuckDBPyConnection) -> None:
+        with self._lock:
+            self._cons.add(con)
+        if self.stopped:
+            con.interrupt()
+
+    def detach(self, con: duckdb.DuckDBPyConnection) -> None:
+        with self._lock:
+            self._cons.discard(con)
+
+
+class Interrupted(Exception):
+    """The compaction was stopped (`Interrupt.stop()`) before this merge finished."""
+
+
+def run_merge(
+    client: Client, state: st.ShardState, plan: MergePlan, *, interrupt: Interrupt | None = None
+) -> st.BatchMeta:
     """Read, advance, consolidate and write one merge's output. Does not touch the state."""
     if not plan.rewrites:
         data = [b for b in plan.inputs if b.parts]
@@ -215,12 +262,20 @@ def run_merge(client: Client, state: st.ShardState, plan: MergePlan) -> st.Batch
         return st.BatchMeta(plan.lower, plan.upper, b.since, b.parts, b.consolidated)
     adv = advance_time(plan.since, plan.upper)
     con = duckdb.connect()
+    if interrupt is not None:
+        interrupt.attach(con)
     try:
         src = parts_source(client, state, [b for b in plan.inputs if b.parts], con, "__inputs")
         with overflow_checked():
             out = con.sql(merge_sql(state, src, adv)).to_arrow_table()
+    except duckdb.InterruptException as e:
+        raise Interrupted(f"shard {state.shard_id}: compaction stopped") from e
     finally:
+        if interrupt is not None:
+            interrupt.detach(con)
         con.close()
+    if interrupt is not None and interrupt.stopped:
+        raise Interrupted(f"shard {state.shard_id}: compaction stopped")
     out = out.cast(update_schema(state.schema))
     parts = write_parts(client, state.shard_id, out) if out.num_rows else ()
     return st.BatchMeta(plan.lower, plan.upper, plan.since, parts, consolidated=True)
@@ -233,6 +288,7 @@ def compact(
     max_merges: int | None = None,
     fanout: int = FANOUT,
     full: bool = False,
+    interrupt: Interrupt | None = None,
 ) -> CompactReport:
     """Run merges on `shard` until `plan_compaction` has nothing left (or `max_merges` ran).
 
@@ -240,7 +296,10 @@ def compact(
     merge that lost that race counts in `merges_lost` and its output parts are
     left for gc. Safe to run concurrently with writers, readers and other
     compactions, in this process or others. `full=True` merges every batch into
-    one (see `plan_compaction`).
+    one (see `plan_compaction`). With `interrupt`, `interrupt.stop()` (another
+    thread) ends the call early: before its next merge, or by interrupting the
+    merge in flight (raises `Interrupted`; nothing is applied, what was written
+    is left for gc).
 
     Raises:
         Tombstone: the shard was finalized.
@@ -274,9 +333,11 @@ def compact(
         for plan in plans:
             if max_merges is not None and done >= max_merges:
                 break
+            if interrupt is not None and interrupt.stopped:
+                break
             done += 1
             try:
-                output = run_merge(client, s, plan)
+                output = run_merge(client, s, plan, interrupt=interrupt)
             except CorruptPart:
                 if _still_present(m.fetch(), plan.inputs):
                     raise
@@ -302,7 +363,7 @@ def compact(
             s = s_new
         s = m.fetch()
         # A full compaction is one round: under steady appends it would never finish.
-        if s.is_tombstone or not progressed or full:
+        if s.is_tombstone or not progressed or full or (interrupt is not None and interrupt.stopped):
             break
     report.batches_after = len(s.batches)
     return report
@@ -320,6 +381,11 @@ class BackgroundCompactor:
     more however many appends asked for it meanwhile. Errors are recorded in
     `errors` (the last few) and never reach the writer: compaction is an
     optimization, and the next request retries it.
+
+    `stop(timeout)` ends it for good: pending requests are dropped (the next
+    process compacts them), the merge in flight may finish for `grace`
+    seconds and is then interrupted, and the thread is joined. The client
+    calls it on `close()` and at interpreter exit.
     """
 
     def __init__(self, client: Client):
@@ -328,11 +394,18 @@ class BackgroundCompactor:
         self._pending: dict[str, None] = {}
         self._busy = False
         self._thread: threading.Thread | None = None
+        self._interrupt = Interrupt()
         self.errors: list[BaseException] = []
         self.totals = CompactReport()
 
+    @property
+    def stopped(self) -> bool:
+        return self._interrupt.stopped
+
     def request(self, shard: str) -> None:
         with self._cv:
+            if self._interrupt.stopped:
+                return
             self._pending[shard] = None
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._loop, name="shardflow-compactor", daemon=True)
@@ -344,17 +417,40 @@ class BackgroundCompactor:
         with self._cv:
             return self._cv.wait_for(lambda: not self._pending and not self._busy, timeout)
 
+    def stop(self, *, grace: float = 1.0, timeout: float = 10.0) -> bool:
+        """Stop for good: drop pending requests, let a running merge finish for up to `grace`
+        seconds, then interrupt it; join the thread for up to `timeout` seconds in all.
+
+        Returns True when the thread is gone (nothing of this compactor is still in DuckDB).
+        """
+        deadline = time.monotonic() + timeout
+        with self._cv:
+            self._pending.clear()
+            thread = self._thread
+            if grace > 0 and self._busy:
+                self._cv.wait_for(lambda: not self._busy, min(grace, timeout))
+            self._interrupt.stop()
+            self._cv.notify_all()
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(max(0.0, deadline - time.monotonic()))
+        return not thread.is_alive()
+
     def _loop(self) -> None:
         while True:
             with self._cv:
-                if not self._cv.wait_for(lambda: bool(self._pending), timeout=30.0):
+                if not self._cv.wait_for(lambda: bool(self._pending) or self._interrupt.stopped, timeout=30.0):
                     self._thread = None
+                    return
+                if self._interrupt.stopped:
+                    self._thread = None
+                    self._cv.notify_all()
                     return
                 shard = next(iter(self._pending))
                 del self._pending[shard]
                 self._busy = True
             try:
-                r = compact(self.client, shard)
+                r = compact(self.client, shard, interrupt=self._interrupt)
                 t = self.totals
                 t.merges_applied += r.merges_applied
                 t.merges_lost += r.merges_lost
@@ -363,6 +459,8 @@ class BackgroundCompactor:
                 t.bytes_read += r.bytes_read
                 t.bytes_written += r.bytes_written
                 t.parts_written += r.parts_written
+            except Interrupted:
+                pass
             except BaseException as e:  # noqa: BLE001 - background work must not die
                 self.errors = [*self.errors[-9:], e]
             finally:

@@ -307,6 +307,39 @@ class SqliteConsensus(_SqlConsensus):
         """Delete versions below `seqno`, but only if a version at or above it exists."""
         return int(self._write(lambda con: con.execute(_TRUNCATE.format(p=self.P), (key, seqno, key, seqno)).rowcount))
 
+    def reclaim(self) -> int:
+        """Give the pages of truncated versions back to the file system; returns the pages freed.
+
+        Truncation only moves pages to SQLite's free list (the file keeps its size).
+        With `auto_vacuum=INCREMENTAL`, `PRAGMA incremental_vacuum` cuts them off
+        the end of the file. SUBTLE: a file created without that mode only gets it
+        from a VACUUM, so the first call converts it once: VACUUM is one write
+        transaction (other processes wait on the lock like for any write, and
+        readers keep their WAL snapshot), and it costs what is *live*, which
+        after truncation is little, not the file's size.
+        """
+        con = self._con()
+        if int(con.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
+            con.execute("PRAGMA auto_vacuum=INCREMENTAL")
+            con.execute("VACUUM")
+            free = 0
+        else:
+            free = int(con.execute("PRAGMA freelist_count").fetchone()[0])
+            if free:
+                # NB: not execute(): the pragma frees one page per step, and the sqlite3
+                # module steps a pragma that returns no rows once; executescript runs it out.
+                con.executescript("PRAGMA incremental_vacuum;")
+        # The WAL file keeps its largest size, and under steady writes grows by steps.
+        # Truncate it when that can be done at once: a TRUNCATE checkpoint holds the
+        # write lock while it waits for readers, so wait briefly, and on busy try next time.
+        busy = int(con.execute("PRAGMA busy_timeout").fetchone()[0])
+        con.execute("PRAGMA busy_timeout=200")
+        try:
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        finally:
+            con.execute(f"PRAGMA busy_timeout={busy}")
+        return free
+
 
 class PostgresConsensus(_SqlConsensus):
     """Consensus on PostgreSQL, for several processes or machines. Same SQL as SQLite.

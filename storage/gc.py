@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -85,9 +86,12 @@ def _keys(s: st.ShardState) -> set[str]:
     return {p.key for b in s.batches for p in b.parts}
 
 
-def _scan(m: Machine, from_seqno: int, to_seqno: int) -> list[st.ShardState]:
-    """Decode every stored version of the shard with `from_seqno <= seqno <= to_seqno`."""
-    out: list[st.ShardState] = []
+def _scan(m: Machine, from_seqno: int, to_seqno: int) -> Iterator[st.ShardState]:
+    """Decode every stored version of the shard with `from_seqno <= seqno <= to_seqno`, oldest first.
+
+    A generator: a shard with a long untruncated history is decoded `_SCAN_LIMIT`
+    versions at a time, never held in memory all at once.
+    """
     nxt = from_seqno
     while nxt <= to_seqno:
         rows = m.consensus.scan(m.key, nxt, _SCAN_LIMIT)
@@ -95,12 +99,9 @@ def _scan(m: Machine, from_seqno: int, to_seqno: int) -> list[st.ShardState]:
             break
         for r in rows:
             if r.seqno > to_seqno:
-                return out
-            out.append(
-                st.ShardState.decode(r.data, f"shard {m.shard_id} seqno {r.seqno}", seqno=r.seqno, shard_id=m.shard_id)
-            )
+                return
+            yield st.ShardState.decode(r.data, f"shard {m.shard_id} seqno {r.seqno}", seqno=r.seqno, shard_id=m.shard_id)
         nxt = rows[-1].seqno + 1
-    return out
 
 
 def live_pin(s: st.ShardState, now_ms: int) -> int:
@@ -142,10 +143,12 @@ def gc(client: Client, shard: str, *, grace_ms: int = DEFAULT_GRACE_MS, dry_run:
     # SUBTLE: scan from the oldest stored version, not from the pin: a part that only
     # versions below the pin reference is garbage *now*, while one that no stored
     # version references at all may be an append in flight (grace period).
-    versions = _scan(m, 0, head.seqno)
     live: set[str] = set()
     dead: set[str] = set()
-    for v in versions:
+    oldest: int | None = None
+    for v in _scan(m, 0, head.seqno):
+        if oldest is None:
+            oldest = v.seqno
         (live if v.seqno >= pin else dead).update(_keys(v))
     live |= _keys(head)
     dead -= live
@@ -172,7 +175,8 @@ def gc(client: Client, shard: str, *, grace_ms: int = DEFAULT_GRACE_MS, dry_run:
             report.parts_deleted += 1
     # Truncate only after the deletes: if we crash in between, the parts are still
     # found (as referenced-below-the-pin, or as orphans after the grace period).
-    oldest = versions[0].seqno if versions else pin
+    if oldest is None:
+        oldest = pin
     if pin > oldest:
         report.versions_truncated = pin - oldest if dry_run else m.consensus.truncate(m.key, pin)
     return report
