@@ -228,9 +228,7 @@ def _controller(client: Any, read_only: bool = True) -> Any:
 def _catalog(ctl: Any) -> dict[str, str]:
     """Every queryable name -> shard id, introspection included."""
     names = {name: meta.shard_id for name, meta in ctl.collections().items()}
-    intro = getattr(ctl, "introspection_shards", None)
-    if intro is not None:
-        names.update(intro())
+    names.update(ctl.introspection_shards())
     return names
 
 

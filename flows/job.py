@@ -50,6 +50,7 @@ from bytewax.dataflow import Dataflow, Stream
 import storage
 from connectors import base as sources
 from storage import Client, Frontier
+from storage.controller import CollectionDesc, StorageController
 from storage.errors import InvalidInput
 
 from .sinks import Committed, append_sink, committed_offsets, persist_sink, resume_point
@@ -61,26 +62,13 @@ Mode = Literal["batch", "continuous"]
 log = logging.getLogger("flows.job")
 
 
-def open_controller(client: Client, *, read_only: bool = False) -> Any:
+def open_controller(client: Client, *, read_only: bool = False) -> StorageController:
     """The storage controller for `client` (no background thread: the job drives nothing)."""
-    try:
-        from storage.controller import StorageController
-    except ImportError:  # the package __init__ may not be there yet
-        from storage.controller.controller import StorageController  # type: ignore[no-redef]
-    try:
-        # SUBTLE: fence=False joins the current epoch: a second job (or a webhook server) on
-        # the same data must not fence this one's controller, nor this one theirs.
-        return StorageController.open(client, read_only=read_only, tick_interval_ms=None, fence=False)
-    except TypeError:
-        return StorageController.open(client, read_only=read_only)
-
-
-def _collection_desc(name: str, schema: pa.Schema, data_source: str) -> Any:
-    try:
-        from storage.controller import CollectionDesc
-    except ImportError:
-        from storage.controller.catalog import CollectionDesc  # type: ignore[no-redef]
-    return CollectionDesc(name, schema, data_source=data_source)
+    # SUBTLE: fence=False joins the current epoch: a second job (or a webhook server) on
+    # the same data must not fence this one's controller, nor this one theirs. No retry
+    # without it: an error opening the controller is the job's error, never a reason to
+    # take over (fence) every other job's controller.
+    return StorageController.open(client, read_only=read_only, tick_interval_ms=None, fence=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +139,7 @@ class FlowContext:
     """
 
     client: Client
-    controller: Any
+    controller: StorageController
     mode: Mode = "batch"
     tick: float = 1.0
     workers: int = 1
@@ -168,7 +156,7 @@ class FlowContext:
     def collection(self, name: str, schema: pa.Schema, *, data_source: str = "ingestion") -> str:
         """Create (or look up: an identical re-create is a no-op) collection `name`; return its shard id."""
         try:
-            self.controller.create_collections([_collection_desc(name, schema, data_source)])
+            self.controller.create_collections([CollectionDesc(name, schema, data_source=data_source)])
         except storage.ReadOnly as e:
             raise InvalidInput(
                 f"collection {name!r} does not exist yet and process {self.process_id} does not create "
@@ -444,9 +432,7 @@ def _run_flow(
         raise
     finally:
         housekeeper.final_tick()
-        close = getattr(ctl, "close", None)
-        if close is not None:
-            close()
+        ctl.close()
 
 
 def _root_message(e: BaseException) -> str:
@@ -553,7 +539,7 @@ class _Housekeeper:
         shards = list(self.ctx.shards.values())
         try:
             shards += [s for s in self.ctx.controller.introspection_shards().values() if s not in shards]
-        except Exception:  # noqa: BLE001 - no introspection (fenced, older controller): the job's shards
+        except Exception:  # noqa: BLE001 - no introspection (fenced): the job's shards
             pass
         return shards
 

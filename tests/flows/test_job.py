@@ -136,3 +136,24 @@ def test_sigkill_crash_loop_quick():
 @pytest.mark.slow
 def test_sigkill_crash_loop_slow():
     crash_loop(trials=12, seed=11, ticks=80)
+
+
+def test_type_error_opening_the_controller_propagates_and_never_fences(monkeypatch):
+    """A TypeError inside `StorageController.open` is the job's error: no retry, no take-over.
+
+    (An earlier build retried with the default `fence=True` on any TypeError, which
+    would silently fence every other job's controller.)
+    """
+    from storage.controller import StorageController
+
+    calls = []
+
+    def broken_open(client, **kw):
+        calls.append(kw)
+        raise TypeError("a bug inside open")
+
+    data = tempfile.mkdtemp(prefix="sf-job-")
+    monkeypatch.setattr(StorageController, "open", staticmethod(broken_open))
+    with pytest.raises(TypeError, match="a bug inside open"):
+        run_flow(FLOW, data, mode="batch")
+    assert len(calls) == 1 and calls[0]["fence"] is False
