@@ -31,6 +31,7 @@ source, and `ctx.persist` passes that upper to `persist_sink` as `as_of`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -39,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -55,7 +57,7 @@ from storage.errors import InvalidInput
 
 from .sinks import Committed, append_sink, committed_offsets, persist_sink, resume_point
 
-__all__ = ["FlowContext", "JobStats", "Summary", "load_flow", "open_controller", "run", "run_flow"]
+__all__ = ["FlowContext", "JobStats", "ProgressHook", "Summary", "load_flow", "open_controller", "run", "run_flow"]
 
 Mode = Literal["batch", "continuous"]
 
@@ -244,6 +246,11 @@ def load_flow(path: str | os.PathLike[str], ctx: FlowContext) -> Dataflow:
 # --------------------------------------------------------------------------------------------
 
 
+#: Shows a run's progress: called with the job's `JobStats` when the flow starts running,
+#: entered for as long as it runs (the CLI's live progress line is one).
+ProgressHook = Callable[["JobStats"], AbstractContextManager[object]]
+
+
 class _Signals:
     """SIGINT/SIGTERM -> `connectors.base.request_stop()`; a second signal aborts."""
 
@@ -268,54 +275,13 @@ class _Signals:
             signal.signal(s, h)
 
 
-class _ProgressLine:
-    """A live `rich` status line: rows, rows/s, frontier lag (for millisecond times)."""
-
-    def __init__(self, stats: JobStats, enabled: bool):
-        self.stats = stats
-        self.enabled = enabled
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def text(self) -> str:
-        rows, batches, uppers, secs = self.stats.snapshot()
-        rate = rows / secs if secs > 0 else 0.0
-        now = int(time.time() * 1000)
-        lags = []
-        for name, up in sorted(uppers.items()):
-            if up.time is not None and up.time > 10**12:  # epoch milliseconds: show the lag
-                lags.append(f"{name} lag {max(0, now - up.time) / 1000:.1f}s")
-            else:
-                lags.append(f"{name} @ {up}")
-        return f"{rows:,} rows  {rate:,.0f} rows/s  {batches} batches  " + ("  ".join(lags) or "")
-
-    def __enter__(self) -> _ProgressLine:
-        if self.enabled:
-            self._thread = threading.Thread(target=self._run, name="shardflow-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        from rich.console import Console
-        from rich.live import Live
-
-        with Live(self.text(), console=Console(stderr=True), refresh_per_second=4, transient=True) as live:
-            while not self._stop.wait(0.25):
-                live.update(self.text())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
-
-
 def run(
     flow: Dataflow,
     ctx: FlowContext,
     *,
     process_id: int | None = None,
     addresses: list[str] | None = None,
-    progress: bool = False,
+    progress: ProgressHook | None = None,
     handle_signals: bool = True,
 ) -> Summary:
     """Run an already built flow with bytewax's `cli_main` and return its summary.
@@ -323,17 +289,17 @@ def run(
     Batch mode returns when every source ended. Continuous mode runs until
     SIGINT/SIGTERM (or `connectors.base.request_stop()`), then flushes and returns.
     With `handle_signals=False` the caller installed the handlers (and cleared
-    `connectors.base.STOP`) itself, e.g. before building the flow.
+    `connectors.base.STOP`) itself, e.g. before building the flow. `progress`, if
+    given, is entered around the running flow with `ctx.stats` (the CLI's progress line).
     """
-    import contextlib
-
     from bytewax.run import cli_main
 
     if handle_signals:
         sources.reset_stop()
     ctx.stats.started = time.monotonic()
     sig = _Signals() if handle_signals else contextlib.nullcontext()
-    with sig, _ProgressLine(ctx.stats, progress and ctx.continuous):
+    shown = progress(ctx.stats) if progress is not None else contextlib.nullcontext()
+    with sig, shown:
         cli_main(
             flow,
             workers_per_process=ctx.workers,
@@ -352,7 +318,7 @@ def run_flow(
     mode: Mode = "batch",
     workers: int = 1,
     tick: float = 1.0,
-    progress: bool = False,
+    progress: ProgressHook | None = None,
     process_id: int | None = None,
     addresses: list[str] | None = None,
     client: Client | None = None,
@@ -367,7 +333,8 @@ def run_flow(
         mode: "batch" or "continuous".
         workers: bytewax workers per process (`-w`).
         tick: idle progress interval for continuous sources, seconds.
-        progress: show the live progress line (continuous mode).
+        progress: entered around the running flow with the job's `JobStats`, which
+            the sinks keep counting (the CLI renders its progress line with it).
         process_id, addresses: bytewax multi-process settings (`-i`, `-a`). A
             process other than 0 opens the controller read-only and does not
             compact (see `FlowContext.process_id`), so process 0 must have built
@@ -402,7 +369,7 @@ def _run_flow(
     mode: Mode,
     workers: int,
     tick: float,
-    progress: bool,
+    progress: ProgressHook | None,
     process_id: int | None,
     addresses: list[str] | None,
     configure: Callable[[FlowContext], None] | None,
