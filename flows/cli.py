@@ -341,7 +341,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_tail(args: argparse.Namespace) -> int:
     import storage
-    from storage.updates import DIFF, TIME
+    from storage import DIFF, TIME
 
     client = _open(args)
     ctl = _controller(client)
@@ -353,7 +353,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         as_of = args.as_of
         if as_of is None:
             up = client.state(shard).upper
-            as_of = max((up.time or 1) - 1, 0) if not up.is_empty else storage.frontier.MAX_TIME
+            as_of = max((up.time or 1) - 1, 0) if not up.is_empty else storage.MAX_TIME
         # validate: a row whose count goes negative stops the tail with one line (NegativeCount).
         events = (
             r.listen(as_of, timeout=args.timeout, validate=True)
@@ -440,11 +440,11 @@ def _name_collection(args: argparse.Namespace, shard: str, msg: str) -> str:
     """Prefix an error about `shard` with its collection's name, when the catalog can tell."""
     try:
         import storage
-        from storage.controller.catalog import collection_of_shard
+        from storage.controller import read_catalog
 
         client = storage.open(args.data, consensus=args.consensus)
         try:
-            name = collection_of_shard(client.consensus, shard)
+            name = next((n for n, s in read_catalog(client).items() if s == shard), None)
         finally:
             client.close()
     except Exception:  # noqa: BLE001 - only words another error
@@ -474,7 +474,7 @@ def _inspect_one(client: Any, shard: str) -> dict[str, Any]:
     elif up is not None and (up == 0 or (since is not None and since >= up)):
         info["rows_error"] = "nothing readable yet"
     else:
-        as_of = storage.frontier.MAX_TIME if up is None else up - 1
+        as_of = storage.MAX_TIME if up is None else up - 1
         try:
             with client.open_leased_reader(shard) as r:
                 info["rows"] = r.count(as_of, timeout=0)
@@ -526,12 +526,11 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     the others. Any error is that collection's result, never the command's.
     """
     import storage
-    from storage.controller.catalog import CatalogStore
-    from storage.state import check_invariants
+    from storage.controller import read_catalog
 
     client = _open(args)
     try:
-        cat = {n: m.shard_id for n, m in CatalogStore(client.consensus).head().collections.items()}
+        cat = read_catalog(client)
     except Exception as e:  # noqa: BLE001 - a broken catalog is fsck's finding, in one line
         print(f"catalog: FAILED {_one_line(_fsck_msg(e))}")
         return EXIT_ERROR
@@ -545,7 +544,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     bad = 0
     for name, shard in items:
         try:
-            check_invariants(client.state(shard))
+            storage.check_invariants(client.state(shard))
             report = client.verify(shard)
             if report.ok:
                 # A negative count (a retraction with no insertion) at any readable time
@@ -826,9 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             root = root.__cause__
         if isinstance(root, Exception):
             e = root
-        from storage.updates import as_overflow
-
-        e = as_overflow(e) or e  # a count past int64 inside a query: say so as DiffOverflow does
+        e = storage.as_overflow(e) or e  # a count past int64 inside a query: say so as DiffOverflow does
         if isinstance(e, storage.StateCorrupt) and e.shard is not None:
             msg = _name_collection(args, e.shard, str(e))
         elif isinstance(e, storage.ShardflowError):

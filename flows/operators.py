@@ -19,10 +19,9 @@ import pyarrow.compute as pc
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 
-from storage import Frontier, Progress, UpdateBatch
+from storage import DIFF, TIME, Frontier, Progress, UpdateBatch, duck
+from storage import consolidate as consolidate_table
 from storage.errors import InvalidInput
-from storage.updates import DIFF, TIME, duck
-from storage.updates import consolidate as consolidate_table
 
 __all__ = ["FrontierTracker", "OffsetQueue", "consolidate", "sql", "Item", "one_key"]
 
@@ -298,7 +297,7 @@ def sql(step_id: str, up: Stream[Any], query: str, schema: pa.Schema | None = No
 
     Example:
         >>> import pyarrow as pa
-        >>> from storage.updates import update_schema
+        >>> from storage import update_schema
         >>> from bytewax.dataflow import Dataflow
         >>> from bytewax.testing import TestingSource
         >>> flow = Dataflow("doc")
