@@ -466,7 +466,8 @@ class Auction(LoadGenerator):
         return self._rng.integers("auction.seller", auction_ids, 0, self.users)
 
     def _tick(self, i: int, time: int) -> dict[str, pa.RecordBatch]:
-        s, rng, out = self.SCHEMAS, self._rng, {}
+        s, rng = self.SCHEMAS, self._rng
+        out: dict[str, pa.RecordBatch] = {}
         if i == 0:
             org = _iota(0, self.organizations)
             _put(
@@ -634,7 +635,8 @@ class Marketing(LoadGenerator):
         return pc.and_(self._lead_experiment(lid), pc.less_equal(score, _f64(0.5)))
 
     def _tick(self, i: int, time: int) -> dict[str, pa.RecordBatch]:
-        s, rng, out = self.SCHEMAS, self._rng, {}
+        s, rng = self.SCHEMAS, self._rng
+        out: dict[str, pa.RecordBatch] = {}
         if i == 0:
             cid = _iota(0, self.customers)
             email = _prefixed("customer", cid, "@email.com")

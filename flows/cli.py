@@ -216,7 +216,7 @@ def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
         and not os.path.exists(os.path.join(args.data, "consensus.sqlite"))
         and not args.consensus
     ):
-        raise storage.InvalidInput(
+        raise storage.errors.InvalidInput(
             f"--data {args.data}: no shardflow data here (run a flow first, e.g. `shardflow demo`)"
         )
     return _storage_open(args)
@@ -241,7 +241,7 @@ def _resolve(ctl: Any, name: str) -> str:
         import storage
 
         known = ", ".join(sorted(cat)) or "none"
-        raise storage.IdentifierMissing(f"collection {name!r} does not exist (known: {known})")
+        raise storage.errors.IdentifierMissing(f"collection {name!r} does not exist (known: {known})")
     return cat[name]
 
 
@@ -282,7 +282,7 @@ def _emit(table: Any, fmt: str, output: str | None) -> None:
         if not output:
             import storage
 
-            raise storage.InvalidInput("--format parquet needs --output FILE")
+            raise storage.errors.InvalidInput("--format parquet needs --output FILE")
         pq.write_table(table, output)
         return
     if fmt == "table" and not output:
@@ -318,7 +318,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     try:
         cat = _referenced(_catalog(ctl), args.sql)
         if not args.sql.strip():
-            raise storage.InvalidInput("query: empty SQL")
+            raise storage.errors.InvalidInput("query: empty SQL")
         # Only the collections the SQL mentions are opened: an unrelated collection
         # (a broken part, a since past this as_of) cannot break this query.
         with storage.query.connect(client, cat, as_of=args.as_of, timeout=args.timeout) as con:
@@ -330,7 +330,7 @@ def cmd_query(args: argparse.Namespace) -> int:
                     ", ".join(sorted(n for n in _catalog(ctl) if not n.startswith("system.")))
                     or "none"
                 )
-                raise storage.IdentifierMissing(
+                raise storage.errors.IdentifierMissing(
                     f"query: {str(e).splitlines()[0]} (collections: {known})"
                 ) from e
             _emit(table, args.format, args.output)
@@ -478,11 +478,11 @@ def _inspect_one(client: Any, shard: str) -> dict[str, Any]:
         try:
             with client.open_leased_reader(shard) as r:
                 info["rows"] = r.count(as_of, timeout=0)
-        except storage.NegativeCount:
+        except storage.errors.NegativeCount:
             info["rows_error"] = "invalid: a negative count"
-        except storage.CorruptPart:
+        except storage.errors.CorruptPart:
             info["rows_error"] = "corrupt part: run fsck"
-        except (storage.NotYetReadable, storage.ReadBeforeSince):
+        except (storage.errors.NotYetReadable, storage.errors.ReadBeforeSince):
             info["rows_error"] = "nothing readable yet"
     return info
 
@@ -539,7 +539,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         name = _system_name(args.name)
         if name not in cat:
             known = ", ".join(sorted(cat)) or "none"
-            raise storage.IdentifierMissing(f"collection {args.name!r} does not exist (known: {known})")
+            raise storage.errors.IdentifierMissing(f"collection {args.name!r} does not exist (known: {known})")
         items = [(name, cat[name])]
     bad = 0
     for name, shard in items:
@@ -551,7 +551,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
                 # makes the collection invalid there; every read would refuse it.
                 with client.open_leased_reader(shard) as r:
                     r.validate()
-        except storage.ShardNotFound:
+        except storage.errors.ShardNotFound:
             print(f"{name}: ok (not written yet)")
             continue
         except Exception as e:  # noqa: BLE001 - report it as this collection's result and go on
@@ -579,7 +579,7 @@ def _system_name(name: str) -> str:
 def _fsck_msg(e: BaseException) -> str:
     import storage
 
-    if isinstance(e, storage.ShardflowError):
+    if isinstance(e, storage.errors.ShardflowError):
         return str(e)
     if isinstance(e, OSError) and e.strerror:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
@@ -663,19 +663,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flows.job import run_flow
 
     if args.workers < 1:
-        raise storage.InvalidInput(f"--workers must be >= 1, got {args.workers}")
+        raise storage.errors.InvalidInput(f"--workers must be >= 1, got {args.workers}")
     if args.processes < 1:
-        raise storage.InvalidInput(f"--processes must be >= 1, got {args.processes}")
+        raise storage.errors.InvalidInput(f"--processes must be >= 1, got {args.processes}")
     if not os.path.isfile(args.flow):
-        raise storage.InvalidInput(f"flow file {args.flow!r} does not exist")
+        raise storage.errors.InvalidInput(f"flow file {args.flow!r} does not exist")
     spec = RunSpec(args.flow, args.data, args.mode, args.workers, args.tick, args.consensus, args.debug)
     if args.process_id is not None:
         # A child of a multi-process run (`flows.cluster` starts it).
         if not args.addresses:
-            raise storage.InvalidInput("--process-id needs --addresses")
+            raise storage.errors.InvalidInput("--process-id needs --addresses")
         addresses = args.addresses.split(";")
         if not 0 <= args.process_id < len(addresses):
-            raise storage.InvalidInput(
+            raise storage.errors.InvalidInput(
                 f"--process-id {args.process_id} is not in 0..{len(addresses) - 1}"
             )
         run_child(
@@ -820,15 +820,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bytewax wraps errors raised inside a flow (BytewaxRuntimeError); the cause is what matters.
         root: BaseException = e
         while root.__cause__ is not None and not isinstance(
-            root, (storage.ShardflowError, duckdb.Error)
+            root, (storage.errors.ShardflowError, duckdb.Error)
         ):
             root = root.__cause__
         if isinstance(root, Exception):
             e = root
         e = storage.as_overflow(e) or e  # a count past int64 inside a query: say so as DiffOverflow does
-        if isinstance(e, storage.StateCorrupt) and e.shard is not None:
+        if isinstance(e, storage.errors.StateCorrupt) and e.shard is not None:
             msg = _name_collection(args, e.shard, str(e))
-        elif isinstance(e, storage.ShardflowError):
+        elif isinstance(e, storage.errors.ShardflowError):
             msg = str(e)
         elif isinstance(e, duckdb.Error):
             msg = f"query: {str(e).splitlines()[0]}"

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from connectors import base as sources
-from storage import Client, ShardflowError
+from storage import Client
+from storage.errors import ShardflowError
 
 from .job import Mode, ProgressHook, Summary, run_flow
 

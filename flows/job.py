@@ -159,7 +159,7 @@ class FlowContext:
         """Create (or look up: an identical re-create is a no-op) collection `name`; return its shard id."""
         try:
             self.controller.create_collections([CollectionDesc(name, schema, data_source=data_source)])
-        except storage.ReadOnly as e:
+        except storage.errors.ReadOnly as e:
             raise InvalidInput(
                 f"collection {name!r} does not exist yet and process {self.process_id} does not create "
                 "collections (process 0 does; start it first)"
@@ -403,7 +403,7 @@ def _run_flow(
 
 
 def _root_message(e: BaseException) -> str:
-    while e.__cause__ is not None and not isinstance(e, storage.ShardflowError):
+    while e.__cause__ is not None and not isinstance(e, storage.errors.ShardflowError):
         e = e.__cause__
     return f"{type(e).__name__}: {e}"
 
@@ -467,11 +467,11 @@ class _Housekeeper:
         with that one line, or the next tick succeeds once it has passed. So this
         keeps ticking and adds no second line for it.
         """
-        if isinstance(e, storage.ConsensusUnavailable | storage.OutOfSpace):
+        if isinstance(e, storage.errors.ConsensusUnavailable | storage.errors.OutOfSpace):
             log.debug("%s failed (%s: %s); retrying on the next tick", what, type(e).__name__, e)
             return
         self._dead = True
-        if not isinstance(e, storage.Fenced):
+        if not isinstance(e, storage.errors.Fenced):
             first = str(e).splitlines()[0] if str(e) else ""
             log.warning(
                 "warning: %s failed (%s: %s); the job goes on without its introspection (system.*)",

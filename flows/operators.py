@@ -100,7 +100,7 @@ class OffsetQueue:
     def pop(self, upper: Frontier) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, dq in self.q.items():
-            while dq and (upper.is_empty or dq[0][0] < upper.time):
+            while dq and (upper.time is None or dq[0][0] < upper.time):
                 out[k] = dq.popleft()[1]
         return out
 
@@ -167,7 +167,7 @@ class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
         keep: list[tuple[pa.Table, int]] = []
         ut = None if upper.is_empty else pa.scalar(upper.time, pa.int64())
         for t, tm in self.pending:
-            if ut is None or tm < upper.time:
+            if upper.time is None or tm < upper.time:
                 ready.append(t)
                 continue
             mask = pc.less(t.column(TIME), ut)
