@@ -660,7 +660,6 @@ def _no_rust_panic_text(debug: bool) -> Iterator[None]:
 def cmd_run(args: argparse.Namespace) -> int:
     import storage
     from flows.cluster import RunSpec, run_child, run_processes
-    from flows.job import run_flow
 
     if args.workers < 1:
         raise storage.errors.InvalidInput(f"--workers must be >= 1, got {args.workers}")
@@ -691,15 +690,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = _ProgressLine if show else None
     if args.processes == 1:
         with _no_rust_panic_text(args.debug):
-            summary = run_flow(
-                args.flow,
-                args.data,
-                mode=args.mode,
-                workers=args.workers,
-                tick=args.tick,
-                progress=progress,
-                client=client,
-            )
+            summary = spec.run(client, progress=progress)
         print(f"{args.mode} run of {args.flow}: {summary}")
         return 0
     total = run_processes(spec, client, processes=args.processes, progress=progress)

@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,7 +38,7 @@ from connectors import base as sources
 from storage import Client
 from storage.errors import ShardflowError
 
-from .job import Mode, ProgressHook, Summary, run_flow
+from .job import FlowContext, Mode, ProgressHook, Summary, run_flow
 
 __all__ = ["ChildFailed", "RunSpec", "free_ports", "run_child", "run_processes"]
 
@@ -61,6 +62,29 @@ class RunSpec:
     tick: float = 1.0
     consensus: str | None = None
     debug: bool = False
+
+    def run(
+        self,
+        client: Client,
+        *,
+        progress: ProgressHook | None = None,
+        process_id: int | None = None,
+        addresses: list[str] | None = None,
+        on_built: Callable[[FlowContext], None] | None = None,
+    ) -> Summary:
+        """`flows.job.run_flow` of this flow over `client` (this process' share of a run)."""
+        return run_flow(
+            self.flow,
+            self.data,
+            mode=self.mode,
+            workers=self.workers,
+            tick=self.tick,
+            progress=progress,
+            client=client,
+            process_id=process_id,
+            addresses=addresses,
+            on_built=on_built,
+        )
 
 
 def free_ports(n: int) -> list[int]:
@@ -88,16 +112,7 @@ def run_child(spec: RunSpec, client: Client, *, process_id: int, addresses: list
                 os._exit(_EXIT_ERROR)
 
     threading.Thread(target=orphaned, name="shardflow-parent-watch", daemon=True).start()
-    summary = run_flow(
-        spec.flow,
-        spec.data,
-        mode=spec.mode,
-        workers=spec.workers,
-        tick=spec.tick,
-        client=client,
-        process_id=process_id,
-        addresses=addresses,
-    )
+    summary = spec.run(client, process_id=process_id, addresses=addresses)
     if summary_file:
         with open(summary_file, "w") as f:
             json.dump({"rows": summary.rows, "batches": summary.batches, "names": sorted(summary.frontiers)}, f)
@@ -242,28 +257,17 @@ def run_processes(spec: RunSpec, client: Client, *, processes: int, progress: Pr
         ChildFailed: a child failed (one line naming it); process 0's own error otherwise.
     """
     addresses = [f"127.0.0.1:{port}" for port in free_ports(processes)]
-    built: dict[str, Any] = {}
+    built: dict[str, FlowContext] = {}
     with tempfile.TemporaryDirectory(prefix="shardflow-run-") as tmp:
         children = _Children(spec, addresses, tmp)
 
-        def on_built(ctx: Any) -> None:
+        def on_built(ctx: FlowContext) -> None:
             built["ctx"] = ctx
             children.start()
 
         t0 = time.monotonic()
         try:
-            summary = run_flow(
-                spec.flow,
-                spec.data,
-                mode=spec.mode,
-                workers=spec.workers,
-                tick=spec.tick,
-                progress=progress,
-                client=client,
-                process_id=0,
-                addresses=addresses,
-                on_built=on_built,
-            )
+            summary = spec.run(client, progress=progress, process_id=0, addresses=addresses, on_built=on_built)
         except BaseException as e:
             children.finish(ok=False)
             if children.failure is not None and not isinstance(e, KeyboardInterrupt):
