@@ -29,7 +29,7 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy storage
+	$(BIN)/mypy storage flows connectors
 
 clean:
 	rm -rf $(VENV) $(DATA) .pytest_cache

@@ -116,9 +116,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from bytewax.dataflow import Stream, operator
 
-from storage import Frontier, Progress, UpdateBatch
+from storage import DIFF, TIME, Frontier, Progress, UpdateBatch, check_row_schema, update_schema
 from storage.errors import InvalidInput
-from storage.updates import DIFF, TIME, check_row_schema, update_schema
 
 from .base import Item, UpdatePartition, UpdateSource, awake_in, partition_key, stop_requested
 from .errors import FileSourceError

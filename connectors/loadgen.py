@@ -35,6 +35,10 @@ from typing import Any, ClassVar
 import pyarrow as pa
 import pyarrow.compute as pc
 
+# The update columns and schema are storage's (re-exported here for the generators' users).
+from storage import DIFF, TIME, update_schema
+from storage.errors import InvalidInput
+
 __all__ = [
     "DIFF",
     "GENERATORS",
@@ -49,9 +53,6 @@ __all__ = [
     "update_schema",
 ]
 
-TIME = "_time"
-DIFF = "_diff"
-
 _MASK64 = (1 << 64) - 1
 _INT64_MAX = (1 << 63) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -62,20 +63,6 @@ _MIX2 = 0x94D049BB133111EB
 _MAX_COUNT = 1 << 31
 
 
-def update_schema(schema: pa.Schema) -> pa.Schema:
-    """Return the physical update schema: ``schema`` plus ``_time`` and ``_diff``.
-
-    Args:
-        schema: A row schema as returned by :meth:`LoadGenerator.schemas`.
-
-    Returns:
-        The schema of the record batches emitted for that collection.
-    """
-    return schema.append(pa.field(TIME, pa.int64(), nullable=False)).append(
-        pa.field(DIFF, pa.int64(), nullable=False)
-    )
-
-
 # --------------------------------------------------------------------------- #
 # Parameter validation
 # --------------------------------------------------------------------------- #
@@ -83,7 +70,7 @@ def update_schema(schema: pa.Schema) -> pa.Schema:
 
 def _check_int(name: str, value: Any, minimum: int, maximum: int = _INT64_MAX) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise ValueError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
+        raise InvalidInput(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return value
 
 
@@ -93,7 +80,7 @@ def _check_prob(name: str, value: Any) -> float:
         or not isinstance(value, int | float)
         or not 0.0 <= float(value) <= 1.0
     ):
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+        raise InvalidInput(f"{name} must be a number in [0, 1], got {value!r}")
     return float(value)
 
 
@@ -232,8 +219,8 @@ class LoadGenerator(ABC):
     """Base class: a deterministic, tick-addressable source of updates.
 
     Subclasses define :meth:`schemas` and :meth:`_tick`. Every public entry point
-    validates its arguments and raises a one-line ``ValueError`` naming the
-    offending parameter.
+    validates its arguments and raises a one-line ``InvalidInput`` (a ``ValueError``)
+    naming the offending parameter and value.
 
     Args:
         seed: Seed in ``[0, 2**64)``; the output is a pure function of it and the
@@ -273,7 +260,7 @@ class LoadGenerator(ABC):
         _check_int("tick", i, 0)
         t = self.start_time + i * self.tick_ms
         if t > _INT64_MAX:
-            raise ValueError(f"tick {i} overflows int64 _time (start_time + tick * tick_ms = {t})")
+            raise InvalidInput(f"tick {i} overflows int64 _time (start_time + tick * tick_ms = {t})")
         return t
 
     def tick(self, i: int) -> dict[str, pa.RecordBatch]:
@@ -456,7 +443,7 @@ class Auction(LoadGenerator):
         self.users = _check_int("users", users, 2, _MAX_COUNT)
         self.auction_ticks = _check_int("auction_ticks", auction_ticks, 1, _MAX_COUNT)
         if auctions_per_tick * auction_ticks > _MAX_RANGE:
-            raise ValueError(
+            raise InvalidInput(
                 f"auctions_per_tick * auction_ticks must be <= {_MAX_RANGE} open auctions, "
                 f"got {auctions_per_tick} * {auction_ticks}"
             )
@@ -479,7 +466,8 @@ class Auction(LoadGenerator):
         return self._rng.integers("auction.seller", auction_ids, 0, self.users)
 
     def _tick(self, i: int, time: int) -> dict[str, pa.RecordBatch]:
-        s, rng, out = self.SCHEMAS, self._rng, {}
+        s, rng = self.SCHEMAS, self._rng
+        out: dict[str, pa.RecordBatch] = {}
         if i == 0:
             org = _iota(0, self.organizations)
             _put(
@@ -647,7 +635,8 @@ class Marketing(LoadGenerator):
         return pc.and_(self._lead_experiment(lid), pc.less_equal(score, _f64(0.5)))
 
     def _tick(self, i: int, time: int) -> dict[str, pa.RecordBatch]:
-        s, rng, out = self.SCHEMAS, self._rng, {}
+        s, rng = self.SCHEMAS, self._rng
+        out: dict[str, pa.RecordBatch] = {}
         if i == 0:
             cid = _iota(0, self.customers)
             email = _prefixed("customer", cid, "@email.com")
@@ -750,15 +739,15 @@ def make_generator(name: str, **params: Any) -> LoadGenerator:
         **params: Constructor parameters of that generator.
 
     Raises:
-        ValueError: Unknown name or a bad parameter.
+        InvalidInput: Unknown name or a bad parameter (a ``ValueError``).
     """
     cls = GENERATORS.get(name)
     if cls is None:
-        raise ValueError(f"generator must be one of {sorted(GENERATORS)}, got {name!r}")
+        raise InvalidInput(f"generator must be one of {sorted(GENERATORS)}, got {name!r}")
     try:
         return cls(**params)
     except TypeError as e:  # unknown keyword
-        raise ValueError(f"{name}: {e}") from None
+        raise InvalidInput(f"{name}: {e}") from None
 
 
 def iter_ticks(

@@ -79,9 +79,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from psycopg import sql
 
-from storage import Frontier, Progress, UpdateBatch
+from storage import Frontier, Progress, UpdateBatch, update_schema
 from storage.errors import InvalidInput
-from storage.updates import update_schema
 
 from .base import Item, UpdatePartition, UpdateSource, awake_in, partition_key, stop_requested
 from .errors import PostgresCdcError

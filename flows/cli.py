@@ -22,7 +22,10 @@ import sys
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flows.job import JobStats
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -213,7 +216,7 @@ def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
         and not os.path.exists(os.path.join(args.data, "consensus.sqlite"))
         and not args.consensus
     ):
-        raise storage.InvalidInput(
+        raise storage.errors.InvalidInput(
             f"--data {args.data}: no shardflow data here (run a flow first, e.g. `shardflow demo`)"
         )
     return _storage_open(args)
@@ -228,9 +231,7 @@ def _controller(client: Any, read_only: bool = True) -> Any:
 def _catalog(ctl: Any) -> dict[str, str]:
     """Every queryable name -> shard id, introspection included."""
     names = {name: meta.shard_id for name, meta in ctl.collections().items()}
-    intro = getattr(ctl, "introspection_shards", None)
-    if intro is not None:
-        names.update(intro())
+    names.update(ctl.introspection_shards())
     return names
 
 
@@ -240,7 +241,7 @@ def _resolve(ctl: Any, name: str) -> str:
         import storage
 
         known = ", ".join(sorted(cat)) or "none"
-        raise storage.IdentifierMissing(f"collection {name!r} does not exist (known: {known})")
+        raise storage.errors.IdentifierMissing(f"collection {name!r} does not exist (known: {known})")
     return cat[name]
 
 
@@ -281,7 +282,7 @@ def _emit(table: Any, fmt: str, output: str | None) -> None:
         if not output:
             import storage
 
-            raise storage.InvalidInput("--format parquet needs --output FILE")
+            raise storage.errors.InvalidInput("--format parquet needs --output FILE")
         pq.write_table(table, output)
         return
     if fmt == "table" and not output:
@@ -317,7 +318,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     try:
         cat = _referenced(_catalog(ctl), args.sql)
         if not args.sql.strip():
-            raise storage.InvalidInput("query: empty SQL")
+            raise storage.errors.InvalidInput("query: empty SQL")
         # Only the collections the SQL mentions are opened: an unrelated collection
         # (a broken part, a since past this as_of) cannot break this query.
         with storage.query.connect(client, cat, as_of=args.as_of, timeout=args.timeout) as con:
@@ -329,7 +330,7 @@ def cmd_query(args: argparse.Namespace) -> int:
                     ", ".join(sorted(n for n in _catalog(ctl) if not n.startswith("system.")))
                     or "none"
                 )
-                raise storage.IdentifierMissing(
+                raise storage.errors.IdentifierMissing(
                     f"query: {str(e).splitlines()[0]} (collections: {known})"
                 ) from e
             _emit(table, args.format, args.output)
@@ -340,7 +341,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 def cmd_tail(args: argparse.Namespace) -> int:
     import storage
-    from storage.updates import DIFF, TIME
+    from storage import DIFF, TIME
 
     client = _open(args)
     ctl = _controller(client)
@@ -352,7 +353,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
         as_of = args.as_of
         if as_of is None:
             up = client.state(shard).upper
-            as_of = max((up.time or 1) - 1, 0) if not up.is_empty else storage.frontier.MAX_TIME
+            as_of = max((up.time or 1) - 1, 0) if not up.is_empty else storage.MAX_TIME
         # validate: a row whose count goes negative stops the tail with one line (NegativeCount).
         events = (
             r.listen(as_of, timeout=args.timeout, validate=True)
@@ -439,11 +440,11 @@ def _name_collection(args: argparse.Namespace, shard: str, msg: str) -> str:
     """Prefix an error about `shard` with its collection's name, when the catalog can tell."""
     try:
         import storage
-        from storage.controller.catalog import collection_of_shard
+        from storage.controller import read_catalog
 
         client = storage.open(args.data, consensus=args.consensus)
         try:
-            name = collection_of_shard(client.consensus, shard)
+            name = next((n for n, s in read_catalog(client).items() if s == shard), None)
         finally:
             client.close()
     except Exception:  # noqa: BLE001 - only words another error
@@ -473,15 +474,15 @@ def _inspect_one(client: Any, shard: str) -> dict[str, Any]:
     elif up is not None and (up == 0 or (since is not None and since >= up)):
         info["rows_error"] = "nothing readable yet"
     else:
-        as_of = storage.frontier.MAX_TIME if up is None else up - 1
+        as_of = storage.MAX_TIME if up is None else up - 1
         try:
             with client.open_leased_reader(shard) as r:
                 info["rows"] = r.count(as_of, timeout=0)
-        except storage.NegativeCount:
+        except storage.errors.NegativeCount:
             info["rows_error"] = "invalid: a negative count"
-        except storage.CorruptPart:
+        except storage.errors.CorruptPart:
             info["rows_error"] = "corrupt part: run fsck"
-        except (storage.NotYetReadable, storage.ReadBeforeSince):
+        except (storage.errors.NotYetReadable, storage.errors.ReadBeforeSince):
             info["rows_error"] = "nothing readable yet"
     return info
 
@@ -525,12 +526,11 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     the others. Any error is that collection's result, never the command's.
     """
     import storage
-    from storage.controller.catalog import CatalogStore
-    from storage.state import check_invariants
+    from storage.controller import read_catalog
 
     client = _open(args)
     try:
-        cat = {n: m.shard_id for n, m in CatalogStore(client.consensus).head().collections.items()}
+        cat = read_catalog(client)
     except Exception as e:  # noqa: BLE001 - a broken catalog is fsck's finding, in one line
         print(f"catalog: FAILED {_one_line(_fsck_msg(e))}")
         return EXIT_ERROR
@@ -539,19 +539,19 @@ def cmd_fsck(args: argparse.Namespace) -> int:
         name = _system_name(args.name)
         if name not in cat:
             known = ", ".join(sorted(cat)) or "none"
-            raise storage.IdentifierMissing(f"collection {args.name!r} does not exist (known: {known})")
+            raise storage.errors.IdentifierMissing(f"collection {args.name!r} does not exist (known: {known})")
         items = [(name, cat[name])]
     bad = 0
     for name, shard in items:
         try:
-            check_invariants(client.state(shard))
+            storage.check_invariants(client.state(shard))
             report = client.verify(shard)
             if report.ok:
                 # A negative count (a retraction with no insertion) at any readable time
                 # makes the collection invalid there; every read would refuse it.
                 with client.open_leased_reader(shard) as r:
                     r.validate()
-        except storage.ShardNotFound:
+        except storage.errors.ShardNotFound:
             print(f"{name}: ok (not written yet)")
             continue
         except Exception as e:  # noqa: BLE001 - report it as this collection's result and go on
@@ -579,7 +579,7 @@ def _system_name(name: str) -> str:
 def _fsck_msg(e: BaseException) -> str:
     import storage
 
-    if isinstance(e, storage.ShardflowError):
+    if isinstance(e, storage.errors.ShardflowError):
         return str(e)
     if isinstance(e, OSError) and e.strerror:
         return f"{e.filename}: {e.strerror}" if e.filename else e.strerror
@@ -659,73 +659,86 @@ def _no_rust_panic_text(debug: bool) -> Iterator[None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import storage
-    from flows.job import run_flow
+    from flows.cluster import RunSpec, run_child, run_processes
 
     if args.workers < 1:
-        raise storage.InvalidInput(f"--workers must be >= 1, got {args.workers}")
+        raise storage.errors.InvalidInput(f"--workers must be >= 1, got {args.workers}")
     if args.processes < 1:
-        raise storage.InvalidInput(f"--processes must be >= 1, got {args.processes}")
+        raise storage.errors.InvalidInput(f"--processes must be >= 1, got {args.processes}")
     if not os.path.isfile(args.flow):
-        raise storage.InvalidInput(f"flow file {args.flow!r} does not exist")
+        raise storage.errors.InvalidInput(f"flow file {args.flow!r} does not exist")
+    spec = RunSpec(args.flow, args.data, args.mode, args.workers, args.tick, args.consensus, args.debug)
     if args.process_id is not None:
-        return _run_child(args)
+        # A child of a multi-process run (`flows.cluster` starts it).
+        if not args.addresses:
+            raise storage.errors.InvalidInput("--process-id needs --addresses")
+        addresses = args.addresses.split(";")
+        if not 0 <= args.process_id < len(addresses):
+            raise storage.errors.InvalidInput(
+                f"--process-id {args.process_id} is not in 0..{len(addresses) - 1}"
+            )
+        run_child(
+            spec,
+            _storage_open(args),
+            process_id=args.process_id,
+            addresses=addresses,
+            summary_file=args.summary_file,
+        )
+        return 0
     client = _storage_open(args)
-    progress = not args.no_progress and sys.stderr.isatty()
+    show = not args.no_progress and sys.stderr.isatty() and args.mode == "continuous"
+    progress = _ProgressLine if show else None
     if args.processes == 1:
         with _no_rust_panic_text(args.debug):
-            summary = run_flow(
-                args.flow,
-                args.data,
-                mode=args.mode,
-                workers=args.workers,
-                tick=args.tick,
-                progress=progress,
-                client=client,
-            )
+            summary = spec.run(client, progress=progress)
         print(f"{args.mode} run of {args.flow}: {summary}")
         return 0
-    return _run_processes(args, client, progress)
+    total = run_processes(spec, client, processes=args.processes, progress=progress)
+    print(f"{args.mode} run of {args.flow} ({args.processes} processes x {args.workers} workers): {total}")
+    return 0
 
 
-# ---------------------------------------------------------------- multi-process runs
-#
-# `run -p N`: this process is bytewax process 0; it builds the flow first (so the
-# collections exist), then starts processes 1..N-1 (`python -m flows.cli run FLOW
-# --process-id k --addresses ...`), runs its own share, waits for all and prints
-# one summary. Only process 0 writes through the storage controller (collections,
-# read policies, sink statuses) and compacts; the others open it read-only
-# (`flows.job`: a second writable controller would fence the first). The sinks
-# route each shard to one committer worker, in whichever process, so the data
-# path needs nothing more.
-#
-# SUBTLE: bytewax cannot be interrupted while it connects to its peers (signals are
-# not checked there), so a child that dies before connecting would leave process 0
-# waiting forever. The supervisor thread notices a failed child and, if process 0
-# has not stopped on its own within _FAIL_GRACE seconds, prints the error and exits
-# the process at once (os._exit). Nothing is lost: every commit is atomic, and a
-# rerun resumes from the committed offsets.
+class _ProgressLine:
+    """A live `rich` status line on stderr: rows, rows/s, frontier lag (for millisecond times).
 
-_FAIL_GRACE = 3.0
+    A `flows.job.ProgressHook`: the job enters it around the running flow and
+    feeds `stats`; this only renders them.
+    """
 
+    def __init__(self, stats: JobStats):
+        self.stats = stats
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-class ChildFailed(Exception):
-    """A process of a multi-process run failed."""
+    def text(self) -> str:
+        rows, batches, uppers, secs = self.stats.snapshot()
+        rate = rows / secs if secs > 0 else 0.0
+        now = int(time.time() * 1000)
+        lags = []
+        for name, up in sorted(uppers.items()):
+            if up.time is not None and up.time > 10**12:  # epoch milliseconds: show the lag
+                lags.append(f"{name} lag {max(0, now - up.time) / 1000:.1f}s")
+            else:
+                lags.append(f"{name} @ {up}")
+        return f"{rows:,} rows  {rate:,.0f} rows/s  {batches} batches  " + ("  ".join(lags) or "")
 
+    def __enter__(self) -> _ProgressLine:
+        self._thread = threading.Thread(target=self._run, name="shardflow-progress", daemon=True)
+        self._thread.start()
+        return self
 
-def _free_ports(n: int) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (bound together, then released)."""
-    import socket
+    def _run(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
 
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        with Live(self.text(), console=Console(stderr=True), refresh_per_second=4, transient=True) as live:
+            while not self._stop.wait(0.25):
+                live.update(self.text())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(2)
 
 
 def _one_line(msg: str) -> str:
@@ -737,256 +750,6 @@ def _one_line(msg: str) -> str:
     last = causes[-1][len("Caused by =>") :].strip() if causes else lines[-1]
     return f"{lines[0]}: {last}"
 
-
-def _run_child(args: argparse.Namespace) -> int:
-    """Process k > 0 of a `run -p N`: run the flow, write the counts to --summary-file."""
-    import storage
-    from flows.job import run_flow
-
-    if not args.addresses:
-        raise storage.InvalidInput("--process-id needs --addresses")
-    addresses = args.addresses.split(";")
-    if not 0 <= args.process_id < len(addresses):
-        raise storage.InvalidInput(
-            f"--process-id {args.process_id} is not in 0..{len(addresses) - 1}"
-        )
-    parent = os.getppid()
-
-    def orphaned() -> None:  # the parent died (even by SIGKILL): do not wait for peers forever
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent:
-                os._exit(EXIT_ERROR)
-
-    threading.Thread(target=orphaned, name="shardflow-parent-watch", daemon=True).start()
-    client = _storage_open(args)
-    summary = run_flow(
-        args.flow,
-        args.data,
-        mode=args.mode,
-        workers=args.workers,
-        tick=args.tick,
-        client=client,
-        process_id=args.process_id,
-        addresses=addresses,
-    )
-    if args.summary_file:
-        with open(args.summary_file, "w") as f:
-            json.dump(
-                {
-                    "rows": summary.rows,
-                    "batches": summary.batches,
-                    "names": sorted(summary.frontiers),
-                },
-                f,
-            )
-    return 0
-
-
-class _Children:
-    """Processes 1..N-1 of a multi-process run: start, watch, signal, reap."""
-
-    def __init__(self, args: argparse.Namespace, addresses: list[str], tmp: str):
-        self.args = args
-        self.addresses = addresses
-        self.tmp = tmp
-        self.procs: dict[int, Any] = {}
-        self.failure: str | None = None
-        self.main_done = False
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: Any = None
-
-    def n(self) -> int:
-        return len(self.addresses)
-
-    def summary_file(self, k: int) -> str:
-        return os.path.join(self.tmp, f"summary-{k}.json")
-
-    def stderr_file(self, k: int) -> str:
-        return os.path.join(self.tmp, f"stderr-{k}.txt")
-
-    def start(self) -> None:
-        import subprocess
-
-        a = self.args
-        for k in range(1, self.n()):
-            cmd = [
-                sys.executable,
-                "-m",
-                "flows.cli",
-                "run",
-                os.path.abspath(a.flow),
-                "--data",
-                os.path.abspath(a.data),
-                "--mode",
-                a.mode,
-                "-w",
-                str(a.workers),
-                "--tick",
-                str(a.tick),
-                "--no-progress",
-                "--process-id",
-                str(k),
-                "--addresses",
-                ";".join(self.addresses),
-                "--summary-file",
-                self.summary_file(k),
-            ]
-            if a.consensus:
-                cmd += ["--consensus", a.consensus]
-            if a.debug:
-                cmd.append("--debug")
-            with open(self.stderr_file(k), "wb") as err:
-                # A session of its own: a terminal's Ctrl-C reaches only this process,
-                # which forwards one SIGTERM (a second would abort the child).
-                self.procs[k] = subprocess.Popen(
-                    cmd, stdout=None, stderr=err, start_new_session=True
-                )
-        self._thread = threading.Thread(target=self._watch, name="shardflow-children", daemon=True)
-        self._thread.start()
-
-    def _why(self, k: int, rc: int) -> str:
-        import signal
-
-        if rc < 0:
-            try:
-                how = f"was killed by {signal.Signals(-rc).name}"
-            except ValueError:
-                how = f"was killed by signal {-rc}"
-        else:
-            how = f"failed (exit {rc})"
-        last = ""
-        try:
-            with open(self.stderr_file(k), errors="replace") as f:
-                lines = [
-                    ln.strip() for ln in f if ln.strip() and "error connecting to worker" not in ln
-                ]
-            errs = [ln for ln in lines if ln.startswith("shardflow: error: ")]
-            last = errs[-1][len("shardflow: error: ") :] if errs else (lines[-1] if lines else "")
-        except OSError:
-            pass
-        return f"process {k} of {self.n()} {how}" + (f": {last}" if last else "")
-
-    def _watch(self) -> None:
-        from connectors import base as sources
-
-        forwarded = False
-        failed_at: float | None = None
-        while not self._stop.wait(0.05):
-            if sources.stop_requested() and not forwarded:
-                forwarded = True
-                self.signal_all()
-            for k, p in self.procs.items():
-                rc = p.poll()
-                if rc not in (None, 0) and self.failure is None:
-                    self.failure = self._why(k, rc)
-                    failed_at = time.monotonic()
-                    self.signal_all()
-            if failed_at is not None and time.monotonic() - failed_at > _FAIL_GRACE:
-                with self._lock:
-                    if self.main_done:
-                        return
-                    # Process 0 is stuck (e.g. connecting to the dead peer): see the SUBTLE note above.
-                    self.kill_all()
-                    print(f"shardflow: error: {self.failure}", file=sys.stderr, flush=True)
-                    sys.stdout.flush()
-                    os._exit(EXIT_ERROR)
-
-    def signal_all(self, sig: int | None = None) -> None:
-        import signal
-
-        for p in self.procs.values():
-            if p.poll() is None:
-                try:
-                    p.send_signal(sig if sig is not None else signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-
-    def kill_all(self) -> None:
-        import signal
-
-        self.signal_all(signal.SIGKILL)
-
-    def finish(self, ok: bool) -> None:
-        """Wait for every child (after an error in process 0: SIGTERM, then SIGKILL after a grace)."""
-        with self._lock:
-            self.main_done = True
-        if not ok:
-            self.signal_all()
-        deadline = time.monotonic() + (5.0 if not ok else float("inf"))
-        for k, p in self.procs.items():
-            try:
-                rc = p.wait(timeout=max(0.0, deadline - time.monotonic()) if not ok else None)
-            except Exception:  # noqa: BLE001 - TimeoutExpired (or an interrupt): do not leave it behind
-                self.kill_all()
-                p.wait()
-                rc = p.returncode
-            if rc != 0 and self.failure is None:
-                self.failure = self._why(k, rc)
-        self._stop.set()
-
-    def summaries(self) -> list[dict[str, Any]]:
-        out = []
-        for k in self.procs:
-            try:
-                with open(self.summary_file(k)) as f:
-                    out.append(json.load(f))
-            except (OSError, ValueError):
-                pass
-        return out
-
-
-def _run_processes(args: argparse.Namespace, client: Any, progress: bool) -> int:
-    import tempfile
-
-    from flows.job import Summary, run_flow
-
-    n = args.processes
-    addresses = [f"127.0.0.1:{port}" for port in _free_ports(n)]
-    built: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="shardflow-run-") as tmp:
-        children = _Children(args, addresses, tmp)
-
-        def on_built(ctx: Any) -> None:
-            built["ctx"] = ctx
-            children.start()
-
-        t0 = time.monotonic()
-        ok = False
-        try:
-            summary = run_flow(
-                args.flow,
-                args.data,
-                mode=args.mode,
-                workers=args.workers,
-                tick=args.tick,
-                progress=progress,
-                client=client,
-                process_id=0,
-                addresses=addresses,
-                on_built=on_built,
-            )
-            ok = True
-        except BaseException as e:
-            children.finish(ok=False)
-            if children.failure is not None and not isinstance(e, KeyboardInterrupt):
-                raise ChildFailed(children.failure) from None
-            raise
-        children.finish(ok=True)
-        if children.failure is not None:
-            raise ChildFailed(children.failure)
-        rows, batches, names = summary.rows, summary.batches, set(summary.frontiers)
-        for s in children.summaries():
-            rows += s["rows"]
-            batches += s["batches"]
-            names.update(s["names"])
-        ctx = built["ctx"]
-        frontiers = {name: client.state(ctx.shard(name)).upper for name in names}
-        total = Summary(rows, batches, time.monotonic() - t0, frontiers)
-    assert ok
-    print(f"{args.mode} run of {args.flow} ({n} processes x {args.workers} workers): {total}")
-    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -1048,24 +811,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         # bytewax wraps errors raised inside a flow (BytewaxRuntimeError); the cause is what matters.
         root: BaseException = e
         while root.__cause__ is not None and not isinstance(
-            root, (storage.ShardflowError, duckdb.Error)
+            root, (storage.errors.ShardflowError, duckdb.Error)
         ):
             root = root.__cause__
         if isinstance(root, Exception):
             e = root
-        from storage.updates import as_overflow
-
-        e = as_overflow(e) or e  # a count past int64 inside a query: say so as DiffOverflow does
-        if isinstance(e, storage.StateCorrupt) and e.shard is not None:
+        e = storage.as_overflow(e) or e  # a count past int64 inside a query: say so as DiffOverflow does
+        if isinstance(e, storage.errors.StateCorrupt) and e.shard is not None:
             msg = _name_collection(args, e.shard, str(e))
-        elif isinstance(e, storage.ShardflowError):
+        elif isinstance(e, storage.errors.ShardflowError):
             msg = str(e)
         elif isinstance(e, duckdb.Error):
             msg = f"query: {str(e).splitlines()[0]}"
         elif isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
             msg = f"{e.filename}: {e.strerror}"
-        elif isinstance(e, ChildFailed):
-            msg = str(e)
         else:
             msg = f"{type(e).__name__}: {e}"
         print(f"shardflow: error: {_one_line(msg)}", file=sys.stderr)

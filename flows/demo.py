@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import bytewax.operators as op
 import pyarrow as pa
@@ -18,6 +19,9 @@ from bytewax.dataflow import Dataflow
 from connectors.loadgen import Auction
 from connectors.loadgen_source import LoadgenSource
 from flows.operators import consolidate, sql
+
+if TYPE_CHECKING:
+    from flows.job import FlowContext
 
 TICKS = int(os.environ.get("SHARDFLOW_DEMO_TICKS", "200"))
 SEED = int(os.environ.get("SHARDFLOW_DEMO_SEED", "1"))
@@ -41,7 +45,7 @@ LIMIT 8
 """
 
 
-def build(ctx):  # type: ignore[no-untyped-def]
+def build(ctx: FlowContext) -> Dataflow:
     """auctions, users: loadgen -> consolidate -> persist; bids: loadgen -> consolidate -> sql -> persist."""
     from storage.controller import ValidFrom
 

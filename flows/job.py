@@ -31,6 +31,7 @@ source, and `ctx.persist` passes that upper to `persist_sink` as `as_of`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -39,6 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Literal
@@ -50,37 +52,25 @@ from bytewax.dataflow import Dataflow, Stream
 import storage
 from connectors import base as sources
 from storage import Client, Frontier
+from storage.controller import CollectionDesc, StorageController
 from storage.errors import InvalidInput
 
 from .sinks import Committed, append_sink, committed_offsets, persist_sink, resume_point
 
-__all__ = ["FlowContext", "JobStats", "Summary", "load_flow", "open_controller", "run", "run_flow"]
+__all__ = ["FlowContext", "JobStats", "ProgressHook", "Summary", "load_flow", "open_controller", "run", "run_flow"]
 
 Mode = Literal["batch", "continuous"]
 
 log = logging.getLogger("flows.job")
 
 
-def open_controller(client: Client, *, read_only: bool = False) -> Any:
+def open_controller(client: Client, *, read_only: bool = False) -> StorageController:
     """The storage controller for `client` (no background thread: the job drives nothing)."""
-    try:
-        from storage.controller import StorageController
-    except ImportError:  # the package __init__ may not be there yet
-        from storage.controller.controller import StorageController  # type: ignore[no-redef]
-    try:
-        # SUBTLE: fence=False joins the current epoch: a second job (or a webhook server) on
-        # the same data must not fence this one's controller, nor this one theirs.
-        return StorageController.open(client, read_only=read_only, tick_interval_ms=None, fence=False)
-    except TypeError:
-        return StorageController.open(client, read_only=read_only)
-
-
-def _collection_desc(name: str, schema: pa.Schema, data_source: str) -> Any:
-    try:
-        from storage.controller import CollectionDesc
-    except ImportError:
-        from storage.controller.catalog import CollectionDesc  # type: ignore[no-redef]
-    return CollectionDesc(name, schema, data_source=data_source)
+    # SUBTLE: fence=False joins the current epoch: a second job (or a webhook server) on
+    # the same data must not fence this one's controller, nor this one theirs. No retry
+    # without it: an error opening the controller is the job's error, never a reason to
+    # take over (fence) every other job's controller.
+    return StorageController.open(client, read_only=read_only, tick_interval_ms=None, fence=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,7 +141,7 @@ class FlowContext:
     """
 
     client: Client
-    controller: Any
+    controller: StorageController
     mode: Mode = "batch"
     tick: float = 1.0
     workers: int = 1
@@ -168,8 +158,8 @@ class FlowContext:
     def collection(self, name: str, schema: pa.Schema, *, data_source: str = "ingestion") -> str:
         """Create (or look up: an identical re-create is a no-op) collection `name`; return its shard id."""
         try:
-            self.controller.create_collections([_collection_desc(name, schema, data_source)])
-        except storage.ReadOnly as e:
+            self.controller.create_collections([CollectionDesc(name, schema, data_source=data_source)])
+        except storage.errors.ReadOnly as e:
             raise InvalidInput(
                 f"collection {name!r} does not exist yet and process {self.process_id} does not create "
                 "collections (process 0 does; start it first)"
@@ -256,6 +246,11 @@ def load_flow(path: str | os.PathLike[str], ctx: FlowContext) -> Dataflow:
 # --------------------------------------------------------------------------------------------
 
 
+#: Shows a run's progress: called with the job's `JobStats` when the flow starts running,
+#: entered for as long as it runs (the CLI's live progress line is one).
+ProgressHook = Callable[["JobStats"], AbstractContextManager[object]]
+
+
 class _Signals:
     """SIGINT/SIGTERM -> `connectors.base.request_stop()`; a second signal aborts."""
 
@@ -280,54 +275,13 @@ class _Signals:
             signal.signal(s, h)
 
 
-class _ProgressLine:
-    """A live `rich` status line: rows, rows/s, frontier lag (for millisecond times)."""
-
-    def __init__(self, stats: JobStats, enabled: bool):
-        self.stats = stats
-        self.enabled = enabled
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def text(self) -> str:
-        rows, batches, uppers, secs = self.stats.snapshot()
-        rate = rows / secs if secs > 0 else 0.0
-        now = int(time.time() * 1000)
-        lags = []
-        for name, up in sorted(uppers.items()):
-            if up.time is not None and up.time > 10**12:  # epoch milliseconds: show the lag
-                lags.append(f"{name} lag {max(0, now - up.time) / 1000:.1f}s")
-            else:
-                lags.append(f"{name} @ {up}")
-        return f"{rows:,} rows  {rate:,.0f} rows/s  {batches} batches  " + ("  ".join(lags) or "")
-
-    def __enter__(self) -> _ProgressLine:
-        if self.enabled:
-            self._thread = threading.Thread(target=self._run, name="shardflow-progress", daemon=True)
-            self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        from rich.console import Console
-        from rich.live import Live
-
-        with Live(self.text(), console=Console(stderr=True), refresh_per_second=4, transient=True) as live:
-            while not self._stop.wait(0.25):
-                live.update(self.text())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(2)
-
-
 def run(
     flow: Dataflow,
     ctx: FlowContext,
     *,
     process_id: int | None = None,
     addresses: list[str] | None = None,
-    progress: bool = False,
+    progress: ProgressHook | None = None,
     handle_signals: bool = True,
 ) -> Summary:
     """Run an already built flow with bytewax's `cli_main` and return its summary.
@@ -335,17 +289,17 @@ def run(
     Batch mode returns when every source ended. Continuous mode runs until
     SIGINT/SIGTERM (or `connectors.base.request_stop()`), then flushes and returns.
     With `handle_signals=False` the caller installed the handlers (and cleared
-    `connectors.base.STOP`) itself, e.g. before building the flow.
+    `connectors.base.STOP`) itself, e.g. before building the flow. `progress`, if
+    given, is entered around the running flow with `ctx.stats` (the CLI's progress line).
     """
-    import contextlib
-
     from bytewax.run import cli_main
 
     if handle_signals:
         sources.reset_stop()
     ctx.stats.started = time.monotonic()
     sig = _Signals() if handle_signals else contextlib.nullcontext()
-    with sig, _ProgressLine(ctx.stats, progress and ctx.continuous):
+    shown = progress(ctx.stats) if progress is not None else contextlib.nullcontext()
+    with sig, shown:
         cli_main(
             flow,
             workers_per_process=ctx.workers,
@@ -364,7 +318,7 @@ def run_flow(
     mode: Mode = "batch",
     workers: int = 1,
     tick: float = 1.0,
-    progress: bool = False,
+    progress: ProgressHook | None = None,
     process_id: int | None = None,
     addresses: list[str] | None = None,
     client: Client | None = None,
@@ -379,7 +333,8 @@ def run_flow(
         mode: "batch" or "continuous".
         workers: bytewax workers per process (`-w`).
         tick: idle progress interval for continuous sources, seconds.
-        progress: show the live progress line (continuous mode).
+        progress: entered around the running flow with the job's `JobStats`, which
+            the sinks keep counting (the CLI renders its progress line with it).
         process_id, addresses: bytewax multi-process settings (`-i`, `-a`). A
             process other than 0 opens the controller read-only and does not
             compact (see `FlowContext.process_id`), so process 0 must have built
@@ -414,7 +369,7 @@ def _run_flow(
     mode: Mode,
     workers: int,
     tick: float,
-    progress: bool,
+    progress: ProgressHook | None,
     process_id: int | None,
     addresses: list[str] | None,
     configure: Callable[[FlowContext], None] | None,
@@ -444,13 +399,11 @@ def _run_flow(
         raise
     finally:
         housekeeper.final_tick()
-        close = getattr(ctl, "close", None)
-        if close is not None:
-            close()
+        ctl.close()
 
 
 def _root_message(e: BaseException) -> str:
-    while e.__cause__ is not None and not isinstance(e, storage.ShardflowError):
+    while e.__cause__ is not None and not isinstance(e, storage.errors.ShardflowError):
         e = e.__cause__
     return f"{type(e).__name__}: {e}"
 
@@ -514,11 +467,11 @@ class _Housekeeper:
         with that one line, or the next tick succeeds once it has passed. So this
         keeps ticking and adds no second line for it.
         """
-        if isinstance(e, storage.ConsensusUnavailable | storage.OutOfSpace):
+        if isinstance(e, storage.errors.ConsensusUnavailable | storage.errors.OutOfSpace):
             log.debug("%s failed (%s: %s); retrying on the next tick", what, type(e).__name__, e)
             return
         self._dead = True
-        if not isinstance(e, storage.Fenced):
+        if not isinstance(e, storage.errors.Fenced):
             first = str(e).splitlines()[0] if str(e) else ""
             log.warning(
                 "warning: %s failed (%s: %s); the job goes on without its introspection (system.*)",
@@ -553,7 +506,7 @@ class _Housekeeper:
         shards = list(self.ctx.shards.values())
         try:
             shards += [s for s in self.ctx.controller.introspection_shards().values() if s not in shards]
-        except Exception:  # noqa: BLE001 - no introspection (fenced, older controller): the job's shards
+        except Exception:  # noqa: BLE001 - no introspection (fenced): the job's shards
             pass
         return shards
 

@@ -19,10 +19,9 @@ import pyarrow.compute as pc
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 
-from storage import Frontier, Progress, UpdateBatch
+from storage import DIFF, TIME, Frontier, Progress, UpdateBatch, duck
+from storage import consolidate as consolidate_table
 from storage.errors import InvalidInput
-from storage.updates import DIFF, TIME, duck
-from storage.updates import consolidate as consolidate_table
 
 __all__ = ["FrontierTracker", "OffsetQueue", "consolidate", "sql", "Item", "one_key"]
 
@@ -101,7 +100,7 @@ class OffsetQueue:
     def pop(self, upper: Frontier) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for k, dq in self.q.items():
-            while dq and (upper.is_empty or dq[0][0] < upper.time):
+            while dq and (upper.time is None or dq[0][0] < upper.time):
                 out[k] = dq.popleft()[1]
         return out
 
@@ -168,7 +167,7 @@ class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
         keep: list[tuple[pa.Table, int]] = []
         ut = None if upper.is_empty else pa.scalar(upper.time, pa.int64())
         for t, tm in self.pending:
-            if ut is None or tm < upper.time:
+            if upper.time is None or tm < upper.time:
                 ready.append(t)
                 continue
             mask = pc.less(t.column(TIME), ut)
@@ -298,7 +297,7 @@ def sql(step_id: str, up: Stream[Any], query: str, schema: pa.Schema | None = No
 
     Example:
         >>> import pyarrow as pa
-        >>> from storage.updates import update_schema
+        >>> from storage import update_schema
         >>> from bytewax.dataflow import Dataflow
         >>> from bytewax.testing import TestingSource
         >>> flow = Dataflow("doc")

@@ -34,14 +34,27 @@ from .blob import ArrowFsBlob, Blob, LocalBlob
 from .client import Client, SinceHandle, open
 from .consensus import Consensus, PostgresConsensus, SqliteConsensus, VersionedData
 from .errors import *  # noqa: F403
-from .frontier import Frontier
+from .frontier import MAX_TIME, Frontier
 from .ids import ShardId
 from .read import ReadHandle
-from .state import AlreadyCommitted, Appended, OpaqueMismatch
-from .updates import Progress, UpdateBatch, consolidate
+from .state import AlreadyCommitted, Appended, OpaqueMismatch, check_invariants
+from .updates import (
+    DIFF,
+    TIME,
+    Progress,
+    UpdateBatch,
+    as_overflow,
+    check_row_schema,
+    consolidate,
+    duck,
+    update_schema,
+)
 from .write import WriteHandle
 
 __all__ = [
+    "DIFF",
+    "MAX_TIME",
+    "TIME",
     "AlreadyCommitted",
     "Appended",
     "ArrowFsBlob",
@@ -60,9 +73,14 @@ __all__ = [
     "UpdateBatch",
     "VersionedData",
     "WriteHandle",
+    "as_overflow",
+    "check_invariants",
+    "check_row_schema",
     "consolidate",
+    "duck",
     "errors",
     "open",
     "query",
+    "update_schema",
     *errors.__all__,
 ]

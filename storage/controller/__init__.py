@@ -54,6 +54,10 @@ Example:
     >>> ctl.close()
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from .catalog import CATALOG_KEY, DATA_SOURCES, CollectionDesc, CollectionMeta, validate_name
 from .controller import (
     Append,
@@ -76,6 +80,9 @@ from .policy import (
     lag_writes_by,
     step_back,
 )
+
+if TYPE_CHECKING:
+    import storage
 
 __all__ = [
     "CATALOG_KEY",
@@ -102,6 +109,21 @@ __all__ = [
     "StorageController",
     "ValidFrom",
     "lag_writes_by",
+    "read_catalog",
     "step_back",
     "validate_name",
 ]
+
+
+def read_catalog(client: storage.Client) -> dict[str, str]:
+    """Every collection's name -> shard id (`system.*` included), read straight from the catalog.
+
+    No controller is opened: nothing is written, no epoch is joined or bumped, and
+    no collection needs to be readable, so a tool that checks the collections one
+    by one (`shardflow fsck`) can list them when a controller could not open.
+    Raises what reading the catalog raises (e.g. `StateCorrupt` for a corrupt one);
+    an empty dict when there is no catalog yet.
+    """
+    from .catalog import CatalogStore
+
+    return {name: meta.shard_id for name, meta in CatalogStore(client.consensus).head().collections.items()}

@@ -23,6 +23,7 @@ from connectors.loadgen import (
     make_generator,
     update_schema,
 )
+from storage.errors import InvalidInput, ShardflowError
 
 TICKS = 60
 
@@ -333,6 +334,8 @@ def test_bad_parameters_raise_one_line_value_error(factory, param, value):
         factory()
     msg = str(exc.value)
     assert "\n" not in msg and param in msg and value in msg
+    # A shardflow error (the CLI prints it as is), still a ValueError for callers that catch that.
+    assert isinstance(exc.value, InvalidInput) and isinstance(exc.value, ShardflowError)
 
 
 def test_registry_and_config_round_trip():

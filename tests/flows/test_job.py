@@ -40,7 +40,7 @@ def shard_of(client):
     try:
         return str(ctl.collection(counter_flow.NAME).shard_id)
     finally:
-        getattr(ctl, "close", lambda: None)()
+        ctl.close()
 
 
 def set_env(monkeypatch, **kw):
@@ -136,3 +136,44 @@ def test_sigkill_crash_loop_quick():
 @pytest.mark.slow
 def test_sigkill_crash_loop_slow():
     crash_loop(trials=12, seed=11, ticks=80)
+
+
+def test_type_error_opening_the_controller_propagates_and_never_fences(monkeypatch):
+    """A TypeError inside `StorageController.open` is the job's error: no retry, no take-over.
+
+    (An earlier build retried with the default `fence=True` on any TypeError, which
+    would silently fence every other job's controller.)
+    """
+    from storage.controller import StorageController
+
+    calls = []
+
+    def broken_open(client, **kw):
+        calls.append(kw)
+        raise TypeError("a bug inside open")
+
+    data = tempfile.mkdtemp(prefix="sf-job-")
+    monkeypatch.setattr(StorageController, "open", staticmethod(broken_open))
+    with pytest.raises(TypeError, match="a bug inside open"):
+        run_flow(FLOW, data, mode="batch")
+    assert len(calls) == 1 and calls[0]["fence"] is False
+
+
+def test_progress_hook_sees_the_stats_while_the_flow_runs(monkeypatch):
+    """`progress` is entered around the running flow with the job's JobStats (the CLI renders them)."""
+    import contextlib
+
+    from flows.job import JobStats
+
+    set_env(monkeypatch, COUNTER_TICKS=4, COUNTER_ROWS=3, COUNTER_PARTS=1)
+    seen = []
+
+    @contextlib.contextmanager
+    def hook(stats):
+        assert isinstance(stats, JobStats) and stats.rows == 0
+        seen.append(stats)
+        yield
+        seen.append(stats.snapshot()[0])
+
+    s = run_flow(FLOW, tempfile.mkdtemp(prefix="sf-job-"), mode="batch", progress=hook)
+    assert len(seen) == 2 and seen[1] == s.rows > 0
