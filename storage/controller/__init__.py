@@ -55,14 +55,8 @@ Example:
 """
 
 from .catalog import CATALOG_KEY, DATA_SOURCES, CollectionDesc, CollectionMeta, validate_name
-from .controller import (
-    Append,
-    Delete,
-    MonotonicAppender,
-    ReadHold,
-    Replace,
-    StorageController,
-)
+from .collection_mgmt import Append, Delete, MonotonicAppender, Replace
+from .controller import ReadHold, StorageController
 from .introspection import FRONTIERS, SHARD_MAPPING, SINK_STATUS, SOURCE_STATUS, STATISTICS
 from .policy import (
     DEFAULT_POLICY,
