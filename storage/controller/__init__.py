@@ -56,7 +56,8 @@ Example:
 
 from .catalog import CATALOG_KEY, DATA_SOURCES, CollectionDesc, CollectionMeta, validate_name
 from .collection_mgmt import Append, Delete, MonotonicAppender, Replace
-from .controller import ReadHold, StorageController
+from .controller import StorageController
+from .holds import ReadHold
 from .introspection import FRONTIERS, SHARD_MAPPING, SINK_STATUS, SOURCE_STATUS, STATISTICS
 from .policy import (
     DEFAULT_POLICY,

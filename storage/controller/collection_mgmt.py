@@ -48,7 +48,8 @@ from .catalog import SYSTEM_PREFIX
 from .desired import DesiredStore, as_rows, rows_schema
 
 if TYPE_CHECKING:
-    from .controller import ReadHold, StorageController, _Coll
+    from .controller import StorageController, _Coll
+    from .holds import ReadHold
 
 log = logging.getLogger("storage.controller")
 
@@ -263,6 +264,18 @@ class CollectionManager:
                 self.diff_commit(c)
 
     # ------------------------------------------------------------------ shared
+
+    def admit(self, c: _Coll, kind: str) -> _Coll:
+        """`c`, if the collection manager may write it as `kind` ("append", "differential" or "system")."""
+        name = c.name
+        if name.startswith(SYSTEM_PREFIX) and kind != "system":
+            raise InvalidInput(f"collection {name!r} is written by the controller itself")
+        if c.meta.data_source in ("ingestion", "table") and kind != "system":
+            raise InvalidInput(
+                f"collection {name!r} has data_source {c.meta.data_source!r}: it is written by "
+                f"{'a flow' if c.meta.data_source == 'ingestion' else 'append_table'}, not the collection manager"
+            )
+        return c
 
     def writer(self, c: _Coll) -> WriteHandle:
         if c.write.writer is None:

@@ -68,7 +68,7 @@ from .collection_mgmt import (
     Stats,
     WriteTask,
 )
-from .holds import ReadState
+from .holds import ReadHold, ReadState
 from .policy import (
     DEFAULT_POLICY,
     ReadPolicy,
@@ -88,7 +88,6 @@ def _crash_point(name: str) -> None:
     """Test hook: SIGKILL this process at the named step if `$SHARDFLOW_CONTROLLER_CRASH_AT` says so."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
 
 
 @dataclass(eq=False)
@@ -117,53 +116,6 @@ class _Coll:
     @property
     def shard_id(self) -> str:
         return self.meta.shard_id
-
-class ReadHold:
-    """A read capability at `time` on one collection: its since does not pass `time` while held.
-
-    Release it (or leave the `with` block) when done; `downgrade(t)` moves it
-    forward. Releasing twice is a no-op. A hold outlives a drop: the shard is
-    finalized only once every hold is released.
-
-    Example:
-        >>> with ctl.acquire_read_holds(["orders"])[0] as h:   # doctest: +SKIP
-        ...     snapshot_at(h.time)
-    """
-
-    def __init__(self, ctl: StorageController, coll: _Coll, time: Frontier):
-        self._ctl = ctl
-        self._coll = coll
-        self._time = time
-        self._released = False
-
-    @property
-    def name(self) -> str:
-        return self._coll.name
-
-    @property
-    def time(self) -> Frontier:
-        return self._time
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def downgrade(self, t: Frontier | int | None) -> None:
-        """Move the hold forward to `t` (an empty frontier releases it). Moving back raises InvalidInput."""
-        self._ctl._downgrade_hold(self, Frontier.of(t))
-
-    def release(self) -> None:
-        self._ctl._downgrade_hold(self, Frontier.EMPTY)
-
-    def __enter__(self) -> ReadHold:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        state = "released" if self._released else f"at {self._time}"
-        return f"ReadHold({self.name!r}, {state})"
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -687,7 +639,7 @@ class StorageController:
             return [self._hold(c) for c in colls]
 
     def _hold(self, c: _Coll) -> ReadHold:
-        return ReadHold(self, c, holds.acquire(c.read))
+        return ReadHold(self, c.read, holds.acquire(c.read))
 
     def _downgrade_hold(self, h: ReadHold, t: Frontier) -> None:
         with self._lock:
@@ -700,7 +652,7 @@ class StorageController:
             old, h._time = h._time, t
             if t.is_empty:
                 h._released = True
-            moved = holds.move_hold(h._coll.read, old, t)
+            moved = holds.move_hold(h._read, old, t)
             try:
                 self._settled(moved)
             except Fenced as e:
@@ -747,23 +699,12 @@ class StorageController:
 
     # ------------------------------------------------------------------ collection manager
 
-    def _managed(self, name: str, kind: str) -> _Coll:
-        c = self._get(name)
-        if name.startswith(SYSTEM_PREFIX) and kind != "system":
-            raise InvalidInput(f"collection {name!r} is written by the controller itself")
-        if c.meta.data_source in ("ingestion", "table") and kind != "system":
-            raise InvalidInput(
-                f"collection {name!r} has data_source {c.meta.data_source!r}: it is written by "
-                f"{'a flow' if c.meta.data_source == 'ingestion' else 'append_table'}, not the collection manager"
-            )
-        return c
-
     @_guarded
     def monotonic_appender(self, name: str) -> MonotonicAppender:
         """The appender of append-only collection `name` (the same object on every call)."""
         with self._lock:
             self._sync_catalog()
-            return self._mgmt.appender(self._managed(name, "append"))
+            return self._mgmt.appender(self._mgmt.admit(self._get(name), "append"))
 
     @_guarded
     def differential_write(self, name: str, op: Append | Delete | Replace) -> Frontier | None:
@@ -784,7 +725,7 @@ class StorageController:
         """
         with self._lock:
             self._sync_catalog()
-            c = self._managed(name, "differential")
+            c = self._mgmt.admit(self._get(name), "differential")
             self._mgmt.register_differential(c, init_from_persisted=True)
             self._mgmt.apply_op(c, op)
             if self.read_only:

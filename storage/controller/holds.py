@@ -10,7 +10,9 @@ each of its inputs at its own since (`input_holds`).
 Every transition here mutates `ReadState`s in memory and returns the states
 whose since moved, inputs before dependents: the controller then pushes each
 since to its shard's critical since handle (`since_to_push`) or finalizes a
-dropped collection whose since became empty. Example:
+dropped collection whose since became empty. A `ReadHold` is the handle of
+one capability; the controller moves it (under its lock) with `move_hold`.
+Example:
 
     >>> from storage.controller.policy import ValidFrom, step_back
     >>> a = ReadState("a", "s-a", step_back())
@@ -26,6 +28,7 @@ dropped collection whose since became empty. Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from ..errors import InvariantViolated
 from ..frontier import Frontier
@@ -46,6 +49,58 @@ class ReadState:
     input_holds: dict[str, Frontier] = field(default_factory=dict)  # input name -> the time held there
     inputs: dict[str, ReadState] = field(default_factory=dict)
     dropped: bool = False
+
+
+class _HoldOwner(Protocol):
+    def _downgrade_hold(self, h: ReadHold, t: Frontier) -> None: ...
+
+
+class ReadHold:
+    """A read capability at `time` on one collection: its since does not pass `time` while held.
+
+    Release it (or leave the `with` block) when done; `downgrade(t)` moves it
+    forward. Releasing twice is a no-op. A hold outlives a drop: the shard is
+    finalized only once every hold is released.
+
+    Example:
+        >>> with ctl.acquire_read_holds(["orders"])[0] as h:   # doctest: +SKIP
+        ...     snapshot_at(h.time)
+    """
+
+    def __init__(self, owner: _HoldOwner, read: ReadState, time: Frontier):
+        self._owner = owner
+        self._read = read
+        self._time = time
+        self._released = False
+
+    @property
+    def name(self) -> str:
+        return self._read.name
+
+    @property
+    def time(self) -> Frontier:
+        return self._time
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def downgrade(self, t: Frontier | int | None) -> None:
+        """Move the hold forward to `t` (an empty frontier releases it). Moving back raises InvalidInput."""
+        self._owner._downgrade_hold(self, Frontier.of(t))
+
+    def release(self) -> None:
+        self._owner._downgrade_hold(self, Frontier.EMPTY)
+
+    def __enter__(self) -> ReadHold:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else f"at {self._time}"
+        return f"ReadHold({self.name!r}, {state})"
 
 
 def bring_up(rs: ReadState, upper: Frontier, *, shard_since: Frontier) -> None:
