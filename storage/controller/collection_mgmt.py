@@ -255,7 +255,7 @@ class CollectionManager:
                         self.flush_appender(c.write.appender)
                     else:
                         self.tick_forward(c)
-                except Exception as e:  # noqa: BLE001 - only system.*: see _introspection_failed
+                except Exception as e:  # noqa: BLE001 - only system.*: see Introspection.failed
                     if not c.name.startswith(SYSTEM_PREFIX):
                         raise
                     system_failed(c, "writing it", e)

@@ -289,8 +289,10 @@ class StorageController:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         with self._lock:
-            self._closed = True
-            self._mgmt.close(self._colls.values(), flush=not self.read_only and self._fenced is None)
+            try:
+                self._mgmt.close(self._colls.values(), flush=not self.read_only and self._fenced is None)
+            finally:
+                self._closed = True
 
     def __enter__(self) -> StorageController:
         return self
