@@ -59,14 +59,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .catalog import CATALOG_KEY, DATA_SOURCES, CollectionDesc, CollectionMeta, validate_name
-from .controller import (
-    Append,
-    Delete,
-    MonotonicAppender,
-    ReadHold,
-    Replace,
-    StorageController,
-)
+from .collection_mgmt import Append, Delete, MonotonicAppender, Replace
+from .controller import StorageController
+from .holds import ReadHold
 from .introspection import FRONTIERS, SHARD_MAPPING, SINK_STATUS, SOURCE_STATUS, STATISTICS
 from .policy import (
     DEFAULT_POLICY,

@@ -1,8 +1,18 @@
-"""The storage controller: names to shards, read policies and holds, managed collections, fencing.
+"""The storage controller: coordination of names to shards, read holds, write tasks and fencing.
 
-See `storage.controller` for the overview. Concurrency: one re-entrant lock
-guards all in-memory state and serialises the controller's own writes; a
-background thread ticks and flushes appenders under that lock.
+See `storage.controller` for the overview. The controller owns the catalog
+sync, the collections' lifecycle (create, alter, drop, finalize), the critical
+since handles and fencing; it delegates by the state each part owns:
+
+- `holds.py`: each collection's `ReadState` (policy, implied capability, holds,
+  since), pure;
+- `collection_mgmt.py`: each collection's `WriteTask` (appenders, differential
+  desired/persisted, ticking idle uppers) and `Stats`;
+- `introspection.py`: the `system.*` collections.
+
+Concurrency: one re-entrant lock guards all in-memory state and serialises the
+controller's own writes; a background thread ticks and flushes appenders under
+that lock.
 """
 
 from __future__ import annotations
@@ -13,36 +23,25 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import duckdb
 import pyarrow as pa
 
 from .. import state as st
 from ..client import Client, SinceHandle
 from ..consensus import CasOp, VersionedData
 from ..errors import (
-    ConsensusUnavailable,
-    CorruptPart,
     Fenced,
-    IdentifierInvalid,
     IdentifierMissing,
     InvalidInput,
-    InvalidUppers,
-    InvariantViolated,
-    OutOfSpace,
-    ReadBeforeSince,
     ReadOnly,
     ShardNotFound,
-    UpperMismatch,
 )
 from ..frontier import Frontier
 from ..ids import ShardId
-from ..read import parts_source, snapshot_schema, snapshot_sql
-from ..updates import DIFF, TIME, overflow_checked, qident
-from ..write import WriteHandle
+from ..updates import check_row_schema
+from . import holds
 from . import introspection as sysc
 from .catalog import (
     CATALOG_KEY,
@@ -60,10 +59,18 @@ from .catalog import (
     plan_set_policies,
     validate_name,
 )
-from .desired import DesiredStore, as_rows, rows_schema
+from .collection_mgmt import (
+    Append,
+    CollectionManager,
+    Delete,
+    MonotonicAppender,
+    Replace,
+    Stats,
+    WriteTask,
+)
+from .holds import ReadHold, ReadState
 from .policy import (
     DEFAULT_POLICY,
-    MutableAntichain,
     ReadPolicy,
     ValidFrom,
     coerce_policy,
@@ -72,11 +79,6 @@ from .policy import (
 from .tables import TableWrite, append_tables
 
 log = logging.getLogger("storage.controller")
-
-# The system.* shards whose failure this process already reported (`_introspection_failed`):
-# one warning line per broken collection per process, however many controllers it opens.
-_INTRO_WARNED: set[str] = set()
-_INTRO_WARNED_LOCK = threading.Lock()
 
 CRITICAL_READER_ID = "controller"
 CRASH_ENV = "SHARDFLOW_CONTROLLER_CRASH_AT"
@@ -88,50 +90,24 @@ def _crash_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass(frozen=True)
-class Append:
-    """Add `rows` (row columns, optional `_diff`, default +1) to a differential collection's desired."""
+@dataclass(eq=False)
+class _Compaction:
+    """When this controller last asked to compact a collection's shard, and up to which since."""
 
-    rows: Any
-
-
-@dataclass(frozen=True)
-class Delete:
-    """Remove every desired row matching the DuckDB SQL predicate `filter`, e.g. `"k = 'a'"`."""
-
-    filter: str
-
-
-@dataclass(frozen=True)
-class Replace:
-    """Desired becomes exactly `rows`."""
-
-    rows: Any
+    since: Frontier = Frontier.MIN
+    at: float = 0.0  # time.monotonic()
 
 
 @dataclass(eq=False)
 class _Coll:
-    """In-memory state of one collection (live or dropped-but-not-finalized)."""
+    """One collection (live or dropped-but-not-finalized): its records, one per concern."""
 
     meta: CollectionMeta
-    policy: ReadPolicy
-    write_frontier: Frontier = Frontier.MIN
-    implied: Frontier = Frontier.MIN
-    since: Frontier = Frontier.MIN
-    caps: MutableAntichain = field(default_factory=MutableAntichain)
-    handle: SinceHandle | None = None
-    writer: WriteHandle | None = None
-    input_holds: dict[str, Frontier] = field(default_factory=dict)
-    inputs: dict[str, _Coll] = field(default_factory=dict)
-    dropped: bool = False
-    kind: str | None = None  # None, "append" or "differential"
-    appender: MonotonicAppender | None = None
-    persisted_upper: Frontier | None = None  # differential: the upper `persisted` is valid at
-    diff_hold: ReadHold | None = None
-    staged: int = 0
-    committed: int = 0
-    compacted_since: Frontier = Frontier.MIN
-    last_compact: float = 0.0
+    read: ReadState  # holds.py
+    handle: SinceHandle | None = None  # the critical since handle (writable controllers)
+    write: WriteTask = field(default_factory=WriteTask)  # collection_mgmt.py
+    stats: Stats = field(default_factory=Stats)  # collection_mgmt.py, shown by introspection
+    compaction: _Compaction = field(default_factory=_Compaction)
 
     @property
     def name(self) -> str:
@@ -140,130 +116,6 @@ class _Coll:
     @property
     def shard_id(self) -> str:
         return self.meta.shard_id
-
-
-class ReadHold:
-    """A read capability at `time` on one collection: its since does not pass `time` while held.
-
-    Release it (or leave the `with` block) when done; `downgrade(t)` moves it
-    forward. Releasing twice is a no-op. A hold outlives a drop: the shard is
-    finalized only once every hold is released.
-
-    Example:
-        >>> with ctl.acquire_read_holds(["orders"])[0] as h:   # doctest: +SKIP
-        ...     snapshot_at(h.time)
-    """
-
-    def __init__(self, ctl: StorageController, coll: _Coll, time: Frontier):
-        self._ctl = ctl
-        self._coll = coll
-        self._time = time
-        self._released = False
-
-    @property
-    def name(self) -> str:
-        return self._coll.name
-
-    @property
-    def time(self) -> Frontier:
-        return self._time
-
-    @property
-    def released(self) -> bool:
-        return self._released
-
-    def downgrade(self, t: Frontier | int | None) -> None:
-        """Move the hold forward to `t` (an empty frontier releases it). Moving back raises InvalidInput."""
-        self._ctl._downgrade_hold(self, Frontier.of(t))
-
-    def release(self) -> None:
-        self._ctl._downgrade_hold(self, Frontier.EMPTY)
-
-    def __enter__(self) -> ReadHold:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        state = "released" if self._released else f"at {self._time}"
-        return f"ReadHold({self.name!r}, {state})"
-
-
-class MonotonicAppender:
-    """Blind appends to an append-only collection, batched: one commit per batch duration.
-
-    `append(rows)` queues `rows` (row columns, optional `_diff`); all rows queued
-    within one batch duration commit together at `max(upper, now)`. With
-    `wait=True` (the default) it returns once they are durable, with the time
-    they were written at; with `wait=False` it returns a `Future` of that time.
-    Without a background thread (`tick_interval_ms=None`), `wait=True` commits
-    at once, and `wait=False` rows wait for `flush()` or `ctl.tick()`.
-    """
-
-    def __init__(self, ctl: StorageController, coll: _Coll):
-        self._ctl = ctl
-        self._coll = coll
-        self._qlock = threading.Lock()
-        self._queue: list[tuple[pa.Table, Future[int]]] = []
-        self._invalid: Exception | None = None
-        self.last_flush = 0.0
-        self.commits = 0
-
-    @property
-    def name(self) -> str:
-        return self._coll.name
-
-    def pending(self) -> int:
-        with self._qlock:
-            return len(self._queue)
-
-    def append(self, rows: Any, *, wait: bool = True) -> Any:
-        ctl = self._ctl
-        ctl._check_live()
-        if self._invalid is not None:
-            raise self._invalid
-        if ctl.read_only:
-            raise ReadOnly(f"collection {self.name!r}: the controller is read-only; appends are refused")
-        t = as_rows(rows, self._coll.meta.schema, f"collection {self.name!r}")
-        fut: Future[int] = Future()
-        with self._qlock:
-            if self._invalid is not None:
-                raise self._invalid
-            self._queue.append((t, fut))
-            self._coll.staged += t.num_rows
-        if not wait:
-            ctl._wake.set()
-            return fut
-        if ctl._thread is None:
-            self.flush()
-        else:
-            ctl._wake.set()
-        return fut.result()
-
-    def __call__(self, rows: Any) -> Any:
-        """`append(rows)`: an appender is a callable sink (e.g. a webhook's `on_batch`)."""
-        return self.append(rows)
-
-    def flush(self) -> None:
-        """Commit everything queued now, in one write."""
-        with self._ctl._lock:
-            self._ctl._flush_appender(self)
-
-    def _take(self) -> list[tuple[pa.Table, Future[int]]]:
-        with self._qlock:
-            q, self._queue = self._queue, []
-            return q
-
-    def _fail(self, e: Exception, *, forever: bool) -> None:
-        with self._qlock:
-            if forever:
-                self._invalid = e
-            q, self._queue = self._queue, []
-        for t, f in q:
-            self._coll.staged -= t.num_rows
-            if not f.done():
-                f.set_exception(e)
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -329,8 +181,8 @@ class StorageController:
         self._colls: dict[str, _Coll] = {}
         self._dropped: dict[str, _Coll] = {}  # shard id -> dropped collection awaiting finalization
         self._seen_seqno = -1
-        self._desired = DesiredStore(desired_path)
-        self._last_status: dict[tuple[str, str], tuple[str, str | None]] = {}
+        self._mgmt = CollectionManager(self, desired_path)
+        self._intro = sysc.Introspection(self)
         self.epoch = 0
         self.ticks = 0
 
@@ -407,7 +259,7 @@ class StorageController:
         try:
             ctl._start()
         except BaseException:
-            ctl._desired.close()
+            ctl._mgmt.desired.close()
             raise
         return ctl
 
@@ -423,7 +275,7 @@ class StorageController:
             self._sync_catalog(cat)
             if not self.read_only:
                 self._finalize_unfinalized(cat.unfinalized_shards)
-            self._setup_introspection()
+            self._intro.setup()
         if self.tick_interval_ms is not None:
             self._thread = threading.Thread(target=self._run, name="storage-controller", daemon=True)
             self._thread.start()
@@ -437,18 +289,10 @@ class StorageController:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         with self._lock:
-            if not self.read_only and self._fenced is None:
-                for c in list(self._colls.values()):
-                    if c.appender is not None and c.appender.pending():
-                        try:
-                            self._flush_appender(c.appender)
-                        except Exception as e:  # noqa: BLE001 - closing: report, do not raise
-                            log.warning("controller close: flushing %s failed: %s", c.name, e)
-            for c in self._colls.values():
-                if c.appender is not None:
-                    c.appender._fail(IdentifierInvalid(f"collection {c.name!r}: the controller was closed"), forever=True)
-            self._closed = True
-            self._desired.close()
+            try:
+                self._mgmt.close(self._colls.values(), flush=not self.read_only and self._fenced is None)
+            finally:
+                self._closed = True
 
     def __enter__(self) -> StorageController:
         return self
@@ -475,9 +319,7 @@ class StorageController:
         log.warning("storage controller epoch %s fenced: %s", self.epoch, e)
         self._stop.set()
         self._wake.set()
-        for c in list(self._colls.values()):
-            if c.appender is not None:
-                c.appender._fail(e, forever=True)
+        self._mgmt.fail_appenders(list(self._colls.values()), e)
         if self.on_fenced is not None:
             self.on_fenced(e)
 
@@ -524,15 +366,15 @@ class StorageController:
                 self._apply_schema(c, m.schema)
             if policy_to_json(c.meta.read_policy) != policy_to_json(m.read_policy):
                 # Someone (or this controller) stored another policy.
-                c.policy = m.read_policy or DEFAULT_POLICY
+                c.read.policy = m.read_policy or DEFAULT_POLICY
                 c.meta = m
-                self._refresh_implied(c)
+                self._settled(holds.apply_policy(c.read))
             c.meta = m
         self._seen_seqno = cat.seqno
 
     def _setup(self, meta: CollectionMeta) -> _Coll:
         """Bring up one collection: its shard, critical since handle, frontiers and input holds."""
-        c = _Coll(meta=meta, policy=meta.read_policy or DEFAULT_POLICY)
+        c = _Coll(meta=meta, read=ReadState(meta.name, meta.shard_id, meta.read_policy or DEFAULT_POLICY))
         m = self.client.machine(meta.shard_id)
         s: st.ShardState | None
         try:
@@ -549,16 +391,9 @@ class StorageController:
         if s is not None and not self.read_only and not s.is_tombstone:
             c.handle = self._take_over_since(meta.shard_id)
             shard_since = max(shard_since, c.handle.since)
-        c.write_frontier = s.upper if s is not None else Frontier.MIN
-        c.implied = max(c.policy.frontier(c.write_frontier), shard_since)
-        c.caps.update(c.implied, +1)
-        c.since = c.caps.frontier()
+        holds.bring_up(c.read, s.upper if s is not None else Frontier.MIN, shard_since=shard_since)
         for dep in meta.depends_on:
-            ic = self._colls[dep]
-            t = max(c.since, ic.since)
-            ic.caps.update(t, +1)
-            c.input_holds[dep] = t
-            c.inputs[dep] = ic
+            holds.hold_input(c.read, self._colls[dep].read)
         self._colls[meta.name] = c
         self._push_since(c)
         return c
@@ -584,11 +419,8 @@ class StorageController:
         raise Fenced(f"shard {shard}: could not take over the critical since handle")
 
     def _apply_schema(self, c: _Coll, schema: pa.Schema) -> None:
-        if self._desired.has(c.name):
-            self._desired.alter(c.name, schema)
+        self._mgmt.alter(c, schema)
         c.meta = replace(c.meta, schema=schema)
-        if c.writer is not None:
-            c.writer = None  # reopened lazily under the new schema
 
     # ------------------------------------------------------------------ collections
 
@@ -619,8 +451,6 @@ class StorageController:
                 raise InvalidInput(f"collection name {d.name!r} is reserved for the controller")
             if d.data_source not in DATA_SOURCES:
                 raise InvalidInput(f"collection {d.name!r}: data_source {d.data_source!r} is not one of {list(DATA_SOURCES)}")
-            from ..updates import check_row_schema
-
             check_row_schema(d.schema, f"collection {d.name!r}")
             for dep in d.depends_on:
                 validate_name(dep, allow_system=True)
@@ -664,21 +494,12 @@ class StorageController:
 
     def _on_dropped(self, c: _Coll) -> None:
         """The catalog no longer has `c`: unregister it and release everything it holds."""
-        c.dropped = True
-        e = IdentifierInvalid(f"collection {c.name!r} was dropped; its queued writes were not applied")
-        if c.appender is not None:
-            c.appender._fail(e, forever=True)
-        if c.diff_hold is not None:
-            c.diff_hold._released = True
-            c.caps.update(c.diff_hold.time, -1)
-            c.diff_hold = None
-        if self._desired.has(c.name):
-            self._desired.unregister(c.name)
-        c.kind = None
+        c.read.dropped = True
+        self._mgmt.on_dropped(c)
         self._dropped[c.shard_id] = c
-        c.policy = ValidFrom(Frontier.EMPTY)
-        self._refresh_implied(c)
-        if c.since.is_empty and c.shard_id in self._dropped:
+        c.read.policy = ValidFrom(Frontier.EMPTY)
+        self._settled(holds.apply_policy(c.read))
+        if c.read.since.is_empty and c.shard_id in self._dropped:
             self._finalize(c)  # since was empty already (so it did not change): finalize now
 
     def _finalize_unfinalized(self, shards: Iterable[str]) -> None:
@@ -689,7 +510,7 @@ class StorageController:
         if todo:
             self._catalog.apply(self.epoch, lambda s: (plan_finalized(s, todo), None))
         for c in list(self._dropped.values()):
-            if c.since.is_empty:
+            if c.read.since.is_empty:
                 self._finalize(c)
 
     def _finalize(self, c: _Coll) -> None:
@@ -703,20 +524,8 @@ class StorageController:
     def _finalize_shard(self, shard: str) -> None:
         try:
             self.client.finalize(shard)
-            return
         except ShardNotFound:
             return  # never initialized: nothing to finalize
-        except ModuleNotFoundError as e:
-            if e.name not in ("storage.gc", "gc"):
-                raise
-        # storage.gc is not there (yet): the three pure steps; gc deletes the parts later.
-        m = self.client.machine(shard)
-        try:
-            m.apply(lambda s, now: (st.finalize_upper(s, writer_id=CRITICAL_READER_ID, now_ms=now), None))
-            m.apply(lambda s, now: (st.finalize_since(s), None))
-            m.apply(lambda s, now: (st.finalize_batches(s), None))
-        except ShardNotFound:
-            return
 
     @_guarded
     def alter_collection(self, name: str, schema: pa.Schema) -> None:
@@ -750,7 +559,7 @@ class StorageController:
         with self._lock:
             self._sync_catalog()
             c = self._get(name)
-            return replace(c.meta, read_policy=c.policy)
+            return replace(c.meta, read_policy=c.read.policy)
 
     @_guarded
     def collections(self) -> dict[str, CollectionMeta]:
@@ -758,7 +567,7 @@ class StorageController:
         with self._lock:
             self._sync_catalog()
             return {
-                n: replace(c.meta, read_policy=c.policy)
+                n: replace(c.meta, read_policy=c.read.policy)
                 for n, c in sorted(self._colls.items())
                 if not n.startswith(SYSTEM_PREFIX)
             }
@@ -786,11 +595,11 @@ class StorageController:
             self._sync_catalog()
             c = self._get(name)
             self._refresh_upper(c)
-            return c.since, c.write_frontier
+            return c.read.since, c.read.write_frontier
 
     def implied_capability(self, name: str) -> Frontier:
         with self._lock:
-            return self._get(name).implied
+            return self._get(name).read.implied
 
     @_guarded
     def set_read_policy(self, policies: Mapping[str, ReadPolicy] | Iterable[tuple[str, ReadPolicy]]) -> None:
@@ -814,7 +623,7 @@ class StorageController:
                 self._sync_catalog(cat)
             for n, p in ps.items():
                 c = self._colls[n]
-                c.policy = p
+                c.read.policy = p
                 if self.read_only:
                     c.meta = replace(c.meta, read_policy=p if p.to_json() is not None else c.meta.read_policy)
                 self._refresh_upper(c)
@@ -829,11 +638,10 @@ class StorageController:
         with self._lock:
             self._sync_catalog()
             colls = [self._get(n) for n in names]
-            holds = []
-            for c in colls:
-                c.caps.update(c.since, +1)
-                holds.append(ReadHold(self, c, c.since))
-            return holds
+            return [self._hold(c) for c in colls]
+
+    def _hold(self, c: _Coll) -> ReadHold:
+        return ReadHold(self, c.read, holds.acquire(c.read))
 
     def _downgrade_hold(self, h: ReadHold, t: Frontier) -> None:
         with self._lock:
@@ -843,14 +651,12 @@ class StorageController:
                 raise InvalidInput(f"read hold on {h.name!r}: cannot move back from {h._time} to {t}")
             if t == h._time:
                 return
-            c = h._coll
-            c.caps.update(h._time, -1)
-            c.caps.update(t, +1)
-            h._time = t
+            old, h._time = h._time, t
             if t.is_empty:
                 h._released = True
+            moved = holds.move_hold(h._read, old, t)
             try:
-                self._since_changed(c)
+                self._settled(moved)
             except Fenced as e:
                 self._fence(e)
 
@@ -859,135 +665,48 @@ class StorageController:
             s = self.client.machine(c.shard_id).fetch()
         except ShardNotFound:
             return
-        if s.upper > c.write_frontier:
-            c.write_frontier = s.upper
-        self._refresh_implied(c)
+        self._advance(c, s.upper)
 
-    def _refresh_implied(self, c: _Coll) -> None:
-        new = c.policy.frontier(c.write_frontier)
-        if new > c.implied:  # INVARIANT: the implied capability never moves back
-            c.caps.update(c.implied, -1)
-            c.caps.update(new, +1)
-            c.implied = new
-        self._since_changed(c)
+    def _advance(self, c: _Coll, upper: Frontier) -> None:
+        """`c`'s upper moved to `upper` (or not: a smaller one is ignored); re-apply its read policy."""
+        self._settled(holds.advance_upper(c.read, upper))
 
-    def _since_changed(self, c: _Coll) -> None:
-        """Recompute since from the read capabilities; pass it to inputs and the shard."""
-        new = c.caps.frontier()
-        if new == c.since:
-            return
-        # INVARIANT: since only moves forward: every capability added is at or beyond it.
-        if not new > c.since:
-            raise InvariantViolated(f"collection {c.name!r}: since would move back from {c.since} to {new}")
-        c.since = new
-        for dep, held in list(c.input_holds.items()):
-            ic = c.inputs[dep]
-            t = max(held, new)
-            if t != held:
-                ic.caps.update(held, -1)
-                ic.caps.update(t, +1)
-                c.input_holds[dep] = t
-                self._since_changed(ic)
-        if c.dropped and new.is_empty:
-            self._finalize(c)
-        else:
-            self._push_since(c)
+    def _settled(self, moved: list[ReadState]) -> None:
+        """Act on the sinces that moved (`holds.settle`): finalize a released drop, else push since."""
+        for rs in moved:
+            c = self._owner(rs)
+            if c is None:
+                continue  # finalized already
+            if rs.dropped and rs.since.is_empty:
+                self._finalize(c)
+            else:
+                self._push_since(c)
+
+    def _owner(self, rs: ReadState) -> _Coll | None:
+        c = self._colls.get(rs.name)
+        if c is not None and c.read is rs:
+            return c
+        return self._dropped.get(rs.shard_id)
 
     def _push_since(self, c: _Coll) -> None:
         """Send since to the shard's critical since handle (writable controllers only)."""
-        if self.read_only or self._fenced is not None or c.handle is None or c.since.is_empty:
+        if self.read_only or self._fenced is not None or c.handle is None:
             return
-        if c.since <= c.handle.since:
+        since = holds.since_to_push(c.read.since, handle_since=c.handle.since)
+        if since is None:
             return
-        res = c.handle.compare_and_downgrade_since(self.epoch, (self.epoch, c.since))
+        res = c.handle.compare_and_downgrade_since(self.epoch, (self.epoch, since))
         if isinstance(res, st.OpaqueMismatch):
             raise Fenced(f"shard {c.shard_id}: critical since taken over by {res.actual!r} (this controller: epoch {self.epoch})")
 
     # ------------------------------------------------------------------ collection manager
-
-    def _managed(self, name: str, kind: str) -> _Coll:
-        c = self._get(name)
-        if name.startswith(SYSTEM_PREFIX) and kind != "system":
-            raise InvalidInput(f"collection {name!r} is written by the controller itself")
-        if c.meta.data_source in ("ingestion", "table") and kind != "system":
-            raise InvalidInput(
-                f"collection {name!r} has data_source {c.meta.data_source!r}: it is written by "
-                f"{'a flow' if c.meta.data_source == 'ingestion' else 'append_table'}, not the collection manager"
-            )
-        return c
 
     @_guarded
     def monotonic_appender(self, name: str) -> MonotonicAppender:
         """The appender of append-only collection `name` (the same object on every call)."""
         with self._lock:
             self._sync_catalog()
-            return self._appender(self._managed(name, "append"))
-
-    def _appender(self, c: _Coll) -> MonotonicAppender:
-        if c.kind == "differential":
-            raise InvalidInput(f"collection {c.name!r} is a differential collection, not append-only")
-        if c.appender is None:
-            c.appender = MonotonicAppender(self, c)
-            c.kind = "append"
-        return c.appender
-
-    def _writer(self, c: _Coll) -> WriteHandle:
-        if c.writer is None:
-            c.writer = self.client.open_writer(c.shard_id, writer_id=f"controller-e{self.epoch}")
-        return c.writer
-
-    def _flush_appender(self, a: MonotonicAppender) -> None:
-        """Commit everything queued in `a` as one batch at `max(upper, now)` (under the lock)."""
-        c = a._coll
-        if not a.pending():
-            return
-        if self.read_only:
-            a._fail(ReadOnly(f"collection {c.name!r}: the controller is read-only"), forever=False)
-            return
-        q = a._take()
-        rows = pa.concat_tables([t for t, _ in q]) if len(q) > 1 else q[0][0]
-        try:
-            ts = self._append_at_now(c, rows)
-        except Exception as e:
-            for t, f in q:
-                c.staged -= t.num_rows
-                f.set_exception(e)
-            if isinstance(e, Fenced):
-                self._fence(e)
-            raise
-        a.last_flush = time.monotonic()
-        a.commits += 1
-        for t, f in q:
-            c.staged -= t.num_rows
-            f.set_result(ts)
-        c.committed += rows.num_rows
-
-    def _append_at_now(self, c: _Coll, rows: pa.Table) -> int:
-        w = self._writer(c)
-        for attempt in range(20):
-            self._check_epoch()
-            upper = w.machine.fetch().upper
-            if upper.is_empty:
-                raise InvalidUppers(f"collection {c.name!r}: its shard is closed (upper is empty)")
-            ts = max(upper.time or 0, self.clock())
-            upd = _at_time(rows, ts)
-            try:
-                w.compare_and_append(upd, upper, ts + 1)
-            except UpperMismatch:
-                self._backoff(attempt)
-                continue
-            self._advance(c, Frontier(ts + 1))
-            return ts
-        raise InvalidUppers(f"collection {c.name!r}: append lost 20 races in a row")
-
-    def _advance(self, c: _Coll, upper: Frontier) -> None:
-        if upper > c.write_frontier:
-            c.write_frontier = upper
-        self._refresh_implied(c)
-
-    def _backoff(self, attempt: int) -> None:
-        lo, hi = self.backoff_ms
-        self._sleep(min(lo * 2**attempt, hi) / 1000.0)
+            return self._mgmt.appender(self._mgmt.admit(self._get(name), "append"))
 
     @_guarded
     def differential_write(self, name: str, op: Append | Delete | Replace) -> Frontier | None:
@@ -1008,129 +727,20 @@ class StorageController:
         """
         with self._lock:
             self._sync_catalog()
-            c = self._managed(name, "differential")
-            self._register_differential(c, init_from_persisted=True)
-            self._apply_op(c, op)
+            c = self._mgmt.admit(self._get(name), "differential")
+            self._mgmt.register_differential(c, init_from_persisted=True)
+            self._mgmt.apply_op(c, op)
             if self.read_only:
                 return None
-            return self._diff_commit(c)
-
-    def _apply_op(self, c: _Coll, op: Append | Delete | Replace) -> None:
-        where = f"collection {c.name!r}"
-        if isinstance(op, Append):
-            rows = as_rows(op.rows, c.meta.schema, where)
-            self._desired.append(c.name, rows)
-            c.staged += rows.num_rows
-        elif isinstance(op, Delete):
-            self._desired.delete(c.name, op.filter)
-        elif isinstance(op, Replace):
-            self._desired.replace(c.name, as_rows(op.rows, c.meta.schema, where))
-        else:
-            raise InvalidInput(f"{where}: differential_write takes Append, Delete or Replace, got {type(op).__name__}")
+            return self._mgmt.diff_commit(c)
 
     def desired(self, name: str) -> pa.Table:
         """The consolidated desired contents of a differential collection (row columns + `_diff`)."""
         with self._lock:
             c = self._get(name)
-            if c.kind != "differential":
+            if c.write.kind != "differential":
                 raise InvalidInput(f"collection {name!r} is not a differential collection")
-            return self._desired.desired(name)
-
-    def _register_differential(self, c: _Coll, *, init_from_persisted: bool) -> None:
-        if c.kind == "differential":
-            return
-        if c.kind == "append":
-            raise InvalidInput(f"collection {c.name!r} is append-only, not a differential collection")
-        self._desired.register(c.name, c.meta.schema)
-        c.kind = "differential"
-        # Keep a hold at persisted upper - 1, so a re-sync can always read it.
-        c.caps.update(c.since, +1)
-        c.diff_hold = ReadHold(self, c, c.since)
-        if init_from_persisted:
-            upper = self._shard_upper(c)
-            self._resync(c, upper)
-            self._desired.desired_is_persisted(c.name)
-        elif not self.read_only:
-            self._resync(c, self._shard_upper(c))
-
-    def _shard_upper(self, c: _Coll) -> Frontier:
-        try:
-            return self.client.machine(c.shard_id).fetch().upper
-        except ShardNotFound:
-            return Frontier.MIN
-
-    def _resync(self, c: _Coll, upper: Frontier) -> None:
-        """persisted := the shard's contents at `upper - 1`."""
-        if upper.is_empty:
-            raise InvalidUppers(f"collection {c.name!r}: its shard is closed (upper is empty); it cannot be written")
-        if upper.time == 0:
-            snap = rows_schema(c.meta.schema).empty_table()
-        else:
-            assert upper.time is not None
-            snap = self._raw_snapshot(c, upper.time - 1)
-        self._desired.set_persisted(c.name, snap.cast(rows_schema(c.meta.schema)))
-        c.persisted_upper = upper
-        self._advance(c, upper)
-
-    def _raw_snapshot(self, c: _Coll, as_of: int) -> pa.Table:
-        """A snapshot without registering a reader (so read-only controllers write nothing).
-
-        SUBTLE: without a leased reader nothing pins the parts; a compaction plus
-        gc may delete one mid-read. That surfaces as CorruptPart (never a wrong
-        answer), and a fresh state names the merged parts, so retry.
-        """
-        m = self.client.machine(c.shard_id)
-        for attempt in range(5):
-            s = m.fetch()
-            if not s.since.less_equal(as_of):
-                raise ReadBeforeSince(f"collection {c.name!r}: as_of {as_of} is before since {s.since}")
-            batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
-            con = duckdb.connect()
-            try:
-                src = parts_source(self.client, s, batches, con, "__parts")
-                with overflow_checked():
-                    out = con.sql(snapshot_sql(s, src, as_of)).to_arrow_table()
-                return out.cast(snapshot_schema(s.schema))
-            except CorruptPart:
-                if attempt == 4:
-                    raise
-            finally:
-                con.close()
-        raise AssertionError("unreachable")
-
-    def _diff_commit(self, c: _Coll) -> Frontier:
-        """Write `desired - persisted` at the persisted upper, advancing it to at least now."""
-        for attempt in range(self.max_write_retries + 1):
-            self._check_epoch()
-            if c.persisted_upper is None or c.write_frontier > c.persisted_upper:
-                # Someone else wrote (we saw the upper move): what we believe is stale.
-                self._resync(c, self._shard_upper(c))
-            upper = c.persisted_upper
-            assert upper is not None and upper.time is not None
-            corr = self._desired.corrections(c.name)
-            new_upper = max(upper.time + 1 if corr.num_rows else upper.time, self.clock())
-            if new_upper == upper.time:
-                return upper
-            try:
-                self._writer(c).compare_and_append(_at_time(corr, upper.time), upper, new_upper)
-            except UpperMismatch as e:
-                log.info("collection %s: lost the race at upper %s (now %s); re-syncing", c.name, upper, e.current)
-                self._resync(c, e.current)
-                if attempt:
-                    self._backoff(attempt - 1)
-                continue
-            self._desired.persisted_is_desired(c.name)
-            c.persisted_upper = Frontier(new_upper)
-            c.committed += corr.num_rows
-            c.staged = 0
-            self._advance(c, c.persisted_upper)
-            if c.diff_hold is not None:
-                c.diff_hold.downgrade(max(c.diff_hold.time, Frontier(new_upper - 1)))
-            return c.persisted_upper
-        raise InvalidUppers(
-            f"collection {c.name!r}: lost the race for the upper {self.max_write_retries + 1} times "
-            f"(last seen {c.persisted_upper}); the write was not applied"
-        )
+            return self._mgmt.desired.desired(name)
 
     # ------------------------------------------------------------------ tables
 
@@ -1166,89 +776,8 @@ class StorageController:
             for name, u in uppers.items():
                 self._advance(self._colls[name], u)
 
+
     # ------------------------------------------------------------------ introspection
-
-    def _setup_introspection(self) -> None:
-        missing = [n for n in sysc.SCHEMAS if n not in self._colls]
-        if missing and not self.read_only:
-            self._create(
-                [CollectionDesc(n, sysc.SCHEMAS[n], "introspection") for n in missing], system=True
-            )
-        for n in sysc.DIFFERENTIAL:
-            c = self._colls.get(n)
-            if c is not None and c.kind is None:
-                try:
-                    self._register_differential(c, init_from_persisted=False)
-                except Exception as e:  # noqa: BLE001 - see _introspection_failed
-                    self._introspection_failed(c, "reading it at start-up", e)
-        for n in sysc.APPEND_ONLY:
-            c = self._colls.get(n)
-            if c is not None and c.kind is None:
-                self._appender(c)
-                try:
-                    self._load_statuses(c)
-                except Exception as e:  # noqa: BLE001 - see _introspection_failed
-                    self._introspection_failed(c, "reading its statuses at start-up", e)
-        self._refresh_introspection()
-
-    def _introspection_failed(self, c: _Coll, what: str, e: Exception) -> None:
-        """A `system.*` collection could not be read or written: warn once, and go on.
-
-        SUBTLE: introspection is the controller's own record of what it does. One
-        broken part there (deleted by hand, a disk error) must not stop every
-        command and job from opening the controller; the collections it
-        describes are intact. Fenced is never swallowed: it means stop. Neither
-        are faults of the whole store (consensus locked or unreachable, a full
-        disk): they are not this collection's, and the command must stop with
-        that one line.
-        """
-        if isinstance(e, Fenced | ConsensusUnavailable | OutOfSpace):
-            raise e
-        with _INTRO_WARNED_LOCK:
-            first = c.shard_id not in _INTRO_WARNED
-            _INTRO_WARNED.add(c.shard_id)
-        if first:
-            log.warning(
-                "warning: collection %r: %s failed (%s: %s); going on without it (`shardflow fsck` checks it)",
-                c.name, what, type(e).__name__, str(e).splitlines()[0] if str(e) else "",
-            )
-
-    def _load_statuses(self, c: _Coll) -> None:
-        """Remember each object's current status; when writable, keep only the last N per object."""
-        upper = self._shard_upper(c)
-        if upper.is_empty or upper.time in (None, 0):
-            return
-        assert upper.time is not None
-        snap = self._raw_snapshot(c, upper.time - 1)
-        if snap.num_rows == 0:
-            return
-        idc = sysc.STATUS_ID[c.name]
-        con = duckdb.connect()
-        try:
-            con.register("snap", snap)
-            ranked = (
-                f"SELECT *, row_number() OVER (PARTITION BY {qident(idc)} "
-                f"ORDER BY occurred_at DESC, status DESC) AS rn FROM snap"
-            )
-            for oid, status, error in con.execute(
-                f"SELECT {qident(idc)}, status, error FROM ({ranked}) WHERE rn = 1"
-            ).fetchall():
-                self._last_status[(c.name, oid)] = (status, error)
-            cols = ", ".join(qident(n) for n in c.meta.schema.names)
-            old = con.sql(
-                f"SELECT {cols}, -{DIFF} AS {DIFF} FROM ({ranked}) WHERE rn > {int(self.status_keep_last)}"
-            ).to_arrow_table()
-        finally:
-            con.close()
-        if old.num_rows == 0 or self.read_only:
-            return
-        # Retract the old rows at the old upper, in one batch [upper, upper + 1).
-        self._check_epoch()
-        try:
-            self._writer(c).compare_and_append(_at_time(old.cast(rows_schema(c.meta.schema)), upper.time), upper, upper.time + 1)
-            self._advance(c, Frontier(upper.time + 1))
-        except UpperMismatch:
-            log.info("collection %s: keep-last-N lost a race; retried at the next start", c.name)
 
     @_guarded
     def report_source_status(self, name: str, status: str, error: str | None = None) -> bool:
@@ -1258,58 +787,12 @@ class StorageController:
         written. Returns True if a row was queued. A read-only controller records
         nothing and returns False.
         """
-        return self._report(sysc.SOURCE_STATUS, name, status, error)
+        return self._intro.report(sysc.SOURCE_STATUS, name, status, error)
 
     @_guarded
     def report_sink_status(self, name: str, status: str, error: str | None = None) -> bool:
         """Record a sink's status in `system.sink_status_history`; see `report_source_status`."""
-        return self._report(sysc.SINK_STATUS, name, status, error)
-
-    def _report(self, coll: str, oid: str, status: str, error: str | None) -> bool:
-        if not isinstance(oid, str) or not isinstance(status, str):
-            raise InvalidInput(f"{coll}: object id and status must be strings, got {oid!r}, {status!r}")
-        with self._lock:
-            c = self._colls.get(coll)
-            if self.read_only or c is None or c.appender is None:
-                return False
-            if self._last_status.get((coll, oid)) == (status, error):
-                return False
-            rows = pa.Table.from_pylist(
-                [{"occurred_at": self.clock(), sysc.STATUS_ID[coll]: oid, "status": status, "error": error}],
-                schema=c.meta.schema,
-            )
-            self._last_status[(coll, oid)] = (status, error)
-        c.appender.append(rows, wait=False)
-        return True
-
-    def _refresh_introspection(self) -> None:
-        """Recompute the desired contents of the differential introspection collections."""
-        everything = {**{c.name: c for c in self._colls.values()}}
-        fr = self._colls.get(sysc.FRONTIERS)
-        if fr is not None and fr.kind == "differential":
-            rows = [
-                {"object_id": n, "read_frontier": c.since.time, "write_frontier": c.write_frontier.time}
-                for n, c in sorted(everything.items())
-            ]
-            self._desired.replace(fr.name, _with_diff(rows, fr.meta.schema))
-        sm = self._colls.get(sysc.SHARD_MAPPING)
-        if sm is not None and sm.kind == "differential":
-            rows = [{"collection": n, "shard_id": c.shard_id} for n, c in sorted(everything.items())]
-            self._desired.replace(sm.name, _with_diff(rows, sm.meta.schema))
-        stc = self._colls.get(sysc.STATISTICS)
-        if stc is not None and stc.kind == "differential":
-            rows = []
-            for n, c in sorted(everything.items()):
-                if n in sysc.SCHEMAS:
-                    continue  # statistics of user collections only: ours change on every tick
-                try:
-                    s = self.client.machine(c.shard_id).fetch()
-                    nrows, nbytes = sum(b.rows for b in s.batches), sum(b.bytes for b in s.batches)
-                except ShardNotFound:
-                    nrows = nbytes = 0
-                rows.append({"object_id": n, "rows": nrows, "bytes": nbytes,
-                             "updates_staged": c.staged, "updates_committed": c.committed})
-            self._desired.replace(stc.name, _with_diff(rows, stc.meta.schema))
+        return self._intro.report(sysc.SINK_STATUS, name, status, error)
 
     # ------------------------------------------------------------------ ticking
 
@@ -1329,48 +812,16 @@ class StorageController:
                 self._refresh_upper(c)
             if not self.read_only:
                 self._check_epoch()
-                for c in list(self._colls.values()):
-                    if c.appender is not None:
-                        try:
-                            if c.appender.pending():
-                                self._flush_appender(c.appender)
-                            else:
-                                self._tick_forward(c)
-                        except Exception as e:  # noqa: BLE001 - only system.*: see _introspection_failed
-                            if not c.name.startswith(SYSTEM_PREFIX):
-                                raise
-                            self._introspection_failed(c, "writing it", e)
-                for c in list(self._colls.values()):
-                    if c.kind == "differential" and c.name not in sysc.DIFFERENTIAL:
-                        self._diff_commit(c)
+                self._mgmt.tick(self._colls.values(), self._intro.failed)
                 for c in list(self._dropped.values()):
-                    if c.since.is_empty:
+                    if c.read.since.is_empty:
                         self._finalize(c)
             # Introspection last, so it shows this tick's frontiers.
-            self._refresh_introspection()
+            self._intro.refresh()
             if not self.read_only:
-                for n in sysc.DIFFERENTIAL:
-                    sc = self._colls.get(n)
-                    if sc is not None and sc.kind == "differential":
-                        try:
-                            self._diff_commit(sc)
-                        except Exception as e:  # noqa: BLE001 - see _introspection_failed
-                            self._introspection_failed(sc, "writing it", e)
+                self._intro.commit()
                 self._maybe_compact()
             self.ticks += 1
-
-    def _tick_forward(self, c: _Coll) -> None:
-        """An idle append-only collection's upper moves to now, so it stays readable at recent times."""
-        w = self._writer(c)
-        upper = w.machine.fetch().upper
-        now = self.clock()
-        if upper.is_empty or not upper.less_than(now):
-            return
-        try:
-            w.compare_and_append(_empty_updates(c.meta.schema), upper, now)
-        except UpperMismatch:
-            return  # someone else moved it; the next tick looks again
-        self._advance(c, Frontier(now))
 
     def _maybe_compact(self) -> None:
         """Since moved: let compaction advance times to it (at most once per interval per shard).
@@ -1382,23 +833,19 @@ class StorageController:
             return
         now = time.monotonic()
         for c in list(self._colls.values()):
-            if c.handle is None or c.handle.since <= c.compacted_since:
+            cp = c.compaction
+            if c.handle is None or c.handle.since <= cp.since:
                 continue
-            if (now - c.last_compact) * 1000 < self.compact_interval_ms:
+            if (now - cp.at) * 1000 < self.compact_interval_ms:
                 continue
-            c.last_compact = now
-            c.compacted_since = c.handle.since
+            cp.at = now
+            cp.since = c.handle.since
             try:
                 compactor = getattr(self.client, "compactor", None)
                 if compactor is not None:
                     compactor.request(c.shard_id)
                 else:
                     self.client.compact(c.shard_id)
-            except ModuleNotFoundError as e:
-                if e.name not in ("storage.compact", "compact"):
-                    raise
-                self.compact_enabled = False  # storage.compact is not there
-                return
             except Fenced:
                 raise
             except Exception as e:  # noqa: BLE001 - compaction is an optimisation; log and go on
@@ -1411,11 +858,7 @@ class StorageController:
         next_tick = time.monotonic()
         while not self._stop.is_set():
             now = time.monotonic()
-            due = next_tick
-            for c in list(self._colls.values()):
-                a = c.appender
-                if a is not None and a.pending():
-                    due = min(due, a.last_flush + batch)
+            due = self._mgmt.next_flush(list(self._colls.values()), next_tick, batch)
             if due > now:
                 self._wake.wait(due - now)
                 self._wake.clear()
@@ -1426,10 +869,7 @@ class StorageController:
                     self.tick()
                 else:
                     with self._lock:
-                        for c in list(self._colls.values()):
-                            a = c.appender
-                            if a is not None and a.pending() and time.monotonic() >= a.last_flush + batch:
-                                self._flush_appender(a)
+                        self._mgmt.flush_due(list(self._colls.values()), batch)
             except Fenced as e:
                 self._fence(e)
                 return
@@ -1465,29 +905,8 @@ class StorageController:
                 # SUBTLE: while read-only, our holds did not reach the shard; the previous
                 # writer may have moved the shard's since past them. Holds taken from now
                 # on are exact; see the module docs.
-                c.writer = None
-                if c.kind == "differential":
-                    self._resync(c, self._shard_upper(c))
+                self._mgmt.take_over(c)
                 self._push_since(c)
             self._sync_catalog(cat)
             self._finalize_unfinalized(cat.unfinalized_shards)
-            self._setup_introspection()
-
-
-def _at_time(rows: pa.Table, t: int) -> pa.Table:
-    """Rows (row columns + `_diff`) as updates at time `t`."""
-    diff = rows.column(DIFF)
-    out = rows.drop_columns([DIFF])
-    out = out.append_column(pa.field(TIME, pa.int64(), nullable=False), pa.repeat(pa.scalar(t, pa.int64()), rows.num_rows))
-    return out.append_column(pa.field(DIFF, pa.int64(), nullable=False), diff)
-
-
-def _empty_updates(schema: pa.Schema) -> pa.Table:
-    from ..updates import update_schema
-
-    return update_schema(schema).empty_table()
-
-
-def _with_diff(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    t = pa.Table.from_pylist(rows, schema=schema)
-    return t.append_column(pa.field(DIFF, pa.int64(), nullable=False), pa.repeat(pa.scalar(1, pa.int64()), t.num_rows))
+            self._intro.setup()

@@ -142,7 +142,7 @@ def test_differential_invalid_uppers_after_retries(client, clock, ctl, monkeypat
     sleeps = []
     ctl._sleep = sleeps.append
     foreign = client.open_writer(shard)
-    w = ctl._colls["kv"].writer
+    w = ctl._colls["kv"].write.writer
 
     def always_lose(updates, lower, upper, **kw):
         cur = foreign.upper

@@ -1,0 +1,151 @@
+"""Table tests of `storage.controller.holds`: the pure capability math, no shards, no IO."""
+
+from __future__ import annotations
+
+import pytest
+
+from storage.controller.holds import (
+    ReadState,
+    acquire,
+    advance_upper,
+    apply_policy,
+    bring_up,
+    hold_input,
+    move_hold,
+    since_to_push,
+)
+from storage.controller.policy import Multiple, ReadPolicy, ValidFrom, lag_writes_by, step_back
+from storage.errors import InvariantViolated
+from storage.frontier import Frontier
+
+E = Frontier.EMPTY
+
+
+def F(t: int | None) -> Frontier:
+    return Frontier.of(t)
+
+
+def up(name: str, policy: ReadPolicy, upper: int | None, shard_since: int = 0) -> ReadState:
+    rs = ReadState(name, f"s-{name}", policy)
+    bring_up(rs, F(upper), shard_since=F(shard_since))
+    return rs
+
+
+@pytest.mark.parametrize(
+    ("policy", "upper", "shard_since", "implied"),
+    [
+        (ValidFrom(0), 100, 0, 0),
+        (ValidFrom(10), 100, 0, 10),
+        (ValidFrom(10), 100, 50, 50),  # never below the shard's since
+        (step_back(), 100, 0, 99),
+        (step_back(), 0, 0, 0),
+        (lag_writes_by(1000, 1000), 12_345, 0, 11_000),
+        (lag_writes_by(10, 1000), 12_345, 0, 12_330),
+        (Multiple([ValidFrom(5), step_back()]), 100, 0, 5),
+        (step_back(), None, 7, 7),  # a closed shard: the policy gives MIN, the shard's since wins
+    ],
+)
+def test_bring_up(policy, upper, shard_since, implied):
+    rs = up("a", policy, upper, shard_since)
+    assert rs.implied == rs.since == F(implied)
+    assert rs.caps.items() == [(implied, 1)]
+
+
+@pytest.mark.parametrize(
+    ("policy", "uppers", "sinces"),
+    [
+        # the implied capability follows the upper forward ...
+        (step_back(), [10, 20, 30], [9, 19, 29]),
+        # ... never back, even if the upper seen is smaller
+        (step_back(), [30, 10], [29, 29]),
+        (lag_writes_by(10, 10), [25, 39, 40], [10, 20, 30]),
+        (ValidFrom(3), [10, 20], [3, 3]),
+    ],
+)
+def test_advance_upper(policy, uppers, sinces):
+    rs = up("a", policy, 0)
+    got = []
+    for u in uppers:
+        advance_upper(rs, F(u))
+        got.append(rs.since.time)
+    assert got == sinces
+    assert rs.caps.items() == [(sinces[-1], 1)]
+
+
+@pytest.mark.parametrize(
+    ("moves", "since"),
+    [
+        # (hold index, to): two holds at 0 under a step_back policy at upper 100
+        ([], 0),
+        ([(0, 40)], 0),  # the other hold still pins 0
+        ([(0, 40), (1, 50)], 40),
+        ([(0, None), (1, None)], 99),  # both released: the policy's capability is left
+        ([(0, 200), (1, 300)], 99),  # holds past the implied capability: it is the minimum
+    ],
+)
+def test_holds_pin_since(moves, since):
+    rs = up("a", ValidFrom(0), 100)
+    h = [acquire(rs), acquire(rs)]
+    assert h == [F(0), F(0)]
+    rs.policy = step_back()
+    apply_policy(rs)
+    for i, t in moves:
+        move_hold(rs, h[i], F(t))
+        h[i] = F(t)
+    assert rs.since == F(since)
+
+
+def test_settle_returns_moved_states_inputs_first():
+    a = up("a", ValidFrom(0), 100)
+    b = up("b", ValidFrom(0), 100)
+    hold_input(b, a)
+    c = up("c", ValidFrom(0), 100)
+    hold_input(c, b)
+    assert (a.caps.items(), b.caps.items()) == ([(0, 2)], [(0, 2)])
+    # Moving c's own capability moves nothing: its input holds move only with its since.
+    assert apply_policy(c) == []
+    a.policy = b.policy = c.policy = ValidFrom(30)
+    assert [r.name for r in apply_policy(a)] == []  # b still holds a at 0
+    assert [r.name for r in apply_policy(b)] == []  # c still holds b at 0
+    assert [r.name for r in apply_policy(c)] == ["a", "b", "c"]
+    assert (a.since, b.since, c.since) == (F(30), F(30), F(30))
+    assert (b.input_holds, c.input_holds) == ({"a": F(30)}, {"b": F(30)})
+
+
+def test_a_new_dependent_holds_its_input_at_the_larger_since():
+    a = up("a", ValidFrom(20), 100)
+    b = up("b", ValidFrom(5), 100)
+    hold_input(b, a)
+    assert b.input_holds == {"a": F(20)}
+    assert a.caps.items() == [(20, 2)]
+
+
+def test_dropping_releases_everything():
+    a = up("a", ValidFrom(0), 100)
+    h = acquire(a)
+    a.dropped = True
+    a.policy = ValidFrom(E)
+    assert apply_policy(a) == [] and a.since == F(0)  # the hold still pins it
+    assert a.implied.is_empty
+    assert [r.name for r in move_hold(a, h, E)] == ["a"]
+    assert a.since.is_empty and a.caps.is_empty()
+
+
+def test_since_never_moves_back():
+    a = up("a", ValidFrom(10), 100)
+    a.caps.update(F(5), +1)  # a capability below since: only a bug can add it
+    with pytest.raises(InvariantViolated, match="'a'.*since would move back"):
+        apply_policy(a)
+
+
+@pytest.mark.parametrize(
+    ("since", "handle_since", "pushed"),
+    [
+        (F(10), F(0), F(10)),
+        (F(10), F(10), None),  # already there
+        (F(5), F(10), None),  # never backwards: the handle is ahead
+        (E, F(10), None),  # empty: finalized, never pushed
+    ],
+)
+def test_since_to_push(since, handle_since, pushed):
+    assert since_to_push(since, handle_since=handle_since) == pushed
