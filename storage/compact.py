@@ -349,10 +349,7 @@ def compact(
                 report.rows_written += output.rows
                 report.bytes_written += output.bytes
                 report.parts_written += len(output.parts)
-            def merge(cur: st.ShardState, now: int, p: MergePlan = plan, o: st.BatchMeta = output) -> tuple[st.ShardState | None, bool]:
-                return st.apply_merge(cur, p.inputs, o)
-
-            s_new, applied = m.apply(merge)
+            s_new, applied = m.apply(st.apply_merge, plan.inputs, output)
             if applied:
                 report.merges_applied += 1
                 progressed = True

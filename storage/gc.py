@@ -195,9 +195,9 @@ def finalize(client: Client, shard: str) -> None:
         ShardNotFound: no shard with this id exists.
     """
     m = client.machine(shard)
-    m.apply(lambda s, now: (st.finalize_upper(s, writer_id=FINALIZER_ID, now_ms=now), None))
-    m.apply(lambda s, now: (st.finalize_since(s), None))
-    s, _ = m.apply(lambda s, now: (st.finalize_batches(s), None))
+    m.apply(st.finalize_upper, writer_id=FINALIZER_ID)
+    m.apply(st.finalize_since)
+    s, _ = m.apply(st.finalize_batches)
     # INVARIANT: the head is a tombstone without batches, so no version from here on
     # references a part; every part under the shard's prefix is garbage.
     if not (s.is_tombstone and not s.batches):

@@ -371,7 +371,7 @@ class ReadHandle:
         self._since = Frontier.MIN
         self._expired = False
         self._stop = threading.Event()
-        s, r = self.machine.apply(lambda s, now: st.register_leased_reader(s, reader_id, lease_ms=lease_ms, now_ms=now))
+        s, r = self.machine.apply(st.register_leased_reader, reader_id, lease_ms=lease_ms)
         self._since = r.since
         self._last_seqno = r.seqno
         self.schema = s.schema
@@ -411,7 +411,7 @@ class ReadHandle:
         self._check_live()
         pin = self._pin()
         try:
-            self.machine.apply(lambda s, now: st.heartbeat_leased_reader(s, self.reader_id, pin_seqno=pin, now_ms=now))
+            self.machine.apply(st.heartbeat_leased_reader, self.reader_id, pin_seqno=pin)
         except (LeaseExpired, Tombstone):
             self._expired = True
             raise
@@ -433,7 +433,7 @@ class ReadHandle:
         self._check_live()
         f = Frontier.of(since)
         try:
-            _, res = self.machine.apply(lambda s, now: st.downgrade_since(s, self.reader_id, f, now_ms=now))
+            _, res = self.machine.apply(st.downgrade_since, self.reader_id, f)
         except LeaseExpired:
             self._expired = True
             raise
@@ -447,7 +447,7 @@ class ReadHandle:
             return
         self._expired = True
         try:
-            self.machine.apply(lambda s, now: (st.expire_leased_reader(s, self.reader_id, now_ms=now), None))
+            self.machine.apply(st.expire_leased_reader, self.reader_id)
         except Tombstone:
             pass
 
