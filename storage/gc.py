@@ -36,6 +36,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import connections
 from . import state as st
 from .errors import CorruptPart, ShardflowError, StateCorrupt
 from .machine import Machine
@@ -286,7 +287,7 @@ def _check_consolidates(client: Client, s: st.ShardState, report: VerifyReport) 
     if not batches:
         return
     as_of = INT64_MAX if s.upper.is_empty else s.upper.time - 1  # type: ignore[operator]
-    con = duckdb.connect()
+    con = connections.cursor()
     try:
         src = parts_source(client, s, batches, con, "__parts")
         # min(_diff) makes DuckDB evaluate the checked sum of every row.
