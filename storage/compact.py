@@ -40,7 +40,7 @@ import duckdb
 
 from . import connections
 from . import state as st
-from .errors import CorruptPart
+from .errors import CorruptPart, InvalidInput
 from .frontier import Frontier
 from .read import parts_source, tombstone_error
 from .updates import consolidate_sql, overflow_checked, update_schema
@@ -136,7 +136,7 @@ def plan_compaction(state: st.ShardState, *, fanout: int = FANOUT, full: bool = 
         [(1, 3)]
     """
     if fanout < 2:
-        raise ValueError(f"compaction fanout must be >= 2, got {fanout}")
+        raise InvalidInput(f"compaction fanout must be >= 2, got {fanout}")
     if state.is_tombstone or len(state.batches) < 2:
         return []
     if full:

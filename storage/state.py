@@ -225,8 +225,8 @@ class ShardState:
 
     @classmethod
     def _decode(cls, data: bytes, where: str, *, seqno: int | None, shard_id: str | None) -> ShardState:
+        body = unseal(data, where, "shard state")
         try:
-            body = unseal(data, where, "shard state")
             d = json.loads(body)
             if d.get("v") != STATE_VERSION:
                 raise ValueError(f"unknown state version {d.get('v')!r}")
@@ -249,8 +249,6 @@ class ShardState:
                 metadata=d.get("metadata", {}),
                 schema_changed=bool(d.get("schema_changed", False)),
             )
-        except StateCorrupt:
-            raise
         except Exception as e:  # noqa: BLE001 - any decoding failure is the same to the caller
             raise StateCorrupt(f"{where}: cannot decode shard state ({type(e).__name__}: {e})") from None
         if shard_id is not None and state.shard_id != shard_id:
