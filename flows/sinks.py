@@ -105,12 +105,9 @@ def _commit_parts(
     batch = st.BatchMeta(lower, upper, Frontier.MIN, parts)
     token = uuid.uuid4().hex
 
-    def transition(s: st.ShardState, now: int) -> Any:
-        return st.compare_and_append(
-            s, batch, writer_id=writer_id, token=token, metadata=metadata, lease_ms=WRITER_LEASE_MS, now_ms=now
-        )
-
-    _, result = machine.apply(transition)
+    _, result = machine.apply(
+        st.compare_and_append, batch, writer_id=writer_id, token=token, metadata=metadata, lease_ms=WRITER_LEASE_MS
+    )
     if isinstance(result, st.UpperMismatchResult):
         raise UpperMismatch(machine.shard_id, result.expected, result.current)
     assert isinstance(result, st.Appended | st.AlreadyCommitted)

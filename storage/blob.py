@@ -20,7 +20,7 @@ from typing import Protocol
 
 import pyarrow.fs as pafs
 
-from .errors import OutOfSpace
+from .errors import InvalidInput, OutOfSpace
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -66,7 +66,7 @@ class LocalBlob:
 
     def _path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):
-            raise ValueError(f"blob key {key!r} is not a relative key")
+            raise InvalidInput(f"blob key {key!r} is not a relative key")
         return os.path.join(self.root, key)
 
     def local_path(self, key: str) -> str | None:
@@ -117,9 +117,7 @@ class LocalBlob:
             for name in files:
                 full = os.path.join(dirpath, name)
                 key = os.path.relpath(full, self.root).replace(os.sep, "/")
-                if name.startswith(".tmp-"):
-                    # An abandoned temporary from a crashed put: list it so gc can remove it.
-                    pass
+                # An abandoned temporary from a crashed put (".tmp-*") is listed too, so gc can remove it.
                 if not key.startswith(prefix):
                     continue
                 try:
@@ -146,7 +144,7 @@ class ArrowFsBlob:
 
     def _path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):
-            raise ValueError(f"blob key {key!r} is not a relative key")
+            raise InvalidInput(f"blob key {key!r} is not a relative key")
         return f"{self.base}/{key}"
 
     def local_path(self, key: str) -> str | None:

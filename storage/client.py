@@ -111,7 +111,7 @@ class Client:
     def open_critical_since(self, shard: str, reader_id: str, opaque: Any) -> SinceHandle:
         """A critical since handle: it never expires; fencing is by `opaque` (e.g. an epoch)."""
         m = self.machine(shard)
-        _, r = m.apply(lambda s, now: st.register_critical_reader(s, reader_id, opaque))
+        _, r = m.apply(st.register_critical_reader, reader_id, opaque)
         return SinceHandle(m, reader_id, r.opaque, r.since)
 
     # ---- introspection ----
@@ -308,9 +308,7 @@ class SinceHandle:
         """
         new_opaque, new_since = new
         f = Frontier.of(new_since)
-        _, res = self.machine.apply(
-            lambda s, now: st.compare_and_downgrade_since(s, self.reader_id, expected_opaque, new_opaque, f, now_ms=now)
-        )
+        _, res = self.machine.apply(st.compare_and_downgrade_since, self.reader_id, expected_opaque, new_opaque, f)
         if isinstance(res, st.OpaqueMismatch):
             if _is_epoch(res.actual) and _is_epoch(expected_opaque) and res.actual > expected_opaque:
                 raise Fenced(

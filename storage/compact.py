@@ -38,11 +38,12 @@ from typing import TYPE_CHECKING
 
 import duckdb
 
+from . import connections
 from . import state as st
-from .errors import CorruptPart
+from .errors import CorruptPart, InvalidInput
 from .frontier import Frontier
 from .read import parts_source, tombstone_error
-from .updates import DIFF, TIME, diff_sum_sql, overflow_checked, qident, update_schema
+from .updates import consolidate_sql, overflow_checked, update_schema
 from .write import write_parts
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ def plan_compaction(state: st.ShardState, *, fanout: int = FANOUT, full: bool = 
         [(1, 3)]
     """
     if fanout < 2:
-        raise ValueError(f"compaction fanout must be >= 2, got {fanout}")
+        raise InvalidInput(f"compaction fanout must be >= 2, got {fanout}")
     if state.is_tombstone or len(state.batches) < 2:
         return []
     if full:
@@ -181,13 +182,8 @@ def advance_time(since: Frontier, upper: Frontier) -> int | None:
     batch that lies wholly below since still collapse onto one time.
     None: nothing to advance (since is 0).
     """
-    if since.is_empty:
-        s = None
-    else:
-        s = since.time
-    if upper.is_empty:
-        cap = s
-    else:
+    s = since.time  # None when since is empty
+    if not upper.is_empty:
         cap = upper.time - 1  # type: ignore[operator]
         s = cap if s is None else min(s, cap)
     if s is None or s <= 0:
@@ -197,11 +193,7 @@ def advance_time(since: Frontier, upper: Frontier) -> int | None:
 
 def merge_sql(state: st.ShardState, src: str, adv: int | None) -> str:
     """Advance times to `adv` and consolidate: sum diffs per (row, time), drop zeros, sort by time."""
-    cols = [qident(n) for n in state.schema.names]
-    t = TIME if adv is None else f"greatest({TIME}, {adv})::BIGINT"
-    sel = ", ".join([*cols, f"{t} AS {TIME}", f"{diff_sum_sql(cols, f'shard {state.shard_id}', t)} AS {DIFF}"])
-    keys = ", ".join([*cols, t])
-    return f"SELECT {sel} FROM {src} GROUP BY {keys} HAVING sum({DIFF}) <> 0 ORDER BY {TIME}"
+    return consolidate_sql(src, state.schema.names, where=f"shard {state.shard_id}", since=adv, order_by_time=True)
 
 
 class Interrupt:
@@ -261,7 +253,7 @@ def run_merge(
         (b,) = data
         return st.BatchMeta(plan.lower, plan.upper, b.since, b.parts, b.consolidated)
     adv = advance_time(plan.since, plan.upper)
-    con = duckdb.connect()
+    con = connections.private()  # its own, so that an Interrupt stops this merge alone
     if interrupt is not None:
         interrupt.attach(con)
     try:
@@ -349,10 +341,7 @@ def compact(
                 report.rows_written += output.rows
                 report.bytes_written += output.bytes
                 report.parts_written += len(output.parts)
-            def merge(cur: st.ShardState, now: int, p: MergePlan = plan, o: st.BatchMeta = output) -> tuple[st.ShardState | None, bool]:
-                return st.apply_merge(cur, p.inputs, o)
-
-            s_new, applied = m.apply(merge)
+            s_new, applied = m.apply(st.apply_merge, plan.inputs, output)
             if applied:
                 report.merges_applied += 1
                 progressed = True

@@ -180,4 +180,8 @@ class UpdateBeyondUpper(ShardflowError, ValueError):
     """An update's time is at or past the upper it is to be committed under."""
 
 
+class CasRetriesExhausted(ShardflowError):
+    """A compare-and-set lost the race more times in a row than its caller allows (`machine.cas_retry`)."""
+
+
 __all__ = [name for name in dir() if name[0].isupper() and name != "Any"]

@@ -36,6 +36,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from . import connections
 from . import state as st
 from .errors import CorruptPart, ShardflowError, StateCorrupt
 from .machine import Machine
@@ -195,9 +196,9 @@ def finalize(client: Client, shard: str) -> None:
         ShardNotFound: no shard with this id exists.
     """
     m = client.machine(shard)
-    m.apply(lambda s, now: (st.finalize_upper(s, writer_id=FINALIZER_ID, now_ms=now), None))
-    m.apply(lambda s, now: (st.finalize_since(s), None))
-    s, _ = m.apply(lambda s, now: (st.finalize_batches(s), None))
+    m.apply(st.finalize_upper, writer_id=FINALIZER_ID)
+    m.apply(st.finalize_since)
+    s, _ = m.apply(st.finalize_batches)
     # INVARIANT: the head is a tombstone without batches, so no version from here on
     # references a part; every part under the shard's prefix is garbage.
     if not (s.is_tombstone and not s.batches):
@@ -286,7 +287,7 @@ def _check_consolidates(client: Client, s: st.ShardState, report: VerifyReport) 
     if not batches:
         return
     as_of = INT64_MAX if s.upper.is_empty else s.upper.time - 1  # type: ignore[operator]
-    con = duckdb.connect()
+    con = connections.cursor()
     try:
         src = parts_source(client, s, batches, con, "__parts")
         # min(_diff) makes DuckDB evaluate the checked sum of every row.

@@ -12,15 +12,16 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pyarrow as pa
 
 from . import state as st
 from .consensus import Consensus, VersionedData
-from .errors import SchemaMismatch, ShardNotFound
+from .errors import CasRetriesExhausted, SchemaMismatch, ShardNotFound
 
 R = TypeVar("R")
+T = TypeVar("T")
 
 SHARD_PREFIX = "shard/"
 
@@ -67,24 +68,62 @@ class Machine:
             if self.consensus.compare_and_set(self.key, None, VersionedData(0, init.encode())):
                 return init
 
-    def apply(self, transition: Callable[[st.ShardState, int], tuple[st.ShardState | None, R]]) -> tuple[st.ShardState, R]:
-        """Run `transition(state, now_ms)` until its result is committed (or it writes nothing).
+    def apply(
+        self, transition: Callable[..., tuple[st.ShardState | None, R]], /, *args: Any, **kwargs: Any
+    ) -> tuple[st.ShardState, R]:
+        """Run `transition(state, *args, now_ms=<fresh clock>, **kwargs)` until its result is committed.
 
-        Returns the state the result holds in (the new one, or the head it was computed from).
+        `transition` is one of `state.py`'s pure transitions (or a function of the
+        same shape). A result with no new state commits nothing. Returns the state
+        the result holds in (the new one, or the head it was computed from).
+
+        Example: `machine.apply(st.downgrade_since, reader_id, Frontier(5))`.
         """
-        attempt = 0
-        while True:
+
+        def attempt() -> tuple[st.ShardState, R] | None:
             cur = self.fetch()
-            new, result = transition(cur, self.clock())
+            new, result = transition(cur, *args, now_ms=self.clock(), **kwargs)
             if new is None:
                 return cur, result
             new = replace(new, seqno=cur.seqno + 1)
             if self.consensus.compare_and_set(self.key, cur.seqno, VersionedData(new.seqno, new.encode())):
                 return new, result
-            attempt += 1
             self.cas_retries += 1
-            # Back off a little under contention so racing writers do not livelock.
-            time.sleep(min(0.0005 * 2 ** min(attempt, 8), 0.05) * random.random())
+            return None
+
+        return cas_retry(attempt)
+
+
+def cas_backoff(attempt: int) -> None:
+    """Sleep a little before retry number `attempt` (1, 2, ...) of a lost compare-and-set.
+
+    Jittered and exponential, capped at 50 ms, so racing writers do not livelock.
+    """
+    time.sleep(min(0.0005 * 2 ** min(attempt, 8), 0.05) * random.random())
+
+
+def cas_retry(attempt: Callable[[], T | None], *, max_attempts: int | None = None) -> T:
+    """The one compare-and-set loop: call `attempt()` until it returns a value, backing off in between.
+
+    `attempt` reads the head, computes, and compare-and-sets; it returns None when
+    its CAS lost (someone else wrote first), and anything else when it is done.
+    With `max_attempts`, after that many lost attempts `CasRetriesExhausted` is
+    raised (the caller turns it into its own error); without, it retries forever.
+
+    Example:
+        >>> n = iter([None, None, "done"])
+        >>> cas_retry(lambda: next(n))
+        'done'
+    """
+    lost = 0
+    while True:
+        out = attempt()
+        if out is not None:
+            return out
+        lost += 1
+        if max_attempts is not None and lost >= max_attempts:
+            raise CasRetriesExhausted(f"lost {lost} compare-and-set races in a row")
+        cas_backoff(lost)
 
 
 def _fmt(schema: pa.Schema) -> str:

@@ -40,6 +40,7 @@ from typing import Any
 
 import duckdb
 
+from . import connections
 from . import state as st
 from .errors import InvalidInput, NotYetReadable, ReadBeforeSince
 from .frontier import MAX_TIME
@@ -161,7 +162,7 @@ def connect(
         ({'x': 9, 'y': 9}, [(1,)])
     """
     checked = {name: _schema_alias(check_name(name)) for name in collections}
-    con = duckdb.connect(":memory:")
+    con = connections.private()  # the user's: it holds the views and the changes() macro
     stack = ExitStack()
     try:
         readers: dict[str, ReadHandle] = {}

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import atexit
-import os
 import threading
 import time
 from collections import Counter
@@ -17,6 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from . import connections
 from . import state as st
 from .errors import LeaseExpired, NegativeCount, NotYetReadable, ReadBeforeSince, Tombstone
 from .frontier import Frontier
@@ -26,7 +25,7 @@ from .updates import (
     Progress,
     UpdateBatch,
     consolidate,
-    diff_sum_sql,
+    consolidate_sql,
     overflow_checked,
     qident,
     update_schema,
@@ -41,49 +40,8 @@ DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_BATCH_ROWS = 100_000  # snapshot_reader; measured, 5M rows compacted: peak RSS 218 MB vs 310 MB at 1M, same time
 
 
-_SNAP_DB_LOCK = threading.Lock()
-_SNAP_DB: tuple[int, duckdb.DuckDBPyConnection] | None = None  # (pid, database)
-
-
-def snapshot_cursor() -> duckdb.DuckDBPyConnection:
-    """A fresh cursor on one process-wide in-memory DuckDB used for snapshot queries.
-
-    Measured (bench/snapshot.py, 8M rows): `duckdb.connect()` + `close()` cost ~23 ms
-    per snapshot (a new database each time: ~10% of a compacted snapshot), a cursor on
-    a shared database ~0. Each cursor is its own DuckDB connection, so concurrent
-    snapshots from several threads are safe and `register`ed tables stay per cursor.
-    SUBTLE: re-created after a fork (a DuckDB instance must not cross fork()).
-
-    Settings (global to this database, which runs nothing but snapshots):
-    - preserve_insertion_order=false: a snapshot is a multiset, so DuckDB may
-      aggregate and materialise in parallel without keeping input order.
-    - threads = 2 x cores on machines of <= 2 cores: measured on 2 cores, the
-      GROUP BY over 10M (string, int) keys takes 0.85 s with 4 threads vs 1.25 s
-      with 2 (DuckDB's default; 3 threads: 0.84 s, 6: 0.87 s); plain reads are not
-      slower. Larger machines keep DuckDB's default (not measured).
-    """
-    global _SNAP_DB
-    pid = os.getpid()
-    with _SNAP_DB_LOCK:
-        if _SNAP_DB is None or _SNAP_DB[0] != pid:
-            db = duckdb.connect()
-            db.execute("SET preserve_insertion_order = false")
-            cores = os.cpu_count() or 1
-            if cores <= 2:
-                db.execute(f"SET threads = {2 * cores}")
-            _SNAP_DB = (pid, db)
-        return _SNAP_DB[1].cursor()
-
-
-@atexit.register
-def _close_snapshot_db() -> None:
-    """Close the shared database before interpreter teardown (DuckDB objects alive then
-    make its bindings print "leaked instance" warnings after everything else)."""
-    global _SNAP_DB
-    with _SNAP_DB_LOCK:
-        if _SNAP_DB is not None and _SNAP_DB[0] == os.getpid():
-            _SNAP_DB[1].close()
-        _SNAP_DB = None
+#: A cursor on the process-wide read database (see `storage.connections`); the caller closes it.
+snapshot_cursor = connections.cursor
 
 
 def _sleep_backoff(attempt: int) -> None:
@@ -306,18 +264,48 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def snapshot_sql(s: st.ShardState, src: str, as_of: int, *, what: str | None = None) -> str:
-    """The snapshot at `as_of` over `src`; `what` names the shard in an overflow error
-    (e.g. `collection 'bids' (shard s1..)`; default `shard <id>`)."""
-    cols = [qident(n) for n in s.schema.names]
-    sel = ", ".join(cols)
-    # Overflow-checked: a count outside int64 raises (DiffOverflow under overflow_checked()).
-    total = diff_sum_sql(cols, what or f"shard {s.shard_id}")
-    if not cols:
-        return f"SELECT {total} AS {DIFF} FROM {src} WHERE {TIME} <= {as_of} HAVING sum({DIFF}) <> 0"
-    return (
-        f"SELECT {sel}, {total} AS {DIFF} FROM {src} WHERE {TIME} <= {as_of} "
-        f"GROUP BY {sel} HAVING sum({DIFF}) <> 0"
-    )
+    """The snapshot at `as_of` over `src` (`updates.consolidate_sql` with `as_of`); `what` names
+    the shard in an overflow error (e.g. `collection 'bids' (shard s1..)`; default `shard <id>`)."""
+    return consolidate_sql(src, s.schema.names, where=what or f"shard {s.shard_id}", as_of=as_of)
+
+
+def snapshot_source(
+    client: Client, s: st.ShardState, as_of: int, con: duckdb.DuckDBPyConnection, *, diffs: bool = False,
+    what: str | None = None,
+) -> tuple[str, PartsSource]:
+    """The one snapshot path: the query of the snapshot of `s` at `as_of`, over its parts registered on `con`.
+
+    Reads the batches that start at or before `as_of` (verified, see `parts_source`);
+    a single collapsed batch is a plain scan, anything else consolidates
+    (`snapshot_sql`). `diffs`: the returned `PartsSource` carries the parts'
+    `_diff` statistics, for `check_counts`. Run the query under `overflow_checked()`.
+    No waiting, no reader, no negative-count check: the caller decides those.
+    """
+    batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
+    if diffs:
+        ps = parts_source_with_diffs(client, s, batches, con, "__parts")
+    else:
+        ps = PartsSource(parts_source(client, s, batches, con, "__parts"))
+    if len(batches) == 1 and is_collapsed(batches[0], as_of):
+        return collapsed_sql(s, ps.src), ps
+    return snapshot_sql(s, ps.src, as_of, what=what), ps
+
+
+def read_snapshot(client: Client, s: st.ShardState, as_of: int, *, what: str | None = None) -> pa.Table:
+    """The snapshot of state version `s` at `as_of` as one table: the schema's columns plus `_diff`.
+
+    Consolidated, with no negative-count check and no reader: the caller makes
+    sure the version's parts stay (a reader's pin) or retries on `CorruptPart`.
+
+    Raises:
+        CorruptPart: a part is missing or does not match its sha256.
+        DiffOverflow: a row's diffs sum past int64 (names `what`, default the shard, and the row).
+    """
+    with connections.reading() as con:
+        sql, _ = snapshot_source(client, s, as_of, con, what=what)
+        with overflow_checked():
+            out = con.sql(sql).to_arrow_table()
+    return out.cast(snapshot_schema(s.schema))
 
 
 def is_collapsed(b: st.BatchMeta, as_of: int) -> bool:
@@ -371,7 +359,7 @@ class ReadHandle:
         self._since = Frontier.MIN
         self._expired = False
         self._stop = threading.Event()
-        s, r = self.machine.apply(lambda s, now: st.register_leased_reader(s, reader_id, lease_ms=lease_ms, now_ms=now))
+        s, r = self.machine.apply(st.register_leased_reader, reader_id, lease_ms=lease_ms)
         self._since = r.since
         self._last_seqno = r.seqno
         self.schema = s.schema
@@ -411,7 +399,7 @@ class ReadHandle:
         self._check_live()
         pin = self._pin()
         try:
-            self.machine.apply(lambda s, now: st.heartbeat_leased_reader(s, self.reader_id, pin_seqno=pin, now_ms=now))
+            self.machine.apply(st.heartbeat_leased_reader, self.reader_id, pin_seqno=pin)
         except (LeaseExpired, Tombstone):
             self._expired = True
             raise
@@ -433,7 +421,7 @@ class ReadHandle:
         self._check_live()
         f = Frontier.of(since)
         try:
-            _, res = self.machine.apply(lambda s, now: st.downgrade_since(s, self.reader_id, f, now_ms=now))
+            _, res = self.machine.apply(st.downgrade_since, self.reader_id, f)
         except LeaseExpired:
             self._expired = True
             raise
@@ -447,7 +435,7 @@ class ReadHandle:
             return
         self._expired = True
         try:
-            self.machine.apply(lambda s, now: (st.expire_leased_reader(s, self.reader_id, now_ms=now), None))
+            self.machine.apply(st.expire_leased_reader, self.reader_id)
         except Tombstone:
             pass
 
@@ -515,21 +503,10 @@ class ReadHandle:
         as_of = _as_time(as_of)
         s = self.wait_for_upper_past(as_of, timeout)
         with self._reading(s):
-            batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
-            con = snapshot_cursor()  # insertion order not preserved: a snapshot is a multiset
-            try:
-                src = parts_source(self.client, s, batches, con, "__parts")
-                if len(batches) == 1 and is_collapsed(batches[0], as_of):
-                    sql = collapsed_sql(s, src)
-                else:
-                    sql = snapshot_sql(s, src, as_of)
-                with overflow_checked():
-                    out = con.sql(sql).to_arrow_table()
-            finally:
-                con.close()
+            out = read_snapshot(self.client, s, as_of)
         if validate:
             _check_snapshot(self.shard_id, out, as_of)
-        return out.cast(snapshot_schema(s.schema))
+        return out
 
     def snapshot_reader(
         self, as_of: int, *, timeout: float | None = None, batch_size: int = DEFAULT_BATCH_ROWS
@@ -565,13 +542,9 @@ class ReadHandle:
             stack.enter_context(self._reading(s))
             con = snapshot_cursor()
             stack.callback(con.close)
-            batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
-            ps = parts_source_with_diffs(self.client, s, batches, con, "__parts")
-            src = ps.src
+            sql, ps = snapshot_source(self.client, s, as_of, con, diffs=True)
             # Checked before the first batch: a stream must not stop half-way on a bad row.
             check_counts(con, s, ps, as_of, f"shard {self.shard_id}")
-            collapsed = len(batches) == 1 and is_collapsed(batches[0], as_of)
-            sql = collapsed_sql(s, src) if collapsed else snapshot_sql(s, src, as_of)
             with overflow_checked():
                 duck = con.sql(sql).to_arrow_reader(batch_size)
             stack.callback(duck.close)
@@ -739,13 +712,10 @@ class ReadHandle:
         schema = update_schema(s.schema)
         if not batches:
             return schema.empty_table()
-        con = duckdb.connect()
-        try:
+        with connections.reading() as con:
             src = parts_source(self.client, s, batches, con, "__parts")
             where = f"{TIME} >= {lo.time}" + ("" if hi.is_empty else f" AND {TIME} < {hi.time}")
             t = con.sql(f"SELECT * FROM {src} WHERE {where}").to_arrow_table()
-        finally:
-            con.close()
         return consolidate(t.cast(schema), where=f"shard {s.shard_id}")
 
 

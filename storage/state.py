@@ -1,8 +1,10 @@
 """Shard state and its pure transitions.
 
-Every function here is `state -> inputs -> (new state | None, result)`: no IO,
-no clock lookups (the caller passes `now_ms`), no randomness. `machine.py`
-applies them with compare-and-set against consensus and retries on a lost CAS.
+Every transition here is `(state, *inputs, now_ms=...) -> (new state | None, result)`:
+no IO, no clock lookups (the caller passes `now_ms`; every transition takes it,
+used or not, so `Machine.apply(transition, *inputs)` calls them all alike), no
+randomness. `machine.py` applies them with compare-and-set against consensus and
+retries on a lost CAS.
 A transition returns `None` as the new state when nothing is to be written; a
 lost race is returned as a value (`UpperMismatch`, `OpaqueMismatch`), and
 invalid usage raises.
@@ -223,8 +225,8 @@ class ShardState:
 
     @classmethod
     def _decode(cls, data: bytes, where: str, *, seqno: int | None, shard_id: str | None) -> ShardState:
+        body = unseal(data, where, "shard state")
         try:
-            body = unseal(data, where, "shard state")
             d = json.loads(body)
             if d.get("v") != STATE_VERSION:
                 raise ValueError(f"unknown state version {d.get('v')!r}")
@@ -247,8 +249,6 @@ class ShardState:
                 metadata=d.get("metadata", {}),
                 schema_changed=bool(d.get("schema_changed", False)),
             )
-        except StateCorrupt:
-            raise
         except Exception as e:  # noqa: BLE001 - any decoding failure is the same to the caller
             raise StateCorrupt(f"{where}: cannot decode shard state ({type(e).__name__}: {e})") from None
         if shard_id is not None and state.shard_id != shard_id:
@@ -388,7 +388,7 @@ def compare_and_append(
 
 def register_leased_reader(
     state: ShardState, reader_id: str, *, lease_ms: int, now_ms: int
-) -> tuple[ShardState, LeasedReaderState]:
+) -> tuple[ShardState | None, LeasedReaderState]:
     """Register a reader holding since at the shard's current since, pinning this state version."""
     _tombstone_check(state)
     state = _expire_leases(state, now_ms)
@@ -415,7 +415,7 @@ def _live_reader(state: ShardState, reader_id: str, now_ms: int) -> LeasedReader
 
 def heartbeat_leased_reader(
     state: ShardState, reader_id: str, *, pin_seqno: int, now_ms: int
-) -> tuple[ShardState, LeasedReaderState]:
+) -> tuple[ShardState | None, LeasedReaderState]:
     """Extend the lease; move the pinned seqno forward to `pin_seqno` (never back)."""
     _tombstone_check(state)
     r = _live_reader(state, reader_id, now_ms)
@@ -427,7 +427,7 @@ def heartbeat_leased_reader(
 
 def downgrade_since(
     state: ShardState, reader_id: str, new_since: Frontier, *, now_ms: int
-) -> tuple[ShardState, Downgraded]:
+) -> tuple[ShardState | None, Downgraded]:
     """Move a leased reader's since forward (a since only moves forward; an earlier value is ignored)."""
     _tombstone_check(state)
     r = _live_reader(state, reader_id, now_ms)
@@ -441,16 +441,17 @@ def downgrade_since(
     return _expire_leases(replace(state, leased_readers=readers), now_ms), Downgraded(since)
 
 
-def expire_leased_reader(state: ShardState, reader_id: str, *, now_ms: int) -> ShardState | None:
+def expire_leased_reader(state: ShardState, reader_id: str, *, now_ms: int) -> tuple[ShardState | None, bool]:
+    """Drop a leased reader; the result says whether it was registered."""
     if reader_id not in state.leased_readers:
-        return None
+        return None, False
     readers = dict(state.leased_readers)
     del readers[reader_id]
-    return _expire_leases(replace(state, leased_readers=readers), now_ms)
+    return _expire_leases(replace(state, leased_readers=readers), now_ms), True
 
 
 def register_critical_reader(
-    state: ShardState, reader_id: str, opaque: Any
+    state: ShardState, reader_id: str, opaque: Any, *, now_ms: int = 0
 ) -> tuple[ShardState | None, CriticalReaderState]:
     """Register a critical reader at the current since; an existing one is returned unchanged."""
     _tombstone_check(state)
@@ -481,7 +482,7 @@ def compare_and_downgrade_since(
 
 
 def apply_merge(
-    state: ShardState, inputs: tuple[BatchMeta, ...], output: BatchMeta
+    state: ShardState, inputs: tuple[BatchMeta, ...], output: BatchMeta, *, now_ms: int = 0
 ) -> tuple[ShardState | None, bool]:
     """Replace the run of batches `inputs` by `output` iff that exact run is still in the state.
 
@@ -503,39 +504,39 @@ def apply_merge(
     return None, False
 
 
-def finalize_upper(state: ShardState, *, writer_id: str, now_ms: int) -> ShardState | None:
+def finalize_upper(state: ShardState, *, writer_id: str, now_ms: int) -> tuple[ShardState | None, None]:
     """Step 1 of finalization: close the upper (an empty batch up to the empty frontier)."""
     if state.upper.is_empty:
-        return None
+        return None, None
     batch = BatchMeta(state.upper, Frontier.EMPTY, Frontier.MIN)
     new, _ = compare_and_append(
         state, batch, writer_id=writer_id, token=None, metadata=None, lease_ms=0, now_ms=now_ms
     )
-    return new
+    return new, None
 
 
-def finalize_since(state: ShardState) -> ShardState | None:
+def finalize_since(state: ShardState, *, now_ms: int = 0) -> tuple[ShardState | None, None]:
     """Step 2: since to empty, dropping every reader; the shard becomes a tombstone."""
     if not state.upper.is_empty:
         raise InvalidBounds(f"shard {state.shard_id}: cannot finalize since before the upper is closed")
     if state.is_tombstone:
-        return None
-    return replace(state, since=Frontier.EMPTY, leased_readers={}, critical_readers={}, writers={})
+        return None, None
+    return replace(state, since=Frontier.EMPTY, leased_readers={}, critical_readers={}, writers={}), None
 
 
-def finalize_batches(state: ShardState) -> ShardState | None:
+def finalize_batches(state: ShardState, *, now_ms: int = 0) -> tuple[ShardState | None, None]:
     """Step 3: forget every batch; gc then deletes the parts."""
     if not state.batches:
-        return None
-    return replace(state, batches=())
+        return None, None
+    return replace(state, batches=()), None
 
 
-def set_schema(state: ShardState, schema: pa.Schema) -> ShardState | None:
+def set_schema(state: ShardState, schema: pa.Schema, *, now_ms: int = 0) -> tuple[ShardState | None, None]:
     """Evolve the schema (the controller checks compatibility); older parts lack the new columns."""
     _tombstone_check(state)
     if state.schema.equals(schema, check_metadata=True):
-        return None
-    return replace(state, schema=schema, schema_changed=True)
+        return None, None
+    return replace(state, schema=schema, schema_changed=True), None
 
 
 def check_invariants(state: ShardState, where: str | None = None) -> None:

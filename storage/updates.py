@@ -8,9 +8,7 @@ object per row: validation uses Arrow compute, consolidation runs in DuckDB.
 
 from __future__ import annotations
 
-import atexit
-import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +17,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .connections import reading, thread_connection
 from .errors import DiffOverflow, InvalidInput, SchemaMismatch
 from .frontier import Frontier
 
@@ -28,42 +27,8 @@ RESERVED = (TIME, DIFF)
 INT64_MIN = -(1 << 63)
 INT64_MAX = (1 << 63) - 1
 
-_local = threading.local()
-
-
-def duck() -> duckdb.DuckDBPyConnection:
-    """A per-thread in-memory DuckDB connection for transient queries."""
-    con = getattr(_local, "con", None)
-    if con is None:
-        con = duckdb.connect(":memory:")
-        _local.con = con
-        with _all_lock:
-            # Keyed by thread id: a reused id replaces (and drops) a dead thread's connection.
-            _all[threading.get_ident()] = con
-    return con
-
-
-_all: dict[int, duckdb.DuckDBPyConnection] = {}
-_all_lock = threading.Lock()
-
-
-@atexit.register
-def _close_duck() -> None:
-    """Close every thread's transient connection before interpreter teardown.
-
-    SUBTLE: daemon threads (the compactor, bytewax workers) may still hold one at
-    exit; DuckDB objects alive during teardown make its bindings print pages of
-    "leaked instance" warnings after everything else, e.g. after pytest's summary.
-    """
-    with _all_lock:
-        cons = list(_all.values())
-        _all.clear()
-    for con in cons:
-        try:
-            con.close()
-        except Exception:  # noqa: BLE001 - closing at exit is best effort
-            pass
-    _local.__dict__.pop("con", None)
+#: This thread's transient connection (see `storage.connections`, kind 2); kept for flows' operators.
+duck = thread_connection
 
 
 def qident(name: str) -> str:
@@ -358,6 +323,60 @@ def overflow_checked() -> Iterator[None]:
         raise
 
 
+def consolidate_sql(
+    src: str,
+    names: Sequence[str],
+    *,
+    where: str,
+    as_of: int | None = None,
+    since: int | None = None,
+    drop_time: bool = False,
+    minus: str | None = None,
+    order_by_time: bool = False,
+) -> str:
+    """The one consolidation query: sum the diffs per (row, time), drop zeros, overflow-checked.
+
+    `src` is a FROM-clause (a table, a view, a parenthesised subquery) with the
+    row columns `names` (unquoted), `_time` and `_diff`. Times, one of:
+    - default: kept, each `(row, _time)` its own group;
+    - `since=t`: advanced to `greatest(_time, t)` (compaction; `consolidate`);
+    - `as_of=t`: only times `<= t` count and every time is advanced to `t`, so
+      the output has no `_time` (a snapshot: row columns + `_diff`);
+    - `drop_time=True`: times ignored (or absent: the controller's desired
+      tables have row columns + `_diff` only); the output has no `_time`.
+    `minus`: a second FROM-clause of the same shape whose diffs are subtracted
+    (`src - minus`: a sink's `desired - persisted`); filter each side by time in
+    its FROM-clause where the two differ. `order_by_time`: sort the output by
+    `_time` (compaction writes parts in time order). `where` names the data in
+    the `DiffOverflow` message; run the query under `overflow_checked()`.
+
+    Example:
+        >>> consolidate_sql("t", ["k"], where="x", as_of=5)[:64]
+        'SELECT "k", CASE WHEN sum(_diff) BETWEEN -9223372036854775808 AN'
+        >>> con = duckdb.connect()
+        >>> _ = con.execute("CREATE TABLE d AS SELECT * FROM (VALUES ('a', 1), ('b', 2)) v(k, _diff)")
+        >>> _ = con.execute("CREATE TABLE p AS SELECT * FROM (VALUES ('a', 1)) v(k, _diff)")
+        >>> con.sql(consolidate_sql("d", ["k"], where="x", minus="p", drop_time=True)).fetchall()
+        [('b', 2)]
+    """
+    cols = [qident(n) for n in names]
+    keep_time = as_of is None and not drop_time
+    if minus is not None:
+        proj = ", ".join([*cols, TIME] if (as_of is not None or keep_time) else cols)
+        proj = proj + ", " if proj else ""
+        src = f"(SELECT {proj}{DIFF} FROM {src} UNION ALL SELECT {proj}-{DIFF} AS {DIFF} FROM {minus})"
+    t_expr = None
+    if keep_time:
+        t_expr = TIME if since is None else f"greatest({TIME}, {int(since)})::BIGINT"
+    keys = [*cols, t_expr] if t_expr is not None else cols
+    sel = [*cols, f"{t_expr} AS {TIME}"] if t_expr is not None else [*cols]
+    sel.append(f"{diff_sum_sql(cols, where, t_expr)} AS {DIFF}")
+    filt = f" WHERE {TIME} <= {int(as_of)}" if as_of is not None else ""
+    group = f" GROUP BY {', '.join(keys)}" if keys else ""
+    order = f" ORDER BY {TIME}" if order_by_time and t_expr is not None else ""
+    return f"SELECT {', '.join(sel)} FROM {src}{filt}{group} HAVING sum({DIFF}) <> 0{order}"
+
+
 def consolidate(table: pa.Table, since: int | None = None, *, where: str = "updates") -> pa.Table:
     """Advance times to `since` (if given), sum diffs per `(row, time)`, drop zeros.
 
@@ -377,21 +396,11 @@ def consolidate(table: pa.Table, since: int | None = None, *, where: str = "upda
     if table.num_rows == 0:
         return table
     cols = [n for n in table.schema.names if n not in RESERVED]
-    sel = ", ".join(qident(c) for c in cols)
-    t_expr = f"greatest({TIME}, {int(since)})" if since is not None else TIME
-    keys = (sel + ", " if sel else "") + t_expr
-    sql = (
-        f"SELECT {sel + ', ' if sel else ''}{t_expr} AS {TIME}, "
-        f"{diff_sum_sql([qident(c) for c in cols], where, t_expr)} AS {DIFF} "
-        f"FROM __t GROUP BY {keys} HAVING sum({DIFF}) <> 0"
-    )
-    con = duck()
-    con.register("__t", table)
-    try:
+    sql = consolidate_sql("__t", cols, where=where, since=since)
+    with reading() as con:
+        con.register("__t", table)
         with overflow_checked():
             out = con.sql(sql).to_arrow_table()
-    finally:
-        con.unregister("__t")
     return out.cast(table.schema)
 
 

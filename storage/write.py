@@ -194,13 +194,10 @@ class WriteHandle:
         parts = write_parts(self.client, self.shard_id, table) if table.num_rows else ()
         batch = st.BatchMeta(lower, upper, Frontier.MIN, parts)
 
-        def transition(s: st.ShardState, now: int) -> Any:
-            return st.compare_and_append(
-                s, batch, writer_id=self.writer_id, token=token, metadata=metadata,
-                lease_ms=WRITER_LEASE_MS, now_ms=now, offsets=offsets, expected_offsets=expected_offsets,
-            )
-
-        _, result = self.machine.apply(transition)
+        _, result = self.machine.apply(
+            st.compare_and_append, batch, writer_id=self.writer_id, token=token, metadata=metadata,
+            lease_ms=WRITER_LEASE_MS, offsets=offsets, expected_offsets=expected_offsets,
+        )
         if isinstance(result, st.OffsetsMismatchResult):
             raise OffsetsMismatch(self.shard_id, result.expected, result.current)
         if isinstance(result, st.UpperMismatchResult):

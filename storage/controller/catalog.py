@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
-import random
 import re
-import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -32,6 +30,7 @@ from ..errors import (
     SourceIdReused,
     StateCorrupt,
 )
+from ..machine import cas_retry
 from ..state import seal, unseal
 from ..updates import check_row_schema
 from .policy import ReadPolicy, coerce_policy, policy_from_json, policy_to_json
@@ -434,17 +433,16 @@ class CatalogStore:
         self, epoch: int | None, fn: Callable[[CatalogState], tuple[CatalogState | None, R]]
     ) -> tuple[CatalogState, R]:
         """Apply `fn` at `epoch` (None: do not check the epoch, e.g. to bump it)."""
-        attempt = 0
-        while True:
+
+        def attempt() -> tuple[CatalogState, R] | None:
             cur = self.head() if epoch is None else self.check_epoch(epoch)
             new, result = fn(cur)
             if new is None:
                 return cur, result
             done = self.cas(cur, new)
-            if done is not None:
-                return done, result
-            attempt += 1
-            time.sleep(min(0.0005 * 2 ** min(attempt, 8), 0.05) * random.random())
+            return None if done is None else (done, result)
+
+        return cas_retry(attempt)
 
     def join_epoch(self) -> CatalogState:
         """Share the current epoch (creating the catalog at epoch 1 if there is none); fences no one."""

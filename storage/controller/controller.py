@@ -386,7 +386,7 @@ class StorageController:
         if s is not None and not s.schema.equals(meta.schema) and not self.read_only:
             # An alter whose shard step did not happen (crash): the catalog is the truth.
             check_alter(meta.name, s.schema, meta.schema)
-            s, _ = m.apply(lambda cur, now: (st.set_schema(cur, meta.schema), None))
+            s, _ = m.apply(st.set_schema, meta.schema)
         shard_since = s.since if s is not None else Frontier.MIN
         if s is not None and not self.read_only and not s.is_tombstone:
             c.handle = self._take_over_since(meta.shard_id)
@@ -546,7 +546,7 @@ class StorageController:
             cat, _ = self._catalog.apply(self.epoch, lambda s: (plan_alter(s, name, schema), None))
             c = self._colls[name]
             m = self.client.machine(c.shard_id)
-            m.apply(lambda cur, now: (st.set_schema(cur, schema), None))
+            m.apply(st.set_schema, schema)
             self._sync_catalog(cat)
 
     @_guarded

@@ -22,8 +22,9 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .. import connections
 from ..errors import InvalidInput, SchemaMismatch
-from ..updates import DIFF, TIME, as_table, check_columns, diff_sum_sql, overflow_checked, qident
+from ..updates import DIFF, TIME, as_table, check_columns, consolidate_sql, overflow_checked
 
 
 def rows_schema(schema: pa.Schema) -> pa.Schema:
@@ -67,7 +68,7 @@ class DesiredStore:
             self._tmpdir = tempfile.mkdtemp(prefix="shardflow-desired-")
             path = os.path.join(self._tmpdir, "desired.duckdb")
         self.path = path
-        self.con = duckdb.connect(path)
+        self.con = connections.private(path)  # a file: desired is bounded by disk, not memory
         self._schemas: dict[str, pa.Schema] = {}
         self._ids: dict[str, int] = {}
         self._next = 0
@@ -151,15 +152,7 @@ class DesiredStore:
         self._replace(self._t(key, "persisted"), rows)
 
     def _consolidated(self, table: str, key: str) -> str:
-        names = [qident(n) for n in self._schemas[key].names]
-        cols = ", ".join(names)
-        total = diff_sum_sql(names, f"collection {key!r} (desired)")
-        if not cols:
-            return f"SELECT {total} AS {DIFF} FROM {table} HAVING sum({DIFF}) <> 0"
-        return (
-            f"SELECT {cols}, {total} AS {DIFF} FROM {table} "
-            f"GROUP BY {cols} HAVING sum({DIFF}) <> 0"
-        )
+        return consolidate_sql(table, self._schemas[key].names, where=f"collection {key!r} (desired)", drop_time=True)
 
     def consolidate_desired(self, key: str) -> None:
         t = self._t(key, "desired")
@@ -180,17 +173,8 @@ class DesiredStore:
     def corrections(self, key: str) -> pa.Table:
         """`desired - persisted`, consolidated: row columns + `_diff`, no zero diffs."""
         d, p = self._t(key, "desired"), self._t(key, "persisted")
-        cols = [qident(n) for n in self._schemas[key].names]
-        sel = ", ".join(cols)
-        u = (
-            f"(SELECT {sel + ', ' if sel else ''}{DIFF} FROM {d} UNION ALL "
-            f"SELECT {sel + ', ' if sel else ''}-{DIFF} AS {DIFF} FROM {p})"
-        )
-        total = diff_sum_sql(cols, f"collection {key!r} (corrections)")
-        if sel:
-            sql = f"SELECT {sel}, {total} AS {DIFF} FROM {u} GROUP BY {sel} HAVING sum({DIFF}) <> 0"
-        else:
-            sql = f"SELECT {total} AS {DIFF} FROM {u} HAVING sum({DIFF}) <> 0"
+        where = f"collection {key!r} (corrections)"
+        sql = consolidate_sql(d, self._schemas[key].names, where=where, minus=p, drop_time=True)
         with overflow_checked():
             out = self.con.sql(sql).to_arrow_table()
         return out.cast(rows_schema(self._schemas[key]))

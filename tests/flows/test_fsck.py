@@ -148,8 +148,8 @@ def _append_unchecked(data: Path, name: str, rows: pa.Table) -> None:
         t = rows.append_column("_time", pa.array([s.upper.time] * rows.num_rows, pa.int64()))
         t = t.append_column("_diff", pa.array([1] * rows.num_rows, pa.int64())).cast(update_schema(s.schema))
         batch = st.BatchMeta(s.upper, Frontier(s.upper.time + 1), Frontier.MIN, write_parts(client, shard, t))
-        client.machine(shard).apply(lambda cur, now: st.compare_and_append(
-            cur, batch, writer_id="old", token=None, metadata=None, lease_ms=60_000, now_ms=now))
+        client.machine(shard).apply(
+            st.compare_and_append, batch, writer_id="old", token=None, metadata=None, lease_ms=60_000)
     finally:
         client.close()
 

@@ -253,7 +253,7 @@ def test_merge_whose_inputs_are_gone_is_not_applied_and_leaves_orphans(client: s
     compact(client, shard)
     s1 = client.state(shard)
     output = run_merge(client, s0, plan)
-    new, applied = client.machine(shard).apply(lambda s, now: st.apply_merge(s, plan.inputs, output))
+    new, applied = client.machine(shard).apply(st.apply_merge, plan.inputs, output)
     assert not applied and new.seqno == s1.seqno  # nothing was written
     live = {p.key for b in s1.batches for p in b.parts}
     assert output.parts and not ({p.key for p in output.parts} & live)

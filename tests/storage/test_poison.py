@@ -172,8 +172,7 @@ def _append_unchecked(client: storage.Client, shard: str, table: pa.Table, lower
     parts = write_parts(client, shard, table)
     batch = st.BatchMeta(Frontier(lower), Frontier(upper), Frontier.MIN, parts)
     m = client.machine(shard)
-    m.apply(lambda s, now: st.compare_and_append(
-        s, batch, writer_id="old", token=None, metadata=None, lease_ms=60_000, now_ms=now))
+    m.apply(st.compare_and_append, batch, writer_id="old", token=None, metadata=None, lease_ms=60_000)
 
 
 def test_verify_finds_invalid_utf8_in_old_parts(client: storage.Client) -> None:
