@@ -25,7 +25,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import duckdb
 import pyarrow as pa
 
 from ..client import Client
@@ -41,8 +40,8 @@ from ..errors import (
     UpperMismatch,
 )
 from ..frontier import Frontier
-from ..read import parts_source, snapshot_schema, snapshot_sql
-from ..updates import DIFF, TIME, overflow_checked, update_schema
+from ..read import read_snapshot
+from ..updates import DIFF, TIME, update_schema
 from ..write import WriteHandle
 from .catalog import SYSTEM_PREFIX
 from .desired import DesiredStore, as_rows, rows_schema
@@ -452,18 +451,11 @@ def raw_snapshot(client: Client, shard_id: str, name: str, as_of: int) -> pa.Tab
         s = m.fetch()
         if not s.since.less_equal(as_of):
             raise ReadBeforeSince(f"collection {name!r}: as_of {as_of} is before since {s.since}")
-        batches = [b for b in s.batches if b.lower.less_equal(as_of) and b.parts]
-        con = duckdb.connect()
         try:
-            src = parts_source(client, s, batches, con, "__parts")
-            with overflow_checked():
-                out = con.sql(snapshot_sql(s, src, as_of)).to_arrow_table()
-            return out.cast(snapshot_schema(s.schema))
+            return read_snapshot(client, s, as_of, what=f"collection {name!r}")
         except CorruptPart:
             if attempt == 4:
                 raise
-        finally:
-            con.close()
     raise AssertionError("unreachable")
 
 
