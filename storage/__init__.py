@@ -29,7 +29,7 @@ Example:
     >>> r.expire()
 """
 
-from . import errors, query
+from . import errors, parts, query
 from .blob import ArrowFsBlob, Blob, LocalBlob
 from .client import Client, SinceHandle, open
 from .consensus import Consensus, PostgresConsensus, SqliteConsensus, VersionedData
@@ -38,12 +38,15 @@ from .frontier import Frontier
 from .ids import ShardId
 from .read import ReadHandle
 from .state import AlreadyCommitted, Appended, OpaqueMismatch
-from .updates import Progress, UpdateBatch, consolidate
-from .write import WriteHandle
+from .updates import DIFF, TIME, Progress, UpdateBatch, consolidate
+from .write import Batch, WriteHandle, compare_and_append_batches
 
 __all__ = [
+    "DIFF",
+    "TIME",
     "AlreadyCommitted",
     "Appended",
+    "Batch",
     "ArrowFsBlob",
     "Blob",
     "Client",
@@ -60,9 +63,11 @@ __all__ = [
     "UpdateBatch",
     "VersionedData",
     "WriteHandle",
+    "compare_and_append_batches",
     "consolidate",
     "errors",
     "open",
+    "parts",
     "query",
     *errors.__all__,
 ]
