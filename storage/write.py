@@ -61,10 +61,6 @@ class Batch:
     def rows(self) -> int:
         return sum(p.rows for p in self.parts)
 
-    @property
-    def bytes(self) -> int:
-        return sum(p.bytes for p in self.parts)
-
 
 def check_bounds(shard_id: str, table: pa.Table, lower: Frontier, upper: Frontier) -> None:
     """Every update time must lie in `[lower, upper)`; data needs `lower < upper`."""
