@@ -90,7 +90,7 @@ def run_ours(batches: list[pa.Table], workers: int) -> float:
 
 
 def run_baseline(batches: list[pa.Table]) -> float:
-    from storage.write import PART_MAX_ROWS
+    from storage.parts import PART_MAX_ROWS
 
     d = tempfile.mkdtemp(prefix="sf-bench-base-")
     try:

@@ -137,7 +137,7 @@ def main() -> None:
             assert t.sort_by(key).equals(expected.sort_by(key)), "snapshot differs from the baseline"
 
         check(baseline())
-        client._verified.clear()  # cold: the first run computes every part's sha256 again
+        client.parts.forget()  # cold: the first run computes every part's sha256 again
         cold_before, t_base, t_before, med_before = paired(baseline, ours, a.repeat)
         check(ours())
         s = client.state(shard)
@@ -155,7 +155,7 @@ def main() -> None:
             with timed() as t_compact:
                 rep = client.compact(shard, full=full)
             s = client.state(shard)
-            client._verified.clear()
+            client.parts.forget()
             cold_after, t_base, t_after, med_after = paired(baseline, ours, a.repeat)
             check(ours())
             print(f"{label}: {t_compact[0]:.2f}s, {rep.merges_applied} merges, {len(s.batches)} batches left "

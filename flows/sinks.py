@@ -7,33 +7,29 @@ runner counts; ignore it if you do not need it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
 import tempfile
-import time
 import uuid
-from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import bytewax.operators as op
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 
-from storage import Client, Frontier, Progress, UpdateBatch
-from storage import state as st
+from storage import DIFF, TIME, Batch, Client, Frontier, Progress, UpdateBatch, WriteHandle
 from storage.errors import InvalidInput, InvalidUppers, OffsetsMismatch, UpperMismatch
-from storage.read import parts_source
-from storage.updates import DIFF, TIME, diff_sum_sql, overflow_checked, qident, validate_updates
-from storage.write import PART_MAX_ROWS, WRITER_LEASE_MS, write_parts
+
+# The consolidation SQL below (`_correction`, `_absorb`) is to move to storage's one
+# consolidation builder; until then it uses these helpers of `storage.updates`.
+from storage.updates import diff_sum_sql, overflow_checked, qident
 
 from .operators import FrontierTracker, OffsetQueue, check_item, one_key, tmax_of, tmin_of
 
@@ -43,18 +39,35 @@ OFFSETS_KEY = "offsets"
 #: The upper of the append that last committed offsets: desired == persisted below it.
 OFFSETS_UPPER_KEY = "offsets_upper"
 MAX_CAS_ATTEMPTS = 50
-_WRITE_THREADS = 4
+#: Seconds between refreshes of written-but-uncommitted parts (see `_keep_pending_alive`).
+KEEP_ALIVE_S = 60.0
+
+NowGetter = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The default `now_getter` of the sinks: the wall clock, in UTC."""
+    return datetime.now(UTC)
+
+
+def _ms(t: datetime) -> int:
+    return int(t.timestamp() * 1000)
+
+
+class _HasMetadata(Protocol):
+    @property
+    def metadata(self) -> Mapping[str, Any]: ...
 
 
 @dataclass(frozen=True)
 class WrittenBatch:
-    """Updates a worker has already written as (not yet committed) parts.
+    """Updates a worker has already written as a (not yet appended) `Batch`.
 
     `tmin`/`tmax` bound the times (-1 when empty); `offsets` are the source
     offsets of the `UpdateBatch` it came from.
     """
 
-    parts: tuple[st.PartMeta, ...]
+    batch: Batch
     tmin: int
     tmax: int
     rows: int
@@ -74,12 +87,12 @@ class Committed:
     corrected: bool = False  # True when the batch came from the slow path (a correction)
 
 
-def committed_offsets(state: st.ShardState) -> dict[str, Any]:
+def committed_offsets(state: _HasMetadata) -> dict[str, Any]:
     """The source offsets committed in `state` (partition key -> offset to resume after)."""
     return dict(state.metadata.get(OFFSETS_KEY) or {})
 
 
-def resume_point(state: st.ShardState) -> tuple[dict[str, Any], int | None]:
+def resume_point(state: _HasMetadata) -> tuple[dict[str, Any], int | None]:
     """(offsets, as_of) to resume a flow writing this shard; `as_of` is None when nothing was committed.
 
     `as_of` is the upper of the append that committed the offsets (not the
@@ -93,61 +106,30 @@ def resume_point(state: st.ShardState) -> tuple[dict[str, Any], int | None]:
     return offs, int(up)
 
 
-def _commit_parts(
-    writer_id: str,
-    machine: Any,
-    parts: tuple[st.PartMeta, ...],
-    lower: Frontier,
-    upper: Frontier,
-    metadata: Mapping[str, Any] | None,
-) -> st.Appended:
-    """CAS the already-written `parts` as the batch `[lower, upper)`; raise UpperMismatch on a lost race."""
-    batch = st.BatchMeta(lower, upper, Frontier.MIN, parts)
-    token = uuid.uuid4().hex
-
-    _, result = machine.apply(
-        st.compare_and_append, batch, writer_id=writer_id, token=token, metadata=metadata, lease_ms=WRITER_LEASE_MS
-    )
-    if isinstance(result, st.UpperMismatchResult):
-        raise UpperMismatch(machine.shard_id, result.expected, result.current)
-    assert isinstance(result, st.Appended | st.AlreadyCommitted)
-    return st.Appended(result.upper)
-
-
-def write_parts_parallel(client: Client, shard: str, table: pa.Table) -> tuple[st.PartMeta, ...]:
-    """`storage.write.write_parts`, with large tables encoded by several threads (Parquet releases the GIL)."""
-    if table.num_rows <= PART_MAX_ROWS:
-        return write_parts(client, shard, table) if table.num_rows else ()
-    chunks = [table.slice(o, PART_MAX_ROWS) for o in range(0, table.num_rows, PART_MAX_ROWS)]
-    with ThreadPoolExecutor(min(_WRITE_THREADS, len(chunks))) as ex:
-        metas = list(ex.map(lambda c: write_parts(client, shard, c), chunks))
-    return tuple(m for ms in metas for m in ms)
-
-
 class _PartWriter:
-    """The per-worker write step: validates a batch and writes it as parts."""
+    """The per-worker write step: validates a batch and writes it as parts (`WriteHandle.batch`)."""
 
     def __init__(self, step_id: str, client: Client, shard: str, as_of: int | None):
         self.step_id = step_id
         self.client = client
         self.shard = shard
         self.as_of = as_of
-        self._schema: pa.Schema | None = None
+        self._writer: WriteHandle | None = None
 
     def __call__(self, x: Any) -> Any:
         check_item(self.step_id, x)
         if isinstance(x, Progress):
             return x
-        if self._schema is None:
-            self._schema = self.client.state(self.shard).schema
-        table = validate_updates(x.table, self._schema, f"step {self.step_id!r} (shard {self.shard})")
-        tmin = tmin_of(table)
-        if self.as_of is not None and table.num_rows and tmin < self.as_of:
+        if self._writer is None:
+            self._writer = self.client.open_writer(self.shard)
+        table = x.table
+        if self.as_of is not None and table.num_rows and tmin_of(table) < self.as_of:
             # Below as_of the shard already holds desired (see persist_sink, SUBTLE).
             table = table.filter(pc.greater_equal(table.column(TIME), pa.scalar(self.as_of, pa.int64())))
-            tmin = tmin_of(table)
-        parts = write_parts_parallel(self.client, self.shard, table)
-        return WrittenBatch(parts, tmin, tmax_of(table), table.num_rows, x.offsets)
+        tmin, tmax = tmin_of(table), tmax_of(table)
+        # The batch's bounds are its own times: the committer appends it inside any [P, F) that holds them.
+        batch = self._writer.batch(table, lower=max(tmin, 0), upper=max(tmax + 1, tmin, 0))
+        return WrittenBatch(batch, tmin, tmax, batch.rows, x.offsets)
 
 
 def _lt(t: int, f: Frontier) -> bool:
@@ -175,16 +157,15 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         shard: str,
         as_of: int | None,
         *,
-        now_ms: Any = None,
+        now_getter: NowGetter = utc_now,
         retry_interval: float = 0.2,
     ):
         self.step_id = step_id
         self.client = client
         self.shard = shard
         self.writer = client.open_writer(shard)
-        self.machine = self.writer.machine
         self.schema = self.writer.schema
-        s = self.machine.fetch()
+        s = client.state(shard)
         self.P: Frontier = s.upper
         if as_of is not None and not s.upper.is_empty and as_of > s.upper.time:  # type: ignore[operator]
             msg = f"step {step_id!r}: as_of {as_of} is beyond shard {shard}'s upper {s.upper}"
@@ -194,14 +175,14 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self.oq = OffsetQueue()
         self.pending: list[WrittenBatch] = []
         self.tracker = FrontierTracker()
-        self.now_ms = now_ms or (lambda: int(time.time() * 1000))
+        self.now_getter = now_getter
         self.retry_interval = retry_interval
         self._retry_at: datetime | None = None
         self._reader: Any = None
         self._tmp: str | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
         self._absorbed: Frontier | None = None
-        self._touched = time.monotonic()
+        self._touched = now_getter()
 
     # ---- bytewax hooks ----
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Committed], bool]:
@@ -258,17 +239,11 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         (no local path) are not refreshed: there, a stall longer than the grace period
         must not meet a concurrent gc.
         """
-        now = time.monotonic()
-        if now - self._touched < 60.0:
+        now = self.now_getter()
+        if (now - self._touched).total_seconds() < KEEP_ALIVE_S:
             return
         self._touched = now
-        blob = self.writer.client.blob
-        for w in self.pending:
-            for p in w.parts:
-                path = blob.local_path(p.key)
-                if path is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.utime(path)
+        self.client.parts.touch(p for w in self.pending for p in w.batch.parts)
 
     def advance(self) -> list[Committed]:
         """Append `[P, F)` if the input frontier `F` is beyond the persisted upper `P`."""
@@ -285,7 +260,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             assert self.P.time is not None
             # INVARIANT: the sync point never passes the persisted upper.
             assert self.P.time >= self.S, (self.S, self.P)
-            parts, rows, corrected = self._batch(self.P, f)
+            batches, rows, corrected = self._batch(self.P, f)
             offs = self.oq_peek(f)
             # SUBTLE: record the resume point on EVERY commit, not only on commits with new
             # offsets: after any commit of [P, f), desired == persisted below f. A resume point
@@ -295,7 +270,9 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             if f.time is not None:
                 md[OFFSETS_UPPER_KEY] = f.time
             try:
-                _commit_parts(self.writer.writer_id, self.machine, parts, self.P, f, md)
+                self.writer.compare_and_append_batch(
+                    batches, expected_upper=self.P, new_upper=f, token=uuid.uuid4().hex, metadata=md
+                )
             except UpperMismatch as e:
                 # SUBTLE: we do nothing to the data here; the next round reads what the
                 # other writer appended in [S, current) and the correction absorbs it.
@@ -308,10 +285,10 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             lower = self.P
             self.offsets.update(offs)
             self._synced(f)
-            out.append(Committed(self.shard, lower, f, rows, offs, self.now_ms(), corrected))
+            out.append(Committed(self.shard, lower, f, rows, offs, _ms(self.now_getter()), corrected))
             return out
         # Lost the race too often: try again later rather than spin.
-        self._retry_at = datetime.now(UTC) + timedelta(seconds=self.retry_interval)
+        self._retry_at = self.now_getter() + timedelta(seconds=self.retry_interval)
         return out
 
     def oq_peek(self, f: Frontier) -> dict[str, Any]:
@@ -331,17 +308,17 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self.pending = [w for w in self.pending if not _lt(w.tmax, f)]
         self.oq.pop(f)
 
-    def _batch(self, lower: Frontier, upper: Frontier) -> tuple[tuple[st.PartMeta, ...], int, bool]:
-        """The parts to append as `[lower, upper)`; `corrected` when they had to be recomputed."""
+    def _batch(self, lower: Frontier, upper: Frontier) -> tuple[list[Batch], int, bool]:
+        """The batches to append as `[lower, upper)`; `corrected` when they had to be recomputed."""
         lo = lower.time
         assert lo is not None
         due = [w for w in self.pending if _lt(w.tmin, upper)]
         fast = lo == self.S and all(w.tmin >= lo and _lt(w.tmax, upper) for w in due)
         if fast:
             # In sync: the workers' parts are exactly desired - persisted on [lower, upper).
-            return tuple(p for w in due for p in w.parts), sum(w.rows for w in due), False
+            return [w.batch for w in due], sum(w.rows for w in due), False
         table = self._correction(lo, upper, due)
-        return write_parts_parallel(self.client, self.shard, table), table.num_rows, True
+        return [self.writer.batch(table, lower=lo, upper=upper)], table.num_rows, True
 
     # ---- DuckDB over parts ----
     def _duck(self) -> duckdb.DuckDBPyConnection:
@@ -354,41 +331,19 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             self._con.execute("SET preserve_insertion_order=false")
         return self._con
 
-    def _desired_src(self, con: duckdb.DuckDBPyConnection, due: list[WrittenBatch]) -> str:
-        paths: list[str] = []
-        tables: list[pa.Table] = []
-        for w in due:
-            for p in w.parts:
-                path = self.client.blob.local_path(p.key)
-                if path is not None:
-                    paths.append(path)
-                else:
-                    data = self.client.blob.get(p.key)
-                    assert data is not None, p.key
-                    tables.append(pq.read_table(pa.BufferReader(data)))
-        cols = ", ".join(qident(n) for n in [*self.schema.names, TIME, DIFF])
-        srcs = []
-        if paths:
-            lst = "[" + ", ".join("'" + x.replace("'", "''") + "'" for x in paths) + "]"
-            srcs.append(f"SELECT {cols} FROM read_parquet({lst})")
-        if tables:
-            con.register("__desired_mem", pa.concat_tables(tables))
-            srcs.append(f"SELECT {cols} FROM __desired_mem")
-        if not srcs:
-            con.register("__desired_empty", _empty(self.schema))
-            srcs.append(f"SELECT {cols} FROM __desired_empty")
-        return "(" + " UNION ALL ".join(srcs) + ")"
+    def _sources(self, con: duckdb.DuckDBPyConnection, due: list[WrittenBatch], lo: int, hi: int) -> tuple[str, str]:
+        """FROM clauses over desired (the parts of `due`) and over the shard's updates at times in `[lo, hi)`.
 
-    def _persisted_src(self, con: duckdb.DuckDBPyConnection, lo: int, hi: int) -> tuple[str, st.ShardState]:
-        """A FROM clause over the shard's updates at times in `[lo, hi)`.
+        Both through the client's part store, which checks every part's sha256
+        (`CorruptPart` for a missing or damaged one).
 
-        SUBTLE: exact only while the shard's since is `< lo` (compaction advances
-        times below since *to* since, which would pull older updates into the
-        range). The sink does not register a reader to hold since back: the
-        storage controller's read policy owns since, and it lags the upper; if it
-        ever passes a pending sync point we refuse rather than guess.
+        SUBTLE: the persisted side is exact only while the shard's since is `< lo`
+        (compaction advances times below since *to* since, which would pull older
+        updates into the range). The sink does not register a reader to hold since
+        back: the storage controller's read policy owns since, and it lags the upper;
+        if it ever passes a pending sync point we refuse rather than guess.
         """
-        s = self.machine.fetch()
+        s = self.client.state(self.shard)
         if lo < hi and lo > 0 and not s.since.less_equal(lo - 1):
             msg = (
                 f"step {self.step_id!r}: shard {self.shard}'s since {s.since} passed the sink's sync "
@@ -396,7 +351,8 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             )
             raise InvalidUppers(msg)
         batches = [b for b in s.batches if b.parts and b.lower.less_than(hi) and not b.upper.less_equal(lo)]
-        return parts_source(self.client, s, batches, con, "__persisted"), s
+        desired = self.client.parts.source(s, [w.batch for w in due], con, "__desired").src
+        return desired, self.client.parts.source(s, batches, con, "__persisted").src
 
     def _correction(self, lo: int, upper: Frontier, due: list[WrittenBatch]) -> pa.Table:
         """desired - persisted over times `[S, upper)`, each time advanced to `lo` (the persisted upper).
@@ -405,8 +361,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         this at `[lo, upper)` makes the shard equal desired at every time in `[lo, upper)`.
         """
         con = self._duck()
-        dsrc = self._desired_src(con, due)
-        psrc, _ = self._persisted_src(con, self.S, lo)
+        dsrc, psrc = self._sources(con, due, self.S, lo)
         cols = [qident(n) for n in self.schema.names]
         sel = ", ".join(cols)
         sel_c = sel + ", " if cols else ""
@@ -424,7 +379,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
                 t = con.sql(q).to_arrow_table()
         finally:
             _unregister(con)
-        return validate_updates(t, self.schema, f"step {self.step_id!r}")
+        return t
 
     def _absorb(self, f: Frontier) -> None:
         """With `S < f <= P`: if persisted accumulates to desired below `f`, move S to `f`."""
@@ -433,8 +388,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self._absorbed = f
         due = [w for w in self.pending if w.tmin < f.time]
         con = self._duck()
-        dsrc = self._desired_src(con, due)
-        psrc, _ = self._persisted_src(con, self.S, f.time)
+        dsrc, psrc = self._sources(con, due, self.S, f.time)
         cols = [qident(n) for n in self.schema.names]
         sel = ", ".join(cols)
         grp = f" GROUP BY {sel}" if cols else ""
@@ -453,14 +407,8 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             self._synced(f)
 
 
-def _empty(schema: pa.Schema) -> pa.Table:
-    from storage.updates import update_schema
-
-    return update_schema(schema).empty_table()
-
-
 def _unregister(con: duckdb.DuckDBPyConnection) -> None:
-    for name in ("__desired_mem", "__desired_empty", "__persisted"):
+    for name in ("__desired", "__persisted"):
         try:
             con.unregister(name)
         except Exception:
@@ -473,6 +421,7 @@ def persist_sink(
     up: Stream[Any],
     client: Client,
     shard: str,
+    *,
     as_of: int | None = None,
     schema: pa.Schema | None = None,
 ) -> Stream[Committed]:
@@ -581,16 +530,17 @@ class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
         client: Client,
         shard: str,
         batch_duration: float,
-        clock: Any = time.monotonic,
+        *,
+        now_getter: NowGetter = utc_now,
         resume_offsets: Mapping[str, Any] | None = None,
     ):
         self.step_id = step_id
         self.writer = client.open_writer(shard)
         self.shard = shard
         self.batch_duration = batch_duration
-        self.clock = clock
+        self.now_getter = now_getter
         if resume_offsets is None:
-            resume_offsets = committed_offsets(self.writer.machine.fetch())
+            resume_offsets = committed_offsets(client.state(shard))
         #: partition key -> the committed offset this run's next commit must find.
         self.expected: dict[str, Any] = _json(dict(resume_offsets))
         #: partition key -> the offset of the last batch seen (committed or not).
@@ -600,14 +550,14 @@ class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
         self.ahead: dict[str, Any] = {}
         self.offsets: dict[str, Any] = {}
         self.tmax = -1
-        self.last_commit = float("-inf")
+        self.last_commit: datetime | None = None
 
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Committed], bool]:
         for v in values:
             check_item(self.step_id, v)
             if isinstance(v, UpdateBatch):
                 self._push(v)
-        if self.clock() - self.last_commit >= self.batch_duration:
+        if self._due() <= 0.0:
             return self.flush(), StatefulBatchLogic.RETAIN
         return [], StatefulBatchLogic.RETAIN
 
@@ -730,8 +680,13 @@ class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
     def notify_at(self) -> datetime | None:
         if not self.buf:
             return None
-        wait = max(0.0, self.last_commit + self.batch_duration - self.clock())
-        return datetime.now(UTC) + timedelta(seconds=wait)
+        return self.now_getter() + timedelta(seconds=max(0.0, self._due()))
+
+    def _due(self) -> float:
+        """Seconds until the next commit may happen (<= 0: now)."""
+        if self.last_commit is None:
+            return 0.0
+        return self.batch_duration - (self.now_getter() - self.last_commit).total_seconds()
 
     def on_eof(self) -> tuple[Iterable[Committed], bool]:
         return self.flush(), StatefulBatchLogic.DISCARD
@@ -744,7 +699,7 @@ class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
             if not self.buf:
                 return []
             tables = [p.table for p in self.buf if p.table is not None]
-            table = pa.concat_tables(tables) if tables else _empty(self.writer.schema)
+            table = pa.concat_tables(tables) if tables else self.writer.schema.empty_table()
             rows = table.drop_columns([TIME]) if TIME in table.schema.names else table
             offs = dict(self.offsets)
             expected = {k: self.expected.get(k) for k in offs}
@@ -761,11 +716,11 @@ class AppendLogic(StatefulBatchLogic[Any, Committed, None]):
             out = [
                 Committed(
                     self.shard, Frontier(max(ts, lower.time or 0)), Frontier(ts + 1), table.num_rows, offs,
-                    int(time.time() * 1000),
+                    _ms(self.now_getter()),
                 )
             ]
             self.expected.update(offs)
-            self.buf, self.offsets, self.tmax, self.last_commit = [], {}, -1, self.clock()
+            self.buf, self.offsets, self.tmax, self.last_commit = [], {}, -1, self.now_getter()
             return out
         msg = (
             f"step {self.step_id!r}: shard {self.shard}: lost the race on committed source offsets "
@@ -786,6 +741,7 @@ def append_sink(
     up: Stream[Any],
     client: Client,
     shard: str,
+    *,
     batch_duration: float = 1.0,
     resume_offsets: Mapping[str, Any] | None = None,
 ) -> Stream[Committed]:

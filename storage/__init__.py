@@ -29,7 +29,7 @@ Example:
     >>> r.expire()
 """
 
-from . import errors, query
+from . import errors, parts, query
 from .blob import ArrowFsBlob, Blob, LocalBlob
 from .client import Client, SinceHandle, open
 from .consensus import Consensus, PostgresConsensus, SqliteConsensus, VersionedData
@@ -49,7 +49,7 @@ from .updates import (
     duck,
     update_schema,
 )
-from .write import WriteHandle
+from .write import Batch, WriteHandle, compare_and_append_batches
 
 __all__ = [
     "DIFF",
@@ -57,6 +57,7 @@ __all__ = [
     "TIME",
     "AlreadyCommitted",
     "Appended",
+    "Batch",
     "ArrowFsBlob",
     "Blob",
     "Client",
@@ -76,10 +77,12 @@ __all__ = [
     "as_overflow",
     "check_invariants",
     "check_row_schema",
+    "compare_and_append_batches",
     "consolidate",
     "duck",
     "errors",
     "open",
+    "parts",
     "query",
     "update_schema",
     *errors.__all__,

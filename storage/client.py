@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import builtins
-import hashlib
-import io
 import os
 import threading
 import time
@@ -14,16 +11,18 @@ from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from . import state as st
 from .blob import Blob, LocalBlob
+from .compact import BackgroundCompactor, CompactReport, compact
 from .consensus import Consensus, open_consensus
-from .errors import CorruptPart, Fenced, InvalidInput
+from .errors import Fenced, InvalidInput
 from .frontier import Frontier
+from .gc import GcReport, VerifyReport, finalize, gc, verify
 from .ids import ShardId, new_id
 from .machine import SHARD_PREFIX, Machine
-from .read import DEFAULT_LEASE_MS, ReadHandle
+from .parts import PartStore
+from .read import DEFAULT_LEASE_MS, ReadHandle, tombstone_error
 from .updates import check_row_schema
 from .write import WriteHandle
 
@@ -49,7 +48,7 @@ class Client:
         self.consensus = consensus
         self.blob = blob
         self.clock = clock
-        self._verified: dict[tuple[str, int, int, int], None] = {}
+        self.parts = PartStore(blob)  # every part file IO: write, verify, read (storage/parts.py)
         self._vlock = threading.Lock()
         self._compactor: Any = None
         self._closed = False
@@ -97,8 +96,6 @@ class Client:
             check_row_schema(schema, f"shard {shard}")
         s = m.fetch_or_init(schema)
         if s.is_tombstone:
-            from .read import tombstone_error
-
             raise tombstone_error(m.shard_id)
         return WriteHandle(self, m, s.schema, writer_id or new_id("w"), compact=compact)
 
@@ -154,56 +151,8 @@ class Client:
             "metadata": dict(s.metadata),
         }
 
-    # ---- parts ----
-    def _corrupt(self, shard: str, batch: st.BatchMeta, part: st.PartMeta, what: str) -> CorruptPart:
-        return CorruptPart(
-            f"shard {shard}: batch [{batch.lower.time}, {_end(batch.upper)}) part {part.key}: {what}"
-        )
-
-    def verify_part(self, shard: str, batch: st.BatchMeta, part: st.PartMeta) -> str | None:
-        """Check a part's sha256; return its local path (None for remote blobs, checked by read_part).
-
-        SUBTLE: parts are write-once, so a successful check is remembered per
-        (key, size, mtime, inode); rewriting or replacing the file changes that
-        identity and forces a fresh check.
-        """
-        path = self.blob.local_path(part.key)
-        if path is None:
-            return None
-        try:
-            stt = os.stat(path)
-        except FileNotFoundError:
-            raise self._corrupt(shard, batch, part, "missing") from None
-        ident = (part.key, stt.st_size, stt.st_mtime_ns, stt.st_ino)
-        with self._vlock:
-            if ident in self._verified:
-                return path
-        if stt.st_size != part.bytes:
-            raise self._corrupt(shard, batch, part, f"size {stt.st_size} bytes, expected {part.bytes}")
-        with builtins.open(path, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        if digest != part.sha256:
-            raise self._corrupt(shard, batch, part, f"sha256 {digest[:12]}.. does not match {part.sha256[:12]}..")
-        with self._vlock:
-            if len(self._verified) > 100_000:
-                self._verified.clear()
-            self._verified[ident] = None
-        return path
-
-    def read_part(self, shard: str, batch: st.BatchMeta, part: st.PartMeta) -> pa.Table:
-        """Fetch, verify and decode one part."""
-        data = self.blob.get(part.key)
-        if data is None:
-            raise self._corrupt(shard, batch, part, "missing")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != part.sha256:
-            raise self._corrupt(shard, batch, part, f"sha256 {digest[:12]}.. does not match {part.sha256[:12]}..")
-        return pq.read_table(io.BytesIO(data))
-
     # ---- lifecycle (storage/compact.py, storage/gc.py) ----
-    def compact(self, shard: str, **kw: Any) -> Any:
-        from .compact import compact
-
+    def compact(self, shard: str, **kw: Any) -> CompactReport:
         return compact(self, ShardId(shard), **kw)
 
     @property
@@ -214,8 +163,6 @@ class Client:
         """
         with self._vlock:
             if self._compactor is None:
-                from .compact import BackgroundCompactor
-
                 self._compactor = BackgroundCompactor(self)
             return self._compactor
 
@@ -223,15 +170,11 @@ class Client:
         """Wait until background compaction has nothing pending; True unless timed out."""
         return self._compactor is None or self._compactor.wait_idle(timeout)
 
-    def gc(self, shard: str, **kw: Any) -> Any:
-        from .gc import gc
-
+    def gc(self, shard: str, **kw: Any) -> GcReport:
         report = gc(self, ShardId(shard), **kw)
         if report.deleted and not kw.get("dry_run"):
             # Forget the checks of deleted parts, so the cache tracks live parts only.
-            gone = set(report.deleted)
-            with self._vlock:
-                self._verified = {k: None for k in self._verified if k[0] not in gone}
+            self.parts.forget(report.deleted)
         return report
 
     def reclaim_space(self) -> int:
@@ -245,13 +188,9 @@ class Client:
         return int(reclaim()) if reclaim is not None else 0
 
     def finalize(self, shard: str) -> None:
-        from .gc import finalize
-
         return finalize(self, ShardId(shard))
 
-    def verify(self, shard: str) -> Any:
-        from .gc import verify
-
+    def verify(self, shard: str) -> VerifyReport:
         return verify(self, ShardId(shard))
 
     def stop_compaction(self, *, grace: float = 1.0, timeout: float = 5.0) -> bool:
@@ -323,10 +262,6 @@ class SinceHandle:
 
 def _is_epoch(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _end(f: Frontier) -> str:
-    return "inf" if f.is_empty else str(f.time)
 
 
 def open(

@@ -34,7 +34,6 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import duckdb
 
@@ -42,12 +41,9 @@ from . import connections
 from . import state as st
 from .errors import CorruptPart, InvalidInput
 from .frontier import Frontier
-from .read import parts_source, tombstone_error
+from .parts import ShardEnv, parts_source
+from .read import tombstone_error
 from .updates import consolidate_sql, overflow_checked, update_schema
-from .write import write_parts
-
-if TYPE_CHECKING:
-    from .client import Client
 
 FANOUT = 6
 
@@ -241,7 +237,7 @@ class Interrupted(Exception):
 
 
 def run_merge(
-    client: Client, state: st.ShardState, plan: MergePlan, *, interrupt: Interrupt | None = None
+    client: ShardEnv, state: st.ShardState, plan: MergePlan, *, interrupt: Interrupt | None = None
 ) -> st.BatchMeta:
     """Read, advance, consolidate and write one merge's output. Does not touch the state."""
     if not plan.rewrites:
@@ -269,12 +265,12 @@ def run_merge(
     if interrupt is not None and interrupt.stopped:
         raise Interrupted(f"shard {state.shard_id}: compaction stopped")
     out = out.cast(update_schema(state.schema))
-    parts = write_parts(client, state.shard_id, out) if out.num_rows else ()
+    parts = client.parts.write(state.shard_id, out)
     return st.BatchMeta(plan.lower, plan.upper, plan.since, parts, consolidated=True)
 
 
 def compact(
-    client: Client,
+    client: ShardEnv,
     shard: str,
     *,
     max_merges: int | None = None,
@@ -377,7 +373,7 @@ class BackgroundCompactor:
     calls it on `close()` and at interpreter exit.
     """
 
-    def __init__(self, client: Client):
+    def __init__(self, client: ShardEnv):
         self.client = client
         self._cv = threading.Condition()
         self._pending: dict[str, None] = {}

@@ -25,12 +25,10 @@ mtimes are wall-clock times, whatever clock the client was opened with).
 
 from __future__ import annotations
 
-import hashlib
 import io
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import duckdb
 import pyarrow as pa
@@ -40,10 +38,9 @@ from . import connections
 from . import state as st
 from .errors import CorruptPart, ShardflowError, StateCorrupt
 from .machine import Machine
+from .parts import ShardEnv, parts_source
+from .read import snapshot_sql
 from .updates import DIFF, INT64_MAX, first_bad_string, overflow_checked
-
-if TYPE_CHECKING:
-    from .client import Client
 
 # Writers put parts, then CAS; a merge of a big run takes a while. A part younger
 # than this may still be on its way into the state, so gc leaves it alone.
@@ -111,7 +108,7 @@ def live_pin(s: st.ShardState, now_ms: int) -> int:
     return min([s.seqno, *pins])
 
 
-def gc(client: Client, shard: str, *, grace_ms: int = DEFAULT_GRACE_MS, dry_run: bool = False) -> GcReport:
+def gc(client: ShardEnv, shard: str, *, grace_ms: int = DEFAULT_GRACE_MS, dry_run: bool = False) -> GcReport:
     """Delete the shard's unreachable parts and truncate consensus below the live pin.
 
     Never deletes a part referenced by a state version at or after the oldest
@@ -183,7 +180,7 @@ def gc(client: Client, shard: str, *, grace_ms: int = DEFAULT_GRACE_MS, dry_run:
     return report
 
 
-def finalize(client: Client, shard: str) -> None:
+def finalize(client: ShardEnv, shard: str) -> None:
     """Finalize `shard`: close its upper, then its since; forget its batches; delete its parts.
 
     Afterwards the shard is a tombstone: every later read or write raises
@@ -212,7 +209,7 @@ def finalize(client: Client, shard: str) -> None:
         m.consensus.truncate(m.key, s.seqno)
 
 
-def verify(client: Client, shard: str) -> VerifyReport:
+def verify(client: ShardEnv, shard: str) -> VerifyReport:
     """Check that the shard can be read back, and list every problem found.
 
     Per part: it exists and is a readable file, matches its size and sha256,
@@ -235,31 +232,20 @@ def verify(client: Client, shard: str) -> VerifyReport:
         for p in b.parts:
             report.parts_checked += 1
             try:
-                data = client.blob.get(p.key)
+                raw = client.blob.get(p.key)
             except OSError as e:  # e.g. a directory in place of the part
                 why = e.strerror or str(e)
-                report.problems.append(client._corrupt(m.shard_id, b, p, f"unreadable ({why})"))
+                report.problems.append(client.parts.corrupt(m.shard_id, b, p, f"unreadable ({why})"))
                 continue
-            if data is None:
-                report.problems.append(client._corrupt(m.shard_id, b, p, "missing"))
-                continue
-            report.bytes_checked += len(data)
-            if len(data) != p.bytes:
-                report.problems.append(
-                    client._corrupt(m.shard_id, b, p, f"size {len(data)} bytes, expected {p.bytes}")
-                )
-                continue
-            digest = hashlib.sha256(data).hexdigest()
-            if digest != p.sha256:
-                report.problems.append(
-                    client._corrupt(
-                        m.shard_id, b, p, f"sha256 {digest[:12]}.. does not match {p.sha256[:12]}.."
-                    )
-                )
+            report.bytes_checked += 0 if raw is None else len(raw)
+            try:
+                data = client.parts.check(m.shard_id, b, p, raw)
+            except CorruptPart as e:
+                report.problems.append(e)
                 continue
             poison = _poisoned(data)
             if poison is not None:
-                report.problems.append(client._corrupt(m.shard_id, b, p, poison))
+                report.problems.append(client.parts.corrupt(m.shard_id, b, p, poison))
     if report.ok and not s.is_tombstone:
         _check_consolidates(client, s, report)
     return report
@@ -279,10 +265,8 @@ def _poisoned(data: bytes) -> str | None:
     return f"column {name!r} {at}: string is not valid UTF-8"
 
 
-def _check_consolidates(client: Client, s: st.ShardState, report: VerifyReport) -> None:
+def _check_consolidates(client: ShardEnv, s: st.ShardState, report: VerifyReport) -> None:
     """Consolidate the whole shard at its latest time, as a snapshot would; record why it fails."""
-    from .read import parts_source, snapshot_sql
-
     batches = [b for b in s.batches if b.parts]
     if not batches:
         return

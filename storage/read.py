@@ -7,18 +7,18 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import connections
 from . import state as st
 from .errors import LeaseExpired, NegativeCount, NotYetReadable, ReadBeforeSince, Tombstone
 from .frontier import Frontier
+from .machine import Machine
+from .parts import PartsSource, ShardEnv, parts_source, parts_source_with_diffs
 from .updates import (
     DIFF,
     TIME,
@@ -30,10 +30,6 @@ from .updates import (
     qident,
     update_schema,
 )
-
-if TYPE_CHECKING:
-    from .client import Client
-    from .machine import Machine
 
 DEFAULT_LEASE_MS = 60_000
 DEFAULT_TIMEOUT_S = 10.0
@@ -51,116 +47,6 @@ def _sleep_backoff(attempt: int) -> None:
 
 def tombstone_error(shard_id: str) -> Tombstone:
     return Tombstone(f"shard {shard_id}: finalized (a tombstone); it takes no reads or writes")
-
-
-DiffRange = tuple[int, int]  # (min, max) of `_diff` over some parts
-
-
-@dataclass(frozen=True)
-class PartsSource:
-    """FROM-clauses over a state's parts, with what their Parquet statistics say of `_diff`.
-
-    `src` reads every part. `diffs` is (min, max) `_diff` over them, None if
-    unknown or there are no parts. `neg`/`pos` read only the parts whose min
-    `_diff` is negative / not negative (None when not split: remote parts, or
-    statistics missing); `find_negative` uses them to sum fewer updates.
-    """
-
-    src: str
-    diffs: DiffRange | None = None
-    neg: str | None = None
-    pos: str | None = None
-
-
-def parts_source(client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str) -> str:
-    """Verify the parts of `batches` and return a DuckDB FROM-clause over them.
-
-    Local parts are read by DuckDB straight from their files; parts on a remote
-    blob are fetched, verified and registered as one Arrow table under `name`.
-    An empty list yields an empty relation with the shard's update schema.
-    """
-    return _parts_source(client, s, batches, con, name, diffs=False).src
-
-
-def parts_source_with_diffs(
-    client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str
-) -> PartsSource:
-    """`parts_source`, plus what the parts' statistics say of `_diff` (see `PartsSource`).
-
-    Local parts answer from their Parquet footers (no data is read), remote
-    parts from the fetched table. A min `>= 0` proves no count can be negative,
-    so the snapshot needs no check (see `check_counts`).
-    """
-    return _parts_source(client, s, batches, con, name, diffs=True)
-
-
-def _parts_source(
-    client: Client, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str, *, diffs: bool
-) -> PartsSource:
-    parts = [(b, p) for b in batches for p in b.parts]
-    schema = update_schema(s.schema)
-    if not parts:
-        con.register(name, schema.empty_table())
-        return PartsSource(qident(name))
-    paths = []
-    tables = []
-    for b, p in parts:
-        path = client.verify_part(s.shard_id, b, p)
-        if path is not None:
-            paths.append(path)
-        else:
-            tables.append(client.read_part(s.shard_id, b, p))
-    if tables:
-        for path in paths:
-            tables.append(pq.read_table(path))
-        t = pa.concat_tables([_conform(x, schema) for x in tables])
-        con.register(name, t)
-        rng: DiffRange | None = None
-        if diffs and t.num_rows:
-            mm = pc.min_max(t.column(DIFF))
-            rng = (mm["min"].as_py(), mm["max"].as_py())
-        return PartsSource(qident(name), rng)
-    if not diffs:
-        return PartsSource(_read_parquet(con, s, schema, paths))
-    ranges = [_footer_diff_range(x) for x in paths]
-    known = [r for r in ranges if r is not None]
-    if len(known) < len(ranges) or not known:
-        return PartsSource(_read_parquet(con, s, schema, paths))
-    neg = [x for x, r in zip(paths, known, strict=True) if r[0] < 0]
-    pos = [x for x, r in zip(paths, known, strict=True) if r[0] >= 0]
-    return PartsSource(
-        _read_parquet(con, s, schema, paths),
-        (min(r[0] for r in known), max(r[1] for r in known)),
-        _read_parquet(con, s, schema, neg) if neg else None,
-        _read_parquet(con, s, schema, pos) if pos else None,
-    )
-
-
-def _read_parquet(con: duckdb.DuckDBPyConnection, s: st.ShardState, schema: pa.Schema, paths: list[str]) -> str:
-    lst = "[" + ", ".join("'" + x.replace("'", "''") + "'" for x in paths) + "]"
-    if s.schema_changed:
-        # Older parts lack added (nullable) columns; union_by_name fills them with NULL.
-        cols = ", ".join(f"CAST({qident(f.name)} AS {_duck_type(con, f.type)}) AS {qident(f.name)}" for f in schema)
-        return f"(SELECT {cols} FROM read_parquet({lst}, union_by_name=true))"
-    return f"read_parquet({lst})"
-
-
-def _footer_diff_range(path: str) -> DiffRange | None:
-    """(min, max) `_diff` from the Parquet statistics of one part; None if a row group lacks them."""
-    lo: int | None = None
-    hi: int | None = None
-    md = pq.read_metadata(path)
-    for g in range(md.num_row_groups):
-        rg = md.row_group(g)
-        if rg.num_rows == 0:
-            continue
-        col = next((rg.column(j) for j in range(rg.num_columns) if rg.column(j).path_in_schema == DIFF), None)
-        st_ = col.statistics if col is not None else None
-        if st_ is None or not st_.has_min_max:
-            return None
-        lo = st_.min if lo is None else min(lo, st_.min)
-        hi = st_.max if hi is None else max(hi, st_.max)
-    return None if lo is None or hi is None else (int(lo), int(hi))
 
 
 def find_negative(
@@ -248,21 +134,6 @@ def check_counts(con: duckdb.DuckDBPyConnection, s: st.ShardState, ps: PartsSour
         raise negative_count_error(what, row)
 
 
-def _duck_type(con: duckdb.DuckDBPyConnection, t: pa.DataType) -> str:
-    rel = con.from_arrow(pa.table({"x": pa.array([], type=t)}))
-    return str(rel.types[0])
-
-
-def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
-    cols = []
-    for f in schema:
-        if f.name in t.schema.names:
-            cols.append(t.column(f.name).cast(f.type))
-        else:
-            cols.append(pa.nulls(t.num_rows, f.type))
-    return pa.Table.from_arrays(cols, schema=schema)
-
-
 def snapshot_sql(s: st.ShardState, src: str, as_of: int, *, what: str | None = None) -> str:
     """The snapshot at `as_of` over `src` (`updates.consolidate_sql` with `as_of`); `what` names
     the shard in an overflow error (e.g. `collection 'bids' (shard s1..)`; default `shard <id>`)."""
@@ -270,7 +141,7 @@ def snapshot_sql(s: st.ShardState, src: str, as_of: int, *, what: str | None = N
 
 
 def snapshot_source(
-    client: Client, s: st.ShardState, as_of: int, con: duckdb.DuckDBPyConnection, *, diffs: bool = False,
+    client: ShardEnv, s: st.ShardState, as_of: int, con: duckdb.DuckDBPyConnection, *, diffs: bool = False,
     what: str | None = None,
 ) -> tuple[str, PartsSource]:
     """The one snapshot path: the query of the snapshot of `s` at `as_of`, over its parts registered on `con`.
@@ -291,7 +162,7 @@ def snapshot_source(
     return snapshot_sql(s, ps.src, as_of, what=what), ps
 
 
-def read_snapshot(client: Client, s: st.ShardState, as_of: int, *, what: str | None = None) -> pa.Table:
+def read_snapshot(client: ShardEnv, s: st.ShardState, as_of: int, *, what: str | None = None) -> pa.Table:
     """The snapshot of state version `s` at `as_of` as one table: the schema's columns plus `_diff`.
 
     Consolidated, with no negative-count check and no reader: the caller makes
@@ -347,7 +218,7 @@ class ReadHandle:
         [{'k': 'a', '_diff': 2}]
     """
 
-    def __init__(self, client: Client, machine: Machine, reader_id: str, lease_ms: int, heartbeat: bool = True):
+    def __init__(self, client: ShardEnv, machine: Machine, reader_id: str, lease_ms: int, heartbeat: bool = True):
         self.client = client
         self.machine = machine
         self.shard_id = machine.shard_id

@@ -1,47 +1,65 @@
-"""The write path: parts to blob first, then one compare-and-set of the state."""
+"""The write path: batches of parts written to blob first, then one compare-and-set of the state.
+
+As in persist, a `Batch` is an object: `WriteHandle.batch(updates, lower=,
+upper=)` writes the parts (nothing references them yet) and
+`WriteHandle.compare_and_append_batch(batches, ...)` appends them with one
+compare-and-set. `compare_and_append_batches` appends batches to several
+shards in one consensus transaction (atomic table writes).
+`compare_and_append(updates, ...)` is the two steps in one call.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import uuid
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from . import state as st
-from .errors import InvalidBounds, InvalidInput, OffsetsMismatch, UpperMismatch
+from .consensus import CasOp, VersionedData
+from .errors import (
+    InvalidBounds,
+    InvalidInput,
+    InvalidUppers,
+    OffsetsMismatch,
+    ShardNotFound,
+    UpperMismatch,
+)
 from .frontier import Frontier
-from .updates import DIFF, TIME, time_bounds, update_schema, validate_updates
+from .machine import Machine
+from .parts import ShardEnv
+from .read import tombstone_error
+from .updates import DIFF, TIME, as_table, time_bounds, update_schema, validate_updates
 
-if TYPE_CHECKING:
-    from .client import Client
-    from .machine import Machine
-
-PART_MAX_ROWS = 1 << 20
 WRITER_LEASE_MS = 15 * 60 * 1000
+#: Lost compare-and-sets in a row after which a multi-shard append gives up.
+MAX_CAS_ATTEMPTS = 100
 
 
-def encode_part(table: pa.Table) -> bytes:
-    """A part's bytes: Parquet with statistics, so reads can skip row groups by `_time`."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="snappy", write_statistics=True)
-    return sink.getvalue().to_pybytes()
+@dataclass(frozen=True)
+class Batch:
+    """Updates at times `[lower, upper)` of one shard, written as parts but not yet appended.
 
+    Make one with `WriteHandle.batch`; append it with
+    `WriteHandle.compare_and_append_batch` (or `compare_and_append_batches`
+    for several shards at once). Immutable and picklable: a batch written by
+    one worker may be appended by another. A batch never appended leaves
+    orphan parts, which gc deletes after its grace period.
+    """
 
-def write_parts(client: Client, shard_id: str, table: pa.Table) -> tuple[st.PartMeta, ...]:
-    """Write `table` as one or more parts (at most PART_MAX_ROWS rows each); return their metas."""
-    metas = []
-    for off in range(0, table.num_rows, PART_MAX_ROWS):
-        chunk = table.slice(off, PART_MAX_ROWS)
-        data = encode_part(chunk)
-        key = f"{shard_id}/p{uuid.uuid4().hex}.parquet"
-        client.blob.put(key, data)
-        metas.append(st.PartMeta(key, hashlib.sha256(data).hexdigest(), chunk.num_rows, len(data)))
-    return tuple(metas)
+    shard_id: str
+    lower: Frontier
+    upper: Frontier
+    parts: tuple[st.PartMeta, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.parts)
 
 
 def check_bounds(shard_id: str, table: pa.Table, lower: Frontier, upper: Frontier) -> None:
@@ -77,6 +95,29 @@ def _json_offsets(shard_id: str, what: str, offs: Mapping[str, Any] | None) -> d
     return out
 
 
+def _check_token(shard_id: str, token: Any) -> None:
+    if token is not None and not isinstance(token, str):
+        raise InvalidInput(f"shard {shard_id}: idempotency token must be a str, got {type(token).__name__}")
+
+
+def _check_batches(shard_id: str, batches: Sequence[Batch], lower: Frontier, upper: Frontier) -> None:
+    """Every batch is of `shard_id` and inside `[lower, upper)`; data needs `lower < upper`."""
+    if upper < lower:
+        raise InvalidBounds(f"shard {shard_id}: new upper {upper} is before expected upper {lower}")
+    for b in batches:
+        if not isinstance(b, Batch):
+            raise InvalidInput(f"shard {shard_id}: expected a Batch (from WriteHandle.batch), got {type(b).__name__}")
+        if b.shard_id != shard_id:
+            raise InvalidBounds(f"shard {shard_id}: a batch of shard {b.shard_id} cannot be appended here")
+        if b.lower < lower or upper < b.upper:
+            raise InvalidBounds(
+                f"shard {shard_id}: batch [{b.lower.time}, {_end(b.upper)}) is not inside "
+                f"[{lower.time}, {_end(upper)})"
+            )
+        if b.parts and upper <= lower:
+            raise InvalidBounds(f"shard {shard_id}: {b.rows} updates but the batch [{lower}, {upper}) is empty")
+
+
 def _offsets_check(shard_id: str, s: st.ShardState, expected: Mapping[str, Any] | None) -> None:
     if not expected:
         return
@@ -100,7 +141,7 @@ class WriteHandle:
     """
 
     def __init__(
-        self, client: Client, machine: Machine, schema: pa.Schema, writer_id: str, *, compact: bool = True
+        self, client: ShardEnv, machine: Machine, schema: pa.Schema, writer_id: str, *, compact: bool = True
     ):
         self.client = client
         self.machine = machine
@@ -125,13 +166,29 @@ class WriteHandle:
         """
         s = self.machine.fetch()
         if s.is_tombstone:
-            from .read import tombstone_error
-
             raise tombstone_error(self.shard_id)
         return s.upper
 
     def _validate(self, updates: Any) -> pa.Table:
         return validate_updates(updates, self.schema, f"shard {self.shard_id}")
+
+    def _write(self, table: pa.Table, lower: Frontier, upper: Frontier) -> Batch:
+        return Batch(self.shard_id, lower, upper, self.client.parts.write(self.shard_id, table) if table.num_rows else ())
+
+    def batch(self, updates: Any, *, lower: Frontier | int, upper: Frontier | int | None) -> Batch:
+        """Write `updates` as the parts of a batch `[lower, upper)`, without appending it.
+
+        Append it with `compare_and_append_batch` (at any `[expected_upper,
+        new_upper)` that contains `[lower, upper)`).
+
+        Raises:
+            SchemaMismatch, InvalidInput: as in `compare_and_append`.
+            InvalidBounds: a time outside `[lower, upper)`, or `upper` before `lower`.
+        """
+        lo, up = Frontier.of(lower), Frontier.of(upper)
+        table = self._validate(updates)
+        check_bounds(self.shard_id, table, lo, up)
+        return self._write(table, lo, up)
 
     def compare_and_append(
         self,
@@ -146,8 +203,9 @@ class WriteHandle:
     ) -> st.Appended | st.AlreadyCommitted:
         """Append `updates` as the batch `[expected_upper, new_upper)` iff the upper is `expected_upper`.
 
-        Order: validate the schema, check the bounds, write the parts, CAS the state.
-        Nothing becomes visible on any error. An empty batch only advances the upper;
+        Order: validate the schema, check the bounds, write the parts (`batch`),
+        CAS the state (`compare_and_append_batch`). Nothing becomes visible on
+        any error. An empty batch only advances the upper;
         `new_upper=Frontier.EMPTY` (or None) closes the shard. `metadata` is
         committed in the same CAS as the data.
 
@@ -173,26 +231,65 @@ class WriteHandle:
                 (checked first); `.current` holds the committed ones.
         """
         lower, upper = Frontier.of(expected_upper), Frontier.of(new_upper)
-        offsets = _json_offsets(self.shard_id, "offsets", offsets)
-        expected_offsets = _json_offsets(self.shard_id, "expected_offsets", expected_offsets)
+        offs = _json_offsets(self.shard_id, "offsets", offsets)
+        expected = _json_offsets(self.shard_id, "expected_offsets", expected_offsets)
         table = self._validate(updates)
         check_bounds(self.shard_id, table, lower, upper)
-        if token is not None and not isinstance(token, str):
-            raise InvalidInput(f"shard {self.shard_id}: idempotency token must be a str, got {type(token).__name__}")
+        _check_token(self.shard_id, token)
         # Cheap early check: the upper only moves forward, so once it is past `lower`
         # this append can never succeed. Skipping the part writes leaves no orphans.
         cur = self.machine.fetch()
         if cur.is_tombstone:
-            st.compare_and_append(cur, st.BatchMeta(lower, upper, Frontier.MIN), writer_id=self.writer_id,
-                                  token=None, metadata=None, lease_ms=0, now_ms=0)  # raises Tombstone
+            raise tombstone_error(self.shard_id)
         w = cur.writers.get(self.writer_id)
         if token is not None and w is not None and w.last_token == token:
             return st.AlreadyCommitted(token, cur.upper)
-        _offsets_check(self.shard_id, cur, expected_offsets)
+        _offsets_check(self.shard_id, cur, expected)
         if lower < cur.upper:
             raise UpperMismatch(self.shard_id, lower, cur.upper)
-        parts = write_parts(self.client, self.shard_id, table) if table.num_rows else ()
-        batch = st.BatchMeta(lower, upper, Frontier.MIN, parts)
+        return self._append([self._write(table, lower, upper)], lower, upper, token, metadata, offs, expected)
+
+    def compare_and_append_batch(
+        self,
+        batches: Sequence[Batch],
+        *,
+        expected_upper: Frontier | int | None,
+        new_upper: Frontier | int | None,
+        token: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        offsets: Mapping[str, Any] | None = None,
+        expected_offsets: Mapping[str, Any] | None = None,
+    ) -> st.Appended | st.AlreadyCommitted:
+        """Append the parts of `batches` as one batch `[expected_upper, new_upper)` iff the upper is `expected_upper`.
+
+        Each batch must be of this shard and lie inside `[expected_upper,
+        new_upper)`. Outcomes, `token`, `metadata`, `offsets` and
+        `expected_offsets` are as in `compare_and_append`. On `UpperMismatch`
+        the batches stay unappended (append them again at the new upper, or
+        leave their parts to gc).
+
+        Raises:
+            InvalidBounds: a batch outside `[expected_upper, new_upper)` or of another shard.
+            UpperMismatch, OffsetsMismatch, Tombstone: as in `compare_and_append`.
+        """
+        lower, upper = Frontier.of(expected_upper), Frontier.of(new_upper)
+        offs = _json_offsets(self.shard_id, "offsets", offsets)
+        expected = _json_offsets(self.shard_id, "expected_offsets", expected_offsets)
+        _check_token(self.shard_id, token)
+        _check_batches(self.shard_id, batches, lower, upper)
+        return self._append(batches, lower, upper, token, metadata, offs, expected)
+
+    def _append(
+        self,
+        batches: Sequence[Batch],
+        lower: Frontier,
+        upper: Frontier,
+        token: str | None,
+        metadata: Mapping[str, Any] | None,
+        offsets: dict[str, Any] | None,
+        expected_offsets: dict[str, Any] | None,
+    ) -> st.Appended | st.AlreadyCommitted:
+        batch = st.BatchMeta(lower, upper, Frontier.MIN, tuple(p for b in batches for p in b.parts))
 
         _, result = self.machine.apply(
             st.compare_and_append, batch, writer_id=self.writer_id, token=token, metadata=metadata,
@@ -201,7 +298,7 @@ class WriteHandle:
         if isinstance(result, st.OffsetsMismatchResult):
             raise OffsetsMismatch(self.shard_id, result.expected, result.current)
         if isinstance(result, st.UpperMismatchResult):
-            # The parts we wrote are orphans now; gc removes them after its grace period.
+            # The parts are not referenced; gc removes them after its grace period.
             raise UpperMismatch(self.shard_id, result.expected, result.current)
         if self.compact and isinstance(result, st.Appended):
             # Cheap and coalescing: the compactor thread plans (plan_compaction) and merges.
@@ -257,8 +354,6 @@ class WriteHandle:
         `expected_offsets` is not: it raises `OffsetsMismatch` (see
         `compare_and_append`), since retrying would commit the same input twice.
         """
-        from .updates import as_table
-
         t = as_table(rows, f"shard {self.shard_id}")
         if TIME in t.schema.names:
             t = t.drop_columns([TIME])
@@ -280,3 +375,87 @@ class WriteHandle:
                 return ts
             except UpperMismatch:
                 continue
+
+
+def compare_and_append_batches(
+    env: ShardEnv,
+    appends: Mapping[str, tuple[Sequence[Batch], Frontier | int | None, Frontier | int | None]],
+    *,
+    writer_id: str,
+    at_upper: bool = False,
+    schemas: Mapping[str, pa.Schema] | None = None,
+    fence: Callable[[], CasOp | None] | None = None,
+    clock: Callable[[], int] | None = None,
+    compact: bool = True,
+    max_attempts: int = MAX_CAS_ATTEMPTS,
+) -> dict[str, Frontier]:
+    """Append batches to several shards in ONE consensus transaction: all become visible, or none.
+
+    `appends` maps shard id -> `(batches, expected_upper, new_upper)`; each
+    shard's batches are appended as one batch `[expected_upper, new_upper)`
+    (as `WriteHandle.compare_and_append_batch`, by writer `writer_id`).
+
+    With `at_upper=True`, `expected_upper` is a bound, not an expectation: each
+    shard's batch starts at its current upper, which must be at or before
+    `expected_upper` (the table write: every table at `write_ts`). A shard
+    without state is created with `schemas[shard]`. `fence()` runs before
+    every attempt; a compare-and-set it returns joins the transaction (the
+    controller's epoch check). A lost compare-and-set (another change to one of
+    the keys) is retried with fresh heads; the parts are reused. Appended
+    shards wake the compactor unless `compact=False`.
+
+    Returns:
+        shard id -> its new upper.
+
+    Raises:
+        UpperMismatch: a shard's upper is not `expected_upper` (with
+            `at_upper`: is past it); nothing was written.
+        InvalidBounds: a batch outside its `[expected_upper, new_upper)`.
+        InvalidUppers: lost `max_attempts` compare-and-sets in a row.
+        Tombstone: a shard was finalized.
+    """
+    bounds = {sid: (Frontier.of(lo), Frontier.of(up)) for sid, (_, lo, up) in appends.items()}
+    for sid, (batches, _, _) in appends.items():
+        _check_batches(sid, batches, *bounds[sid])
+    parts = {sid: tuple(p for b in batches for p in b.parts) for sid, (batches, _, _) in appends.items()}
+    if not bounds:
+        return {}
+    now = clock or env.clock
+    attempt = 0
+    while True:
+        extra = fence() if fence is not None else None
+        ops = []
+        now_ms = now()
+        for sid, (lower, upper) in bounds.items():
+            m = env.machine(sid)
+            try:
+                s, exists = m.fetch(), True
+            except ShardNotFound:
+                if schemas is None or sid not in schemas:
+                    raise
+                s, exists = st.initial(sid, schemas[sid]), False
+            if s.is_tombstone:
+                raise tombstone_error(sid)
+            at = s.upper if at_upper and s.upper <= lower else lower
+            new, res = st.compare_and_append(
+                s, st.BatchMeta(at, upper, Frontier.MIN, parts[sid]), writer_id=writer_id, token=None,
+                metadata=None, lease_ms=WRITER_LEASE_MS, now_ms=now_ms,
+            )
+            if isinstance(res, st.UpperMismatchResult):
+                raise UpperMismatch(sid, res.expected, res.current)
+            if new is None:
+                continue  # an empty-width append: nothing to write for this shard
+            seqno = s.seqno + 1 if exists else 0
+            ops.append(CasOp(m.key, s.seqno if exists else None, VersionedData(seqno, replace(new, seqno=seqno).encode())))
+        if extra is not None and ops:
+            ops.append(extra)
+        if not ops or m.consensus.compare_and_set_many(ops):
+            break
+        attempt += 1
+        if attempt >= max_attempts:
+            raise InvalidUppers(f"append to {len(bounds)} shards: lost {attempt} races in a row; nothing was written")
+        time.sleep(min(0.0005 * 2 ** min(attempt, 8), 0.05) * random.random())
+    if compact:
+        for sid in bounds:
+            env.compactor.request(sid)
+    return {sid: up for sid, (_, up) in bounds.items()}

@@ -1,31 +1,27 @@
 """Atomic appends to several shards: one consensus transaction over every shard key.
 
-`append_tables` writes each table's parts to blob first (nothing references
-them yet), then builds every shard's next state with the pure
-`state.compare_and_append` and commits them all with one
-`consensus.compare_and_set_many`: either every table's batch becomes visible,
-or none does. A lost CAS (someone else changed one of the shards) re-reads the
-heads and re-checks the uppers; the parts are reused.
+`append_tables` writes each table's rows as a `Batch` (parts in blob, nothing
+references them yet), then appends them all with
+`storage.write.compare_and_append_batches`: either every table's batch becomes
+visible, or none does. A lost CAS (someone else changed one of the shards)
+re-reads the heads and re-checks the uppers there; the parts are reused.
 """
 
 from __future__ import annotations
 
-import random
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .. import state as st
-from ..consensus import CasOp, VersionedData
-from ..errors import InvalidBounds, InvalidUppers, InvariantViolated, UpdateBeyondUpper
+from ..consensus import CasOp
+from ..errors import InvalidBounds, InvalidUppers, ShardNotFound, UpdateBeyondUpper, UpperMismatch
 from ..frontier import Frontier
-from ..machine import shard_key
+from ..parts import ShardEnv
 from ..read import tombstone_error
 from ..updates import DIFF, TIME, as_table, update_schema, validate_updates
-from ..write import WRITER_LEASE_MS, write_parts
+from ..write import Batch, WriteHandle, compare_and_append_batches
 
 
 @dataclass(frozen=True)
@@ -62,7 +58,7 @@ def table_updates(w: TableWrite, write_ts: int, advance_to: Frontier) -> pa.Tabl
 
 
 def append_tables(
-    client: object,
+    client: ShardEnv,
     writes: list[TableWrite],
     write_ts: int,
     advance_to: Frontier,
@@ -91,52 +87,38 @@ def append_tables(
     if not advance_to.is_empty and advance_to.less_than(write_ts):
         raise InvalidBounds(f"append_table: advance_to {advance_to} is before write_ts {write_ts}")
     ups = {w.name: table_updates(w, write_ts, advance_to) for w in writes}
-    consensus = client.consensus  # type: ignore[attr-defined]
-    parts: dict[str, tuple[st.PartMeta, ...] | None] = {w.name: None for w in writes}
-    attempt = 0
-    while True:
-        fence = check()
-        heads = {}
-        for w in writes:
-            h = consensus.head(shard_key(w.shard_id))
-            s = st.initial(w.shard_id, w.schema) if h is None else st.ShardState.decode(
-                h.data, f"shard {w.shard_id} seqno {h.seqno}", seqno=h.seqno, shard_id=w.shard_id
-            )
-            if h is not None and s.seqno != h.seqno:
-                s = replace(s, seqno=h.seqno)
-            if s.is_tombstone:
-                raise tombstone_error(w.shard_id)
-            heads[w.name] = (h, s)
-        stale = {n: s.upper for n, (_, s) in heads.items() if not s.upper.less_equal(write_ts)}
-        if stale:
-            desc = ", ".join(f"{n!r} (upper {u})" for n, u in sorted(stale.items()))
-            msg = f"append_table at write_ts {write_ts}: table upper(s) already past it: {desc}; nothing was written"
-            raise InvalidUppers(msg)
-        ops = []
-        now_ms = now()
-        for w in writes:
-            h, s = heads[w.name]
-            if parts[w.name] is None:
-                t = ups[w.name]
-                parts[w.name] = write_parts(client, w.shard_id, t) if t.num_rows else ()  # type: ignore[arg-type]
-            batch = st.BatchMeta(s.upper, advance_to, Frontier.MIN, parts[w.name] or ())
-            new, res = st.compare_and_append(
-                s, batch, writer_id=writer_id, token=None, metadata=None, lease_ms=WRITER_LEASE_MS, now_ms=now_ms
-            )
-            if not isinstance(res, st.Appended):  # INVARIANT: lower == the upper just read
-                raise InvariantViolated(f"table {w.name!r} (shard {w.shard_id}): append at its own upper returned {res}")
-            if new is None:
-                continue  # [upper, advance_to) is empty: nothing to write for this table
-            if h is None:
-                ops.append(CasOp(shard_key(w.shard_id), None, VersionedData(0, replace(new, seqno=0).encode())))
-            else:
-                new = replace(new, seqno=h.seqno + 1)
-                ops.append(CasOp(shard_key(w.shard_id), h.seqno, VersionedData(new.seqno, new.encode())))
-        if fence is not None and ops:
-            ops.append(fence)
-        if not ops or consensus.compare_and_set_many(ops):
-            return {w.name: advance_to for w in writes}
-        attempt += 1
-        if attempt >= max_attempts:
-            raise InvalidUppers(f"append_table at write_ts {write_ts}: lost {attempt} races in a row; nothing was written")
-        time.sleep(min(0.0005 * 2 ** min(attempt, 8), 0.05) * random.random())
+    batches: dict[str, Batch] = {}
+    for w in writes:
+        t = ups[w.name]
+        batches[w.name] = _writer(client, w).batch(t, lower=write_ts, upper=advance_to) if t.num_rows else Batch(
+            w.shard_id, Frontier(write_ts), advance_to
+        )
+    try:
+        compare_and_append_batches(
+            client,
+            {w.shard_id: ([batches[w.name]], write_ts, advance_to) for w in writes},
+            writer_id=writer_id, at_upper=True, schemas={w.shard_id: w.schema for w in writes},
+            fence=check, clock=now, compact=False, max_attempts=max_attempts,
+        )
+    except UpperMismatch as e:
+        stale = {w.name: client.machine(w.shard_id).fetch().upper for w in writes}
+        stale = {n: u for n, u in stale.items() if not u.less_equal(write_ts)}
+        desc = ", ".join(f"{n!r} (upper {u})" for n, u in sorted(stale.items())) or f"shard {e.shard} (upper {e.current})"
+        msg = f"append_table at write_ts {write_ts}: table upper(s) already past it: {desc}; nothing was written"
+        raise InvalidUppers(msg) from None
+    except InvalidUppers as e:
+        raise InvalidUppers(f"append_table at write_ts {write_ts}: {e}") from None
+    return {w.name: advance_to for w in writes}
+
+
+def _writer(client: ShardEnv, w: TableWrite) -> WriteHandle:
+    """A handle to write `w`'s batch with; creates the table's shard if it has no state yet."""
+    m = client.machine(w.shard_id)
+    try:
+        s = m.fetch()
+    except ShardNotFound:
+        return WriteHandle(client, m, w.schema, writer_id="tables", compact=False)
+    if s.is_tombstone:
+        raise tombstone_error(w.shard_id)
+    schema = s.schema
+    return WriteHandle(client, m, schema, writer_id="tables", compact=False)

@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -214,9 +215,10 @@ def test_append_logic_stops_when_offsets_do_not_line_up(tmp_path: Path) -> None:
     shard = str(storage.ShardId.new())
     client.open_writer(shard, schema=SCHEMA)
     a, b = _logic(client, shard), _logic(client, shard)
-    b.clock = lambda: 0.0  # b buffers (its batch duration has not passed)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    b.now_getter = lambda: t0  # b buffers (its batch duration has not passed)
     b.batch_duration = 10.0
-    b.last_commit = 0.0
+    b.last_commit = t0
     b.on_batch([_tick(0, "f", {"file": "x", "pos": 10}), _tick(1, "f", {"file": "x", "pos": 20})])
     a.on_batch([_tick(0, "f", {"file": "x", "pos": 15})])  # another batching of the same file
     with pytest.raises(OffsetsMismatch) as ei:

@@ -22,7 +22,6 @@ from storage import state as st
 from storage.controller.catalog import CatalogStore
 from storage.frontier import Frontier
 from storage.updates import update_schema
-from storage.write import write_parts
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE = Path(sys.executable).parent / "shardflow"
@@ -147,7 +146,7 @@ def _append_unchecked(data: Path, name: str, rows: pa.Table) -> None:
         assert s.upper.time is not None
         t = rows.append_column("_time", pa.array([s.upper.time] * rows.num_rows, pa.int64()))
         t = t.append_column("_diff", pa.array([1] * rows.num_rows, pa.int64())).cast(update_schema(s.schema))
-        batch = st.BatchMeta(s.upper, Frontier(s.upper.time + 1), Frontier.MIN, write_parts(client, shard, t))
+        batch = st.BatchMeta(s.upper, Frontier(s.upper.time + 1), Frontier.MIN, client.parts.write(shard, t))
         client.machine(shard).apply(
             st.compare_and_append, batch, writer_id="old", token=None, metadata=None, lease_ms=60_000)
     finally:

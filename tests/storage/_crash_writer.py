@@ -37,7 +37,7 @@ def batch(n: int, rows: int) -> pa.Table:
 def main() -> None:
     root, shard, rows = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if len(sys.argv) > 4:
-        storage.write.PART_MAX_ROWS = int(sys.argv[4])
+        storage.parts.PART_MAX_ROWS = int(sys.argv[4])
     client = storage.open(root)
     w = client.open_writer(shard, schema=SCHEMA, writer_id="crash-writer")
     upper = w.upper

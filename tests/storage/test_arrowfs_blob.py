@@ -2,7 +2,7 @@
 
 Three flavours: `pyarrow.fs.LocalFileSystem` (which hands DuckDB local paths),
 a wrapper that returns None from `local_path` (so reads go through
-`client.read_part`: fetch, verify, decode to Arrow, as on S3), and an fsspec
+`client.parts.read`: fetch, verify, decode to Arrow, as on S3), and an fsspec
 filesystem wrapped in `pyarrow.fs.PyFileSystem(FSSpecHandler(...))` when fsspec
 is installed.
 """
@@ -129,8 +129,8 @@ def test_remote_like_blob_never_hands_duckdb_a_path(tmp_path, monkeypatch: pytes
     blob = RemoteLikeBlob(pafs.LocalFileSystem(), str(tmp_path / "blob"))
     client = storage.open(tmp_path / "root", blob=blob)
     calls = []
-    orig = client.read_part
-    monkeypatch.setattr(client, "read_part", lambda *a: calls.append(a[2].key) or orig(*a))
+    orig = client.parts.read
+    monkeypatch.setattr(client.parts, "read", lambda *a: calls.append(a[2].key) or orig(*a))
     shard = storage.ShardId.new()
     w = client.open_writer(shard, schema=SCHEMA, compact=False)
     w.compare_and_append(_updates(0), 0, 1)

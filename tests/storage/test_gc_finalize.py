@@ -12,7 +12,6 @@ import pytest
 import storage
 from storage import state as st
 from storage.gc import GcReport, finalize, gc, verify
-from storage.write import write_parts
 
 SCHEMA = pa.schema([("k", pa.string()), ("v", pa.int64())])
 
@@ -120,7 +119,7 @@ def test_gc_deletes_orphans_only_after_the_grace_period(client: storage.Client) 
     shard = storage.ShardId.new()
     _fill(client, shard, 3)
     # An orphan: the parts of an append whose CAS then lost (written, never referenced).
-    write_parts(client, shard, _rows(99))
+    client.parts.write(shard, _rows(99))
     orphans = _blob_keys(client, shard) - _live_keys(client, shard)
     assert len(orphans) == 1
     rep = gc(client, shard)  # default grace: minutes

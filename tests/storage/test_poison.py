@@ -18,7 +18,6 @@ from storage import state as st
 from storage.errors import DiffOverflow, InvalidInput
 from storage.frontier import Frontier
 from storage.updates import update_schema
-from storage.write import write_parts
 
 M = 2**63 - 1
 BAD = b"bad \xff\xfe"
@@ -169,7 +168,7 @@ def test_query_names_the_overflowing_row(client: storage.Client, overflowed: sto
 
 def _append_unchecked(client: storage.Client, shard: str, table: pa.Table, lower: int, upper: int) -> None:
     """Append the way a shardflow without the write checks did: parts as given, then the CAS."""
-    parts = write_parts(client, shard, table)
+    parts = client.parts.write(shard, table)
     batch = st.BatchMeta(Frontier(lower), Frontier(upper), Frontier.MIN, parts)
     m = client.machine(shard)
     m.apply(st.compare_and_append, batch, writer_id="old", token=None, metadata=None, lease_ms=60_000)
