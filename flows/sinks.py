@@ -24,13 +24,21 @@ import pyarrow.compute as pc
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 
-from storage import DIFF, TIME, Batch, Client, Frontier, Progress, UpdateBatch, WriteHandle
+from storage import (
+    TIME,
+    Batch,
+    Client,
+    Frontier,
+    Progress,
+    UpdateBatch,
+    WriteHandle,
+    consolidate_sql,
+    overflow_checked,
+)
 from storage.errors import InvalidInput, InvalidUppers, OffsetsMismatch, UpperMismatch
 
 # The consolidation SQL below (`_correction`, `_absorb`) is to move to storage's one
 # consolidation builder; until then it uses these helpers of `storage.updates`.
-from storage.updates import diff_sum_sql, overflow_checked, qident
-
 from .operators import FrontierTracker, OffsetQueue, check_item, one_key, tmax_of, tmin_of
 
 __all__ = ["Committed", "WrittenBatch", "append_sink", "persist_sink"]
@@ -362,17 +370,13 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         """
         con = self._duck()
         dsrc, psrc = self._sources(con, due, self.S, lo)
-        cols = [qident(n) for n in self.schema.names]
-        sel = ", ".join(cols)
-        sel_c = sel + ", " if cols else ""
         up = "" if upper.is_empty else f" AND {TIME} < {upper.time}"
-        q = (
-            f"SELECT {sel_c}greatest({TIME}, {lo})::BIGINT AS {TIME}, "
-            f"{diff_sum_sql(cols, f'step {self.step_id!r} (shard {self.shard})', f'greatest({TIME}, {lo})')} AS {DIFF} FROM ("
-            f"  SELECT {sel_c}{TIME}, {DIFF} FROM {dsrc} WHERE {TIME} >= {self.S}{up}"
-            f"  UNION ALL"
-            f"  SELECT {sel_c}{TIME}, -{DIFF} AS {DIFF} FROM {psrc} WHERE {TIME} >= {self.S} AND {TIME} < {lo}"
-            f") GROUP BY {sel_c}greatest({TIME}, {lo}) HAVING sum({DIFF}) <> 0"
+        q = consolidate_sql(
+            f"(SELECT * FROM {dsrc} WHERE {TIME} >= {self.S}{up})",
+            self.schema.names,
+            minus=f"(SELECT * FROM {psrc} WHERE {TIME} >= {self.S} AND {TIME} < {lo})",
+            since=lo,
+            where=f"step {self.step_id!r} (shard {self.shard})",
         )
         try:
             with overflow_checked():
@@ -389,17 +393,18 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         due = [w for w in self.pending if w.tmin < f.time]
         con = self._duck()
         dsrc, psrc = self._sources(con, due, self.S, f.time)
-        cols = [qident(n) for n in self.schema.names]
-        sel = ", ".join(cols)
-        grp = f" GROUP BY {sel}" if cols else ""
-        q = (
-            f"SELECT count(*) FROM (SELECT {sel + ', ' if cols else ''}sum({DIFF}) AS d FROM ("
-            f"  SELECT * FROM {dsrc} WHERE {TIME} >= {self.S} AND {TIME} < {f.time}"
-            f"  UNION ALL SELECT {sel + ', ' if cols else ''}{TIME}, -{DIFF} FROM {psrc}"
-            f"  WHERE {TIME} >= {self.S} AND {TIME} < {f.time}){grp} HAVING sum({DIFF}) <> 0)"
+        rng = f"{TIME} >= {self.S} AND {TIME} < {f.time}"
+        diff = consolidate_sql(
+            f"(SELECT * FROM {dsrc} WHERE {rng})",
+            self.schema.names,
+            minus=f"(SELECT * FROM {psrc} WHERE {rng})",
+            drop_time=True,
+            where=f"step {self.step_id!r} (shard {self.shard})",
         )
+        q = f"SELECT count(*) FROM ({diff})"
         try:
-            rows_ = con.sql(q).fetchall()
+            with overflow_checked():
+                rows_ = con.sql(q).fetchall()
             row = rows_[0] if rows_ else None
         finally:
             _unregister(con)

@@ -46,7 +46,9 @@ from .updates import (
     as_overflow,
     check_row_schema,
     consolidate,
+    consolidate_sql,
     duck,
+    overflow_checked,
     update_schema,
 )
 from .write import Batch, WriteHandle, compare_and_append_batches
@@ -79,9 +81,11 @@ __all__ = [
     "check_row_schema",
     "compare_and_append_batches",
     "consolidate",
+    "consolidate_sql",
     "duck",
     "errors",
     "open",
+    "overflow_checked",
     "parts",
     "query",
     "update_schema",
