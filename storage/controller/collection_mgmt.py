@@ -8,10 +8,10 @@
   backoff, then raise InvalidUppers.
 - Both kinds tick idle uppers forward to now (`tick`).
 
-Each collection's write side is a `WriteTask`, its counters a `Stats`; the
-`CollectionManager` owns the desired store and does the IO. It runs under the
-controller's lock and goes back to the controller for what the controller
-owns: the epoch check before every write, the read side after an upper moved
+Each collection's write side is a `WriteTask`, its counters a `Stats` (both in
+`records.py`, with the collection record `_Coll`); the `CollectionManager` owns
+the desired store and does the IO. It runs under the controller's lock and goes
+back to the controller (seen through the `Controller` protocol) for what it owns: the epoch check before every write, the read side after an upper moved
 (`_advance`), and fencing.
 """
 
@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, cast
 
 import pyarrow as pa
 
@@ -43,14 +43,54 @@ from ..frontier import Frontier
 from ..read import read_snapshot
 from ..updates import DIFF, TIME, update_schema
 from ..write import WriteHandle
-from .catalog import SYSTEM_PREFIX
+from .catalog import SYSTEM_PREFIX, CollectionDesc
 from .desired import DesiredStore, as_rows, rows_schema
-
-if TYPE_CHECKING:
-    from .controller import StorageController, _Coll
-    from .holds import ReadHold
+from .holds import ReadHold
+from .records import Appender, _Coll
 
 log = logging.getLogger("storage.controller")
+
+
+class Controller(Protocol):
+    """The storage controller as the collection manager and the introspection use it (`StorageController`).
+
+    Exactly the members `collection_mgmt.py` and `introspection.py` use on their
+    `ctl`; read-only properties, so `StorageController`'s attributes satisfy them.
+    """
+
+    @property
+    def client(self) -> Client: ...
+    @property
+    def clock(self) -> Callable[[], int]: ...
+    @property
+    def read_only(self) -> bool: ...
+    @property
+    def epoch(self) -> int: ...
+    @property
+    def backoff_ms(self) -> tuple[int, int]: ...
+    @property
+    def max_write_retries(self) -> int: ...
+    @property
+    def status_keep_last(self) -> int: ...
+    @property
+    def _colls(self) -> dict[str, _Coll]: ...
+    @property
+    def _lock(self) -> threading.RLock: ...
+    @property
+    def _wake(self) -> threading.Event: ...
+    @property
+    def _thread(self) -> threading.Thread | None: ...
+    @property
+    def _mgmt(self) -> CollectionManager: ...
+    @property
+    def _sleep(self) -> Callable[[float], None]: ...
+
+    def _check_live(self) -> None: ...
+    def _check_epoch(self) -> None: ...
+    def _fence(self, e: Fenced) -> None: ...
+    def _advance(self, c: _Coll, upper: Frontier) -> None: ...
+    def _hold(self, c: _Coll) -> ReadHold: ...
+    def _create(self, descs: Sequence[CollectionDesc], *, system: bool) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -74,25 +114,6 @@ class Replace:
     rows: Any
 
 
-@dataclass(eq=False)
-class WriteTask:
-    """The write side of one collection, as the collection manager runs it."""
-
-    kind: str | None = None  # None, "append" or "differential"
-    writer: WriteHandle | None = None
-    appender: MonotonicAppender | None = None
-    persisted_upper: Frontier | None = None  # differential: the upper `persisted` is valid at
-    diff_hold: ReadHold | None = None  # differential: keeps persisted upper - 1 readable for a re-sync
-
-
-@dataclass(eq=False)
-class Stats:
-    """Updates staged (queued or desired, not yet written) and committed; `system.statistics` shows them."""
-
-    staged: int = 0
-    committed: int = 0
-
-
 class MonotonicAppender:
     """Blind appends to an append-only collection, batched: one commit per batch duration.
 
@@ -104,7 +125,7 @@ class MonotonicAppender:
     at once, and `wait=False` rows wait for `flush()` or `ctl.tick()`.
     """
 
-    def __init__(self, ctl: StorageController, coll: _Coll):
+    def __init__(self, ctl: Controller, coll: _Coll):
         self._ctl = ctl
         self._coll = coll
         self._qlock = threading.Lock()
@@ -172,7 +193,7 @@ class MonotonicAppender:
 class CollectionManager:
     """The write tasks of one controller's managed collections (call it under the controller's lock)."""
 
-    def __init__(self, ctl: StorageController, desired_path: str | None):
+    def __init__(self, ctl: Controller, desired_path: str | None):
         self.ctl = ctl
         self.desired = DesiredStore(desired_path)
 
@@ -299,9 +320,9 @@ class CollectionManager:
         if c.write.appender is None:
             c.write.appender = MonotonicAppender(self.ctl, c)
             c.write.kind = "append"
-        return c.write.appender
+        return cast(MonotonicAppender, c.write.appender)  # the manager makes every appender, here
 
-    def flush_appender(self, a: MonotonicAppender) -> None:
+    def flush_appender(self, a: Appender) -> None:
         """Commit everything queued in `a` as one batch at `max(upper, now)` (under the lock)."""
         c = a._coll
         if not a.pending():

@@ -8,6 +8,7 @@ since handles and fencing; it delegates by the state each part owns:
   since), pure;
 - `collection_mgmt.py`: each collection's `WriteTask` (appenders, differential
   desired/persisted, ticking idle uppers) and `Stats`;
+- `records.py`: the per-collection record `_Coll` those parts share;
 - `introspection.py`: the `system.*` collections.
 
 Concurrency: one re-entrant lock guards all in-memory state and serialises the
@@ -23,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import pyarrow as pa
@@ -65,8 +66,6 @@ from .collection_mgmt import (
     Delete,
     MonotonicAppender,
     Replace,
-    Stats,
-    WriteTask,
 )
 from .holds import ReadHold, ReadState
 from .policy import (
@@ -76,6 +75,7 @@ from .policy import (
     coerce_policy,
     policy_to_json,
 )
+from .records import _Coll
 from .tables import TableWrite, append_tables
 
 log = logging.getLogger("storage.controller")
@@ -88,34 +88,6 @@ def _crash_point(name: str) -> None:
     """Test hook: SIGKILL this process at the named step if `$SHARDFLOW_CONTROLLER_CRASH_AT` says so."""
     if os.environ.get(CRASH_ENV) == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-@dataclass(eq=False)
-class _Compaction:
-    """When this controller last asked to compact a collection's shard, and up to which since."""
-
-    since: Frontier = Frontier.MIN
-    at: float = 0.0  # time.monotonic()
-
-
-@dataclass(eq=False)
-class _Coll:
-    """One collection (live or dropped-but-not-finalized): its records, one per concern."""
-
-    meta: CollectionMeta
-    read: ReadState  # holds.py
-    handle: SinceHandle | None = None  # the critical since handle (writable controllers)
-    write: WriteTask = field(default_factory=WriteTask)  # collection_mgmt.py
-    stats: Stats = field(default_factory=Stats)  # collection_mgmt.py, shown by introspection
-    compaction: _Compaction = field(default_factory=_Compaction)
-
-    @property
-    def name(self) -> str:
-        return self.meta.name
-
-    @property
-    def shard_id(self) -> str:
-        return self.meta.shard_id
 
 
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:

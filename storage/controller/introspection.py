@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import duckdb
 import pyarrow as pa
@@ -38,11 +38,9 @@ from ..errors import (
 from ..frontier import Frontier
 from ..updates import DIFF, qident
 from .catalog import CollectionDesc
-from .collection_mgmt import at_time, raw_snapshot
+from .collection_mgmt import Controller, at_time, raw_snapshot
 from .desired import rows_schema
-
-if TYPE_CHECKING:
-    from .controller import StorageController, _Coll
+from .records import _Coll
 
 log = logging.getLogger("storage.controller")
 
@@ -104,7 +102,7 @@ STATUS_ID = {SOURCE_STATUS: "source_id", SINK_STATUS: "sink_id"}
 class Introspection:
     """The `system.*` collections of one controller (call it under the controller's lock)."""
 
-    def __init__(self, ctl: StorageController):
+    def __init__(self, ctl: Controller):
         self.ctl = ctl
         self._last_status: dict[tuple[str, str], tuple[str, str | None]] = {}
 

@@ -28,11 +28,6 @@ PUBLIC_MODULES = {"storage.errors", "storage.query", "storage.controller", "stor
 #: entry is expected to fail (strict xfail) until its owner's change is merged, and
 #: the integrator then removes it. Empty this list; never add to it.
 KNOWN_PRIVATE_IMPORTS = {
-    "connectors/files.py": "engineer 'flows': storage.updates (DIFF, TIME, check_row_schema, update_schema)",
-    "connectors/postgres.py": "engineer 'flows': storage.updates (update_schema)",
-    "flows/cli.py": "engineer 'flows': storage.state, storage.updates, storage.controller.catalog",
-    "flows/job.py": "engineer 'flows': storage.controller.controller / .catalog (ImportError fallbacks)",
-    "flows/operators.py": "unowned: storage.updates (duck, consolidate, DIFF, TIME)",
     "flows/sinks.py": "integrator: the consolidation SQL helpers of storage.updates, until the one consolidation builder",
 }
 
