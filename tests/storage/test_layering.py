@@ -27,9 +27,7 @@ PUBLIC_MODULES = {"storage.errors", "storage.query", "storage.controller", "stor
 #: Files outside this branch's share that still import private storage names; each
 #: entry is expected to fail (strict xfail) until its owner's change is merged, and
 #: the integrator then removes it. Empty this list; never add to it.
-KNOWN_PRIVATE_IMPORTS = {
-    "flows/sinks.py": "integrator: the consolidation SQL helpers of storage.updates, until the one consolidation builder",
-}
+KNOWN_PRIVATE_IMPORTS: dict[str, str] = {}
 
 
 def _module_name(path: Path) -> str:
