@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -52,6 +52,16 @@ class Blob(Protocol):
         ...
 
 
+def _put_checked(put: Callable[[str, bytes], None], path: str, data: bytes) -> None:
+    """`put(path, data)`, with a full disk or quota as one `OutOfSpace` naming `path`."""
+    try:
+        put(path, data)
+    except OSError as e:
+        if _is_full(e):
+            raise _full(path, e) from None
+        raise
+
+
 class LocalBlob:
     """Blob on a local directory. The embedded default.
 
@@ -80,13 +90,7 @@ class LocalBlob:
             return None
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        try:
-            self._put(path, data)
-        except OSError as e:
-            if _is_full(e):
-                raise _full(path, e) from None
-            raise
+        _put_checked(self._put, self._path(key), data)
 
     def _put(self, path: str, data: bytes) -> None:
         d = os.path.dirname(path)
@@ -164,13 +168,7 @@ class ArrowFsBlob:
             raise
 
     def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        try:
-            self._put(path, data)
-        except OSError as e:
-            if _is_full(e):
-                raise _full(path, e) from None
-            raise
+        _put_checked(self._put, self._path(key), data)
 
     def _put(self, path: str, data: bytes) -> None:
         parent = path.rsplit("/", 1)[0]
