@@ -17,7 +17,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .connections import reading, thread_connection
+from .connections import thread_connection
 from .errors import DiffOverflow, InvalidInput, SchemaMismatch
 from .frontier import Frontier
 
@@ -397,10 +397,15 @@ def consolidate(table: pa.Table, since: int | None = None, *, where: str = "upda
         return table
     cols = [n for n in table.schema.names if n not in RESERVED]
     sql = consolidate_sql("__t", cols, where=where, since=since)
-    with reading() as con:
-        con.register("__t", table)
+    # The per-thread connection, recycled (see connections.thread_connection): jobs call this
+    # several times a second for as long as they run.
+    con = thread_connection()
+    con.register("__t", table)
+    try:
         with overflow_checked():
             out = con.sql(sql).to_arrow_table()
+    finally:
+        con.unregister("__t")
     return out.cast(table.schema)
 
 

@@ -69,9 +69,26 @@ class DesiredStore:
             path = os.path.join(self._tmpdir, "desired.duckdb")
         self.path = path
         self.con = connections.private(path)  # a file: desired is bounded by disk, not memory
+        self._ops = 0
         self._schemas: dict[str, pa.Schema] = {}
         self._ids: dict[str, int] = {}
         self._next = 0
+
+    def _recycle(self) -> None:
+        """Every `connections.RECYCLE_QUERIES` operations, close the database and open its file again.
+
+        SUBTLE: a DuckDB database keeps native memory per query until it closes
+        (see `connections.thread_connection`), and the controller ticks every
+        second for as long as a job runs. The tables live in the file, so nothing
+        is lost. Called only at the start of an operation (nothing registered, no
+        open result).
+        """
+        self._ops += 1
+        if self._ops < connections.RECYCLE_QUERIES:
+            return
+        self._ops = 0
+        self.con.close()
+        self.con = connections.private(self.path)
 
     def _t(self, key: str, which: str) -> str:
         return f"{which}_{self._ids[key]}"
@@ -83,6 +100,7 @@ class DesiredStore:
         return self._schemas[key]
 
     def register(self, key: str, schema: pa.Schema) -> None:
+        self._recycle()
         if key in self._ids:
             return
         self._ids[key] = self._next
@@ -97,6 +115,7 @@ class DesiredStore:
             self.con.unregister("__empty")
 
     def unregister(self, key: str) -> None:
+        self._recycle()
         if key not in self._ids:
             return
         for which in ("desired", "persisted"):
@@ -105,6 +124,7 @@ class DesiredStore:
         del self._schemas[key]
 
     def _insert(self, table: str, rows: pa.Table) -> None:
+        self._recycle()
         if rows.num_rows == 0:
             return
         self.con.register("__rows", rows)
@@ -114,6 +134,7 @@ class DesiredStore:
             self.con.unregister("__rows")
 
     def _replace(self, table: str, rows: pa.Table) -> None:
+        self._recycle()
         self.con.register("__rows", rows)
         try:
             self.con.execute(f"CREATE OR REPLACE TABLE {table} AS SELECT * FROM __rows")
@@ -126,6 +147,7 @@ class DesiredStore:
 
     def delete(self, key: str, filter_sql: str) -> int:
         """Remove every desired row matching the SQL predicate `filter_sql`; return how many."""
+        self._recycle()
         if not isinstance(filter_sql, str) or not filter_sql.strip():
             raise InvalidInput(f"Delete: filter must be a non-empty SQL predicate, got {filter_sql!r}")
         table = self._t(key, "desired")
@@ -155,6 +177,7 @@ class DesiredStore:
         return consolidate_sql(table, self._schemas[key].names, where=f"collection {key!r} (desired)", drop_time=True)
 
     def consolidate_desired(self, key: str) -> None:
+        self._recycle()
         t = self._t(key, "desired")
         with overflow_checked():
             self.con.execute(f"CREATE OR REPLACE TABLE {t} AS {self._consolidated(t, key)}")
@@ -167,11 +190,13 @@ class DesiredStore:
 
     def desired_is_persisted(self, key: str) -> None:
         """desired := persisted (a collection that starts from what is stored)."""
+        self._recycle()
         d, p = self._t(key, "desired"), self._t(key, "persisted")
         self.con.execute(f"CREATE OR REPLACE TABLE {d} AS SELECT * FROM {p}")
 
     def corrections(self, key: str) -> pa.Table:
         """`desired - persisted`, consolidated: row columns + `_diff`, no zero diffs."""
+        self._recycle()
         d, p = self._t(key, "desired"), self._t(key, "persisted")
         where = f"collection {key!r} (corrections)"
         sql = consolidate_sql(d, self._schemas[key].names, where=where, minus=p, drop_time=True)
@@ -181,17 +206,20 @@ class DesiredStore:
 
     def desired(self, key: str) -> pa.Table:
         """The consolidated desired contents (for tests and inspection)."""
+        self._recycle()
         t = self._t(key, "desired")
         with overflow_checked():
             out = self.con.sql(self._consolidated(t, key)).to_arrow_table()
         return out.cast(rows_schema(self._schemas[key]))
 
     def count(self, key: str, which: str = "desired") -> int:
+        self._recycle()
         r = self.con.execute(f"SELECT count(*) FROM {self._t(key, which)}").fetchone()
         return int(r[0]) if r else 0
 
     def alter(self, key: str, schema: pa.Schema) -> None:
         """Add the new (nullable) columns of `schema` to both tables, as NULL."""
+        self._recycle()
         old = self._schemas[key]
         for which in ("desired", "persisted"):
             t = self._t(key, which)
