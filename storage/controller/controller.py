@@ -363,7 +363,12 @@ class StorageController:
         if s is not None and not self.read_only and not s.is_tombstone:
             c.handle = self._take_over_since(meta.shard_id)
             shard_since = max(shard_since, c.handle.since)
-        holds.bring_up(c.read, s.upper if s is not None else Frontier.MIN, shard_since=shard_since)
+        holds.bring_up(
+            c.read,
+            s.upper if s is not None else Frontier.MIN,
+            shard_since=shard_since,
+            input_sinces=[self._colls[dep].read.since for dep in meta.depends_on],
+        )
         for dep in meta.depends_on:
             holds.hold_input(c.read, self._colls[dep].read)
         self._colls[meta.name] = c

@@ -27,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -103,10 +104,18 @@ class ReadHold:
         return f"ReadHold({self.name!r}, {state})"
 
 
-def bring_up(rs: ReadState, upper: Frontier, *, shard_since: Frontier) -> None:
-    """A new collection's first capability: its policy at `upper`, but never below the shard's since."""
+def bring_up(
+    rs: ReadState, upper: Frontier, *, shard_since: Frontier, input_sinces: Sequence[Frontier] = ()
+) -> None:
+    """A new collection's first capability: its policy at `upper`, but never below the shard's since
+    nor below any of its inputs' sinces (`input_sinces`).
+
+    A dependent's initial since is advanced as far as its dependencies': its
+    inputs are not readable below their sinces, so neither is it. (Its input
+    holds, `hold_input`, then sit at its own since.)
+    """
     rs.write_frontier = upper
-    rs.implied = max(rs.policy.frontier(upper), shard_since)
+    rs.implied = max([rs.policy.frontier(upper), shard_since, *input_sinces])
     rs.caps.update(rs.implied, +1)
     rs.since = rs.caps.frontier()
 

@@ -88,6 +88,27 @@ def test_derived_collection_holds_inputs(client, ctl):
     assert ctl.frontiers("a")[0] == Frontier(199)
 
 
+def test_new_dependent_starts_at_its_inputs_since(client, ctl):
+    # "Its initial since must be advanced as far as its dependency": d is not readable below a's since.
+    ctl.create_collections([CollectionDesc("a", KV, read_policy=step_back())])
+    sa = ctl.collection("a").shard_id
+    advance(client, sa, 100)
+    assert ctl.frontiers("a") == (Frontier(99), Frontier(100))
+    ctl.create_collections([CollectionDesc("d", KV, read_policy=ValidFrom(0), depends_on=("a",))])
+    assert ctl.frontiers("d") == (Frontier(99), Frontier(0))
+    assert ctl.implied_capability("d") == Frontier(99)
+    # d holds a at d's since (99), so a's since stays put and moves on with its policy
+    assert ctl.frontiers("a")[0] == Frontier(99)
+    h = ctl.acquire_read_holds(["d"])[0]
+    assert h.time == Frontier(99)
+    h.release()
+    advance(client, ctl.collection("d").shard_id, 150)
+    advance(client, sa, 200)
+    ctl.set_read_policy({"d": step_back()})
+    assert ctl.frontiers("d")[0] == Frontier(149)
+    assert ctl.frontiers("a")[0] == Frontier(149)  # held by d
+
+
 class HoldsMachine(RuleBasedStateMachine):
     """Invariant: since <= every live hold, since <= implied capability, both monotone;
     the shard's own since never passes a hold either."""

@@ -52,6 +52,37 @@ def test_bring_up(policy, upper, shard_since, implied):
 
 
 @pytest.mark.parametrize(
+    ("policy", "upper", "shard_since", "input_sinces", "implied"),
+    [
+        # a new dependent starts at its inputs' sinces when its own policy is below them ...
+        (ValidFrom(0), 0, 0, [99], 99),
+        (step_back(), 0, 0, [99], 99),
+        (ValidFrom(0), 0, 0, [40, 99, 7], 99),  # the largest input since
+        # ... and at its own capability when that is beyond them
+        (ValidFrom(120), 0, 0, [99], 120),
+        (step_back(), 200, 0, [99], 199),
+        (ValidFrom(0), 0, 150, [99], 150),  # the shard's since still counts
+        (ValidFrom(0), 50, 0, [], 0),  # no inputs: the policy alone
+    ],
+)
+def test_bring_up_a_dependent_starts_at_its_inputs_sinces(policy, upper, shard_since, input_sinces, implied):
+    rs = ReadState("d", "s-d", policy)
+    bring_up(rs, F(upper), shard_since=F(shard_since), input_sinces=[F(t) for t in input_sinces])
+    assert rs.implied == rs.since == F(implied)
+    assert rs.caps.items() == [(implied, 1)]
+
+
+def test_a_new_dependent_below_its_input_does_not_hold_it_back():
+    a = up("a", step_back(), 100)
+    d = ReadState("d", "s-d", ValidFrom(0))
+    bring_up(d, F(0), shard_since=F(0), input_sinces=[a.since])
+    hold_input(d, a)
+    assert (a.since, d.since) == (F(99), F(99))
+    assert d.input_holds == {"a": F(99)}
+    assert a.caps.items() == [(99, 2)]
+
+
+@pytest.mark.parametrize(
     ("policy", "uppers", "sinces"),
     [
         # the implied capability follows the upper forward ...
