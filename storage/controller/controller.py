@@ -860,8 +860,9 @@ class StorageController:
 
     def allow_writes(self) -> None:
         """Take over as the writer: bump the catalog epoch (fencing the previous writer),
-        take over the critical since handles, finalize pending drops, and write the
-        differential collections' corrections. A no-op on a writable controller."""
+        take over the critical since handles, rebase each collection's since onto its
+        shard's real since, finalize pending drops, and write the differential
+        collections' corrections at once. A no-op on a writable controller."""
         self._check_live()
         with self._lock:
             if not self.read_only:
@@ -880,10 +881,17 @@ class StorageController:
                     continue
                 c.handle = self._take_over_since(c.shard_id)
                 # SUBTLE: while read-only, our holds did not reach the shard; the previous
-                # writer may have moved the shard's since past them. Holds taken from now
-                # on are exact; see the module docs.
+                # writer may have moved the shard's since past them. Since is rebased onto
+                # the shard's real since (the handle's since, which the shard's may still
+                # reach), so holds taken from now on are readable; older ones stay below it.
+                real = max(m.fetch().since, c.handle.since)
+                self._settled(holds.rebase(c.read, real))
                 self._mgmt.take_over(c)
                 self._push_since(c)
             self._sync_catalog(cat)
             self._finalize_unfinalized(cat.unfinalized_shards)
             self._intro.setup()
+            # Desired changes made while read-only: written now, not at the next tick.
+            for c in list(self._colls.values()):
+                if c.write.kind == "differential" and not c.name.startswith(SYSTEM_PREFIX):
+                    self._mgmt.diff_commit(c)

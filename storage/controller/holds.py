@@ -48,6 +48,9 @@ class ReadState:
     since: Frontier = Frontier.MIN
     caps: MutableAntichain = field(default_factory=MutableAntichain)
     input_holds: dict[str, Frontier] = field(default_factory=dict)  # input name -> the time held there
+    # The shard's real since, once rebased onto it (`rebase`): since never is below it, even if a
+    # capability taken while read-only is.
+    floor: Frontier = Frontier.MIN
     inputs: dict[str, ReadState] = field(default_factory=dict)
     dropped: bool = False
 
@@ -158,13 +161,34 @@ def apply_policy(rs: ReadState) -> list[ReadState]:
     return settle(rs)
 
 
+def rebase(rs: ReadState, shard_since: Frontier) -> list[ReadState]:
+    """Rebase `rs`'s since onto its shard's real since `shard_since`: since becomes the max of the two.
+
+    A read-only controller's capabilities never reached the shard, so another
+    writer may have moved the shard's since past them; a capability taken at
+    the old since would not be readable. The implied capability moves up to
+    `shard_since` (never back), and `floor` keeps since at or beyond it
+    whatever older capabilities remain (they still count in `caps`, so they
+    release as usual). An empty `shard_since` (a tombstone) changes nothing.
+    See `settle`.
+    """
+    if shard_since.is_empty or shard_since <= rs.since:
+        return []
+    rs.floor = max(rs.floor, shard_since)
+    if shard_since > rs.implied:  # INVARIANT: the implied capability never moves back
+        rs.caps.update(rs.implied, -1)
+        rs.caps.update(shard_since, +1)
+        rs.implied = shard_since
+    return settle(rs)
+
+
 def settle(rs: ReadState) -> list[ReadState]:
-    """Recompute since from the capabilities and pass it on to the inputs' holds.
+    """Recompute since from the capabilities (never below `floor`) and pass it on to the inputs' holds.
 
     Returns every state whose since moved, inputs before their dependents (the
     order their shards' sinces must be pushed in); empty if `rs.since` did not move.
     """
-    new = rs.caps.frontier()
+    new = max(rs.caps.frontier(), rs.floor)
     if new == rs.since:
         return []
     # INVARIANT: since only moves forward: every capability added is at or beyond it.

@@ -56,6 +56,48 @@ def test_read_only_writes_nothing(client, clock, ctl):
         ro.close()
 
 
+def test_allow_writes_writes_corrections_at_once(client, clock, ctl):
+    ctl.create_collections([CollectionDesc("kv", KV)])
+    ctl.differential_write("kv", Append(pa.table({"k": ["a"], "v": [1]}, schema=KV)))
+    ctl.close()
+    ro = StorageController.open(client, clock=clock, tick_interval_ms=None, read_only=True, compact=False)
+    try:
+        clock.advance(10)
+        assert ro.differential_write("kv", Append(pa.table({"k": ["b"], "v": [2]}, schema=KV))) is None
+        shard = ro.collection("kv").shard_id
+        assert contents(client, shard) == [("a", 1, 1)]
+        ro.allow_writes()
+        # No tick: the corrections made while read-only are written by allow_writes itself.
+        assert contents(client, shard) == [("a", 1, 1), ("b", 2, 1)]
+    finally:
+        ro.close()
+
+
+def test_allow_writes_rebases_since_onto_the_shards(client, clock, ctl):
+    ctl.create_collections([CollectionDesc("a", KV, read_policy=step_back())])
+    shard = ctl.collection("a").shard_id
+    ro = StorageController.open(client, clock=clock, tick_interval_ms=None, read_only=True, compact=False)
+    try:
+        assert ro.frontiers("a") == (Frontier(0), Frontier(0))
+        # The writer moves the shard's since past the read-only view (whose holds never reach the shard).
+        w = client.open_writer(shard)
+        empty = pa.table({"k": [], "v": [], "_time": [], "_diff": []},
+                         schema=pa.schema([*KV, ("_time", pa.int64()), ("_diff", pa.int64())]))
+        w.compare_and_append(empty, Frontier(0), Frontier(100))
+        assert ctl.frontiers("a") == (Frontier(99), Frontier(100))
+        ctl.close()
+        assert client.state(shard).since == Frontier(99)
+        ro.allow_writes()
+        h = ro.acquire_read_holds(["a"])[0]
+        assert h.time >= client.state(shard).since  # readable: a snapshot at it works
+        with client.open_leased_reader(shard, heartbeat=False) as r:
+            r.snapshot(h.time.time, timeout=5)
+        assert ro.frontiers("a")[0] == Frontier(99)
+        h.release()
+    finally:
+        ro.close()
+
+
 def test_fencing_across_processes(root):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     child = subprocess.Popen([sys.executable, CHILD, "fence", root], stdout=subprocess.PIPE, text=True, env=env)

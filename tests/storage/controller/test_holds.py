@@ -12,6 +12,7 @@ from storage.controller.holds import (
     bring_up,
     hold_input,
     move_hold,
+    rebase,
     since_to_push,
 )
 from storage.controller.policy import Multiple, ReadPolicy, ValidFrom, lag_writes_by, step_back
@@ -160,6 +161,50 @@ def test_dropping_releases_everything():
     assert a.implied.is_empty
     assert [r.name for r in move_hold(a, h, E)] == ["a"]
     assert a.since.is_empty and a.caps.is_empty()
+
+
+@pytest.mark.parametrize(
+    ("policy", "upper", "holds", "shard_since", "since", "implied", "moved"),
+    [
+        # a read-only view at since 0; the shard's real since is 99: since and implied move up
+        (ValidFrom(0), 100, [], 99, 99, 99, ["a"]),
+        (ValidFrom(0), 100, [0], 99, 99, 99, ["a"]),  # an older hold does not keep since below it
+        # the in-memory since is already beyond it: nothing moves (the max of the two)
+        (ValidFrom(120), 100, [], 99, 120, 120, []),
+        (step_back(), 100, [], 99, 99, 99, []),
+        (ValidFrom(0), 100, [], 0, 0, 0, []),
+        (ValidFrom(0), 100, [], None, 0, 0, []),  # a tombstone: nothing to rebase onto
+    ],
+)
+def test_rebase(policy, upper, holds, shard_since, since, implied, moved):
+    rs = up("a", policy, upper)
+    for _ in holds:
+        acquire(rs)
+    assert [r.name for r in rebase(rs, F(shard_since))] == moved
+    assert (rs.since, rs.implied) == (F(since), F(implied))
+    assert acquire(rs) == F(since)  # a hold taken now is at a readable time
+
+
+def test_rebase_keeps_older_holds_releasable_and_since_at_the_floor():
+    a = up("a", ValidFrom(0), 100)
+    old = acquire(a)
+    rebase(a, F(50))
+    assert a.since == F(50) and a.caps.items() == [(0, 1), (50, 1)]
+    assert move_hold(a, old, F(10)) == []  # still below the floor: since stays 50
+    assert [r.name for r in move_hold(a, F(10), E)] == []
+    assert a.caps.items() == [(50, 1)] and a.since == F(50)
+    a.policy = ValidFrom(70)
+    assert [r.name for r in apply_policy(a)] == ["a"] and a.since == F(70)
+
+
+def test_rebase_moves_the_inputs_holds_forward():
+    a = up("a", ValidFrom(0), 100)
+    d = up("d", ValidFrom(0), 100)
+    hold_input(d, a)
+    a.policy = step_back()
+    assert apply_policy(a) == [] and a.since == F(0)  # only d's hold pins a at 0 now
+    assert [r.name for r in rebase(d, F(60))] == ["a", "d"]
+    assert d.input_holds == {"a": F(60)} and a.since == F(60)
 
 
 def test_since_never_moves_back():
