@@ -26,8 +26,10 @@
   `system.sink_status_history` (append-only); `introspection_shards()` names
   their shards for the query layer.
 - **Read-only mode and fencing**: `open(client, read_only=True)` writes nothing;
-  `allow_writes()` bumps the epoch and takes over; the previous writer gets
-  `Fenced` at its next write and stops.
+  `allow_writes()` bumps the epoch and takes over (rebasing each since onto
+  its shard's real since, and writing the differential corrections made
+  while read-only at once); the previous writer gets `Fenced` at its next
+  write and stops.
 - **Tables**: `append_table(write_ts, advance_to, {name: rows})` commits all
   tables in one consensus transaction.
 
@@ -37,7 +39,8 @@ epoch just before they commit; a write racing the takeover inside that window
 can still land, and the new writer's first differential write corrects it (it
 re-syncs from the snapshot). Holds taken by a read-only controller only bind
 that controller's own view: the shard's since is the writer's business until
-`allow_writes()`.
+`allow_writes()`, which rebases since onto the shard's, so holds taken after it
+are readable (holds taken before it may stay below the shard's since).
 
 Example:
     >>> import pyarrow as pa, storage, tempfile
