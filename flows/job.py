@@ -150,6 +150,8 @@ class FlowContext:
     process_id: int = 0
     #: collection -> the committed offsets `resume_offsets` handed to a source (append_sink's CAS expects them).
     resumed: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: since holds `persist` takes before it reads a resume point (expired when the run ends).
+    holds: list[Any] = field(default_factory=list)
 
     @property
     def continuous(self) -> bool:
@@ -203,7 +205,13 @@ class FlowContext:
     def persist(self, step_id: str, up: Stream[Any], name: str, *, schema: pa.Schema | None = None) -> Stream[Committed]:
         """`persist_sink` into collection `name`, resuming at its committed offsets; counted in `stats`."""
         shard = self.collection(name, schema) if schema is not None else self.shard(name)
-        out = persist_sink(step_id, up, self.client, shard, as_of=self.resume_as_of(name))
+        # SUBTLE: hold since *before* reading the resume point: otherwise another copy's read
+        # policy can move since past it in between, and the sink can never correct from it.
+        # The committer takes over with its own heartbeated reader and expires this one; in
+        # a process without the committer it lasts until the run ends (or its lease runs out).
+        hold = self.client.open_leased_reader(shard, heartbeat=False)
+        self.holds.append(hold)
+        out = persist_sink(step_id, up, self.client, shard, as_of=self.resume_as_of(name), hold=hold)
         op.inspect(f"{step_id}_stats", out, lambda _s, c: self.stats.on_commit(name, c))
         return out
 
@@ -398,6 +406,11 @@ def _run_flow(
         housekeeper.report("failed", _root_message(e))
         raise
     finally:
+        for h in ctx.holds:
+            try:
+                h.expire()
+            except Exception:  # noqa: BLE001 - a hold that cannot be expired runs out its lease
+                pass
         housekeeper.final_tick()
         ctl.close()
 

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,12 +31,13 @@ from storage import (
     Client,
     Frontier,
     Progress,
+    ReadHandle,
     UpdateBatch,
     WriteHandle,
     consolidate_sql,
     overflow_checked,
 )
-from storage.errors import InvalidInput, InvalidUppers, OffsetsMismatch, UpperMismatch
+from storage.errors import InvalidInput, InvalidUppers, LeaseExpired, OffsetsMismatch, UpperMismatch
 
 # The consolidation SQL below (`_correction`, `_absorb`) is to move to storage's one
 # consolidation builder; until then it uses these helpers of `storage.updates`.
@@ -167,6 +169,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         *,
         now_getter: NowGetter = utc_now,
         retry_interval: float = 0.2,
+        hold: ReadHandle | None = None,
     ):
         self.step_id = step_id
         self.client = client
@@ -186,11 +189,67 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self.now_getter = now_getter
         self.retry_interval = retry_interval
         self._retry_at: datetime | None = None
-        self._reader: Any = None
+        self._reader: ReadHandle | None = None
+        self._released = 0.0
         self._tmp: str | None = None
         self._con: duckdb.DuckDBPyConnection | None = None
         self._absorbed: Frontier | None = None
         self._touched = now_getter()
+        self._hold_since(hold)
+
+    # ---- the read hold ----
+    def _hold_since(self, hold: ReadHandle | None) -> None:
+        """Hold the shard's since at `S - 1` with a leased (heartbeated) reader.
+
+        SUBTLE: the persisted side of a correction over `[S, P)` is exact only while
+        since `< S` (see `_sources`). The shard's since is the minimum over its
+        readers and the controller's critical handle, so without a reader of its
+        own the sink is at the mercy of whoever runs the read policy (another copy
+        of the flow, the housekeeper). Registered at the shard's since as it is
+        now; if that is already past `S - 1`, `_sources` refuses, as before. The
+        reader is downgraded as `S` moves (`_synced`), expired in `close` (EOF,
+        stop), and a crashed process's lease runs out on its own.
+        """
+        r = self.client.open_leased_reader(self.shard)
+        self._reader = r
+        if hold is not None:
+            # The caller's hold (taken before it read `as_of`) kept since where it was until now.
+            try:
+                hold.expire()
+            except Exception:  # noqa: BLE001 - it runs out its lease
+                pass
+        self._downgrade()
+
+    def _downgrade(self) -> None:
+        r = self._reader
+        if r is None or self.S <= 0:
+            return
+        # SUBTLE: a hold, not a policy: never past `S - 1`, and never past the other holders
+        # (the controller's critical handle, other readers). Alone on a shard the sink does
+        # not move since at all, as before it had a reader; with a read policy since follows
+        # min(policy, S - 1), so compaction and gc keep going while the job runs.
+        s = self.client.state(self.shard)
+        now = self.client.clock()
+        others = [x.since for k, x in s.leased_readers.items() if k != r.reader_id and x.lease_expires_ms > now]
+        others += [x.since for x in s.critical_readers.values()]
+        if not others:
+            return
+        lim = min(others)
+        target: int = self.S - 1 if lim.time is None else min(self.S - 1, lim.time)
+        cur = r.since
+        if cur.is_empty or (cur.time is not None and cur.time >= target):
+            return
+        try:
+            r.downgrade_since(target)
+            now_s = time.monotonic()
+            if now_s - self._released >= 1.0:
+                # The sink reads the shard without the handle: let gc have what it no longer needs.
+                self._released = now_s
+                r.release_versions()
+        except LeaseExpired:
+            # A stall outlived the lease: hold again from since as it is now (`_sources` checks it).
+            self._reader = self.client.open_leased_reader(self.shard)
+            self._downgrade()
 
     # ---- bytewax hooks ----
     def on_batch(self, values: list[Any]) -> tuple[Iterable[Committed], bool]:
@@ -313,6 +372,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         if not f.is_empty and f > self.P:
             self.P = f
         self.S = f.time if f.time is not None else self.S
+        self._downgrade()
         self.pending = [w for w in self.pending if not _lt(w.tmax, f)]
         self.oq.pop(f)
 
@@ -347,9 +407,9 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
 
         SUBTLE: the persisted side is exact only while the shard's since is `< lo`
         (compaction advances times below since *to* since, which would pull older
-        updates into the range). The sink does not register a reader to hold since
-        back: the storage controller's read policy owns since, and it lags the upper;
-        if it ever passes a pending sync point we refuse rather than guess.
+        updates into the range). The sink's leased reader holds since at `S - 1`
+        (`_hold_since`); if since had already passed the sync point when the sink
+        started, we refuse rather than guess.
         """
         s = self.client.state(self.shard)
         if lo < hi and lo > 0 and not s.since.less_equal(lo - 1):
@@ -429,6 +489,7 @@ def persist_sink(
     *,
     as_of: int | None = None,
     schema: pa.Schema | None = None,
+    hold: ReadHandle | None = None,
 ) -> Stream[Committed]:
     """The self-correcting sink: make `shard` equal the desired updates of `up`.
 
@@ -468,6 +529,9 @@ def persist_sink(
             resumed from offsets committed in the shard, the upper they were
             committed at (`resume_point(state)[1]`).
         schema: create the shard with this row schema if it does not exist.
+        hold: a leased reader the caller opened *before* it read `as_of`; it keeps
+            since at or below `as_of - 1` until the committer has registered its own
+            reader (which holds since at `S - 1` while the sink runs), then is expired.
 
     Returns:
         A stream of `Committed` events, one per successful append.
@@ -486,7 +550,7 @@ def persist_sink(
     writer = _PartWriter(step_id, client, shard, as_of)
     written = op.map("write", up, writer)
     keyed = one_key("key", written)
-    out = op.stateful_batch("commit", keyed, lambda _resume: PersistLogic(step_id, client, shard, as_of))
+    out = op.stateful_batch("commit", keyed, lambda _resume: PersistLogic(step_id, client, shard, as_of, hold=hold))
     return op.key_rm("unkey", out)
 
 

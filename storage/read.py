@@ -275,6 +275,25 @@ class ReadHandle:
             self._expired = True
             raise
 
+    def release_versions(self) -> None:
+        """Extend the lease and unpin every state version no read of this handle has in flight.
+
+        For a reader that only holds since and reads the shard some other way: a plain
+        heartbeat keeps the version of its last read pinned, so gc could delete nothing
+        written after it.
+        """
+        self._check_live()
+        with self._lock:
+            pin = min(self._inflight) if self._inflight else None
+        try:
+            s, _ = self.machine.apply(st.heartbeat_leased_reader, self.reader_id, pin_seqno=pin if pin is not None else 2**62)
+        except (LeaseExpired, Tombstone):
+            self._expired = True
+            raise
+        if pin is None:
+            with self._lock:
+                self._last_seqno = max(self._last_seqno, s.seqno)
+
     def _heartbeat_loop(self) -> None:
         interval = max(self.lease_ms / 3000.0, 0.05)
         while not self._stop.wait(interval):

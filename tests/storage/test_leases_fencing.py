@@ -188,3 +188,17 @@ def test_fencing_across_clients(env, tmp_path) -> None:  # noqa: ANN001
     with pytest.raises(storage.Fenced):
         a.compare_and_downgrade_since(5, (5, 40))
     other.close()
+
+
+def test_release_versions_unpins_what_the_reader_does_not_read(env) -> None:  # noqa: ANN001
+    """A reader that only holds since (persist_sink's) must not pin its registration version for gc."""
+    client, clock, shard, w = env
+    r = _reader(client, shard)
+    first = client.state(shard).leased_readers[r.reader_id].seqno
+    w.compare_and_append(pa.table({"k": ["x"], "_time": [100], "_diff": [1]}), 100, 110)
+    r.heartbeat()
+    assert client.state(shard).leased_readers[r.reader_id].seqno == first  # a heartbeat keeps its pin
+    r.release_versions()
+    s = client.state(shard)
+    assert s.leased_readers[r.reader_id].seqno > first
+    assert s.leased_readers[r.reader_id].lease_expires_ms == clock.now + LEASE
