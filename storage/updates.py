@@ -301,14 +301,23 @@ def diff_sum_sql(cols: list[str], where: str, time_expr: str | None = None) -> s
 
 
 def as_overflow(e: BaseException) -> DiffOverflow | None:
-    """The `DiffOverflow` that DuckDB error `e` stands for (raised by `diff_sum_sql`), or None."""
-    if not isinstance(e, duckdb.Error):
+    """The `DiffOverflow` that DuckDB error `e` stands for (raised by `diff_sum_sql`), or None.
+
+    SUBTLE: a query streamed through Arrow (`snapshot_reader`) can report the
+    same DuckDB error as pyarrow's `OSError` ("IOError: Invalid Input Error: ...
+    Detail: Python exception: ..."), depending on which batch hits it first; both
+    forms mean the same overflow.
+    """
+    if not isinstance(e, duckdb.Error | OSError | pa.ArrowException):
         return None
     msg = str(e)
-    if _OVERFLOW_MARK not in msg:
+    line = next((ln for ln in msg.splitlines() if _OVERFLOW_MARK in ln), None)
+    if line is None:
         return None
-    first = msg.splitlines()[0] if msg else msg
-    return DiffOverflow(first.partition("Error: ")[2] or first)
+    mark = line.index(_OVERFLOW_MARK)
+    start = line.rfind("Error: ", 0, mark)
+    text = line[start + len("Error: "):] if start >= 0 else line
+    return DiffOverflow(text.split(" Detail: ")[0])
 
 
 @contextmanager
@@ -316,7 +325,7 @@ def overflow_checked() -> Iterator[None]:
     """Turn the DuckDB error of an overflowing `diff_sum_sql` into `DiffOverflow`."""
     try:
         yield
-    except duckdb.Error as e:
+    except (duckdb.Error, OSError, pa.ArrowException) as e:
         ov = as_overflow(e)
         if ov is not None:
             raise ov from None
