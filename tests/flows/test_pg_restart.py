@@ -143,7 +143,9 @@ def test_postgres_consensus_waits_once_per_outage(pg: PgServer) -> None:
         with pytest.raises(storage.ConsensusUnavailable, match=f"postgresql://127.0.0.1:{pg.port}/outage"):
             c.compare_and_set("k", 0, VersionedData(1, b"v1"))
         waits.append(time.monotonic() - t0)
-    assert 1.0 < waits[0] < 8 and waits[1] < 0.5 and waits[2] < 0.5, waits
+    # The first call retries for most of the 1.5 s (it stops early when the next backoff
+    # would pass the deadline); the later ones in the same outage fail at once.
+    assert 0.5 < waits[0] < 8 and waits[1] < 0.5 and waits[2] < 0.5, waits
     pg._pg_ctl_start()
     assert c.compare_and_set("k", 0, VersionedData(1, b"v1"))
     assert [v.data for v in c.scan("k", 0)] == [b"v0", b"v1"]
