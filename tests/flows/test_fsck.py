@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -162,23 +163,32 @@ def test_fsck_finds_invalid_utf8_in_an_old_part(data: Path) -> None:
     assert fsck_lines(r)["users"].endswith("column 'name' row 1: string is not valid UTF-8"), r.stdout
 
 
-def test_a_count_past_int64_is_named_by_query_and_fsck(data: Path) -> None:
-    """Each batch is accepted (its |diffs| fit int64), but user 1's count passes int64."""
+def append_one_user(data: Path, pick: Callable[[pa.Table], tuple[pa.Table, int]]) -> tuple[str, pa.Table]:
+    """Append one update to `users` at its upper: `pick(snapshot)` gives the row (no `_diff`) and
+    its diff. Returns the shard and the row."""
     client = storage.open(data)
     try:
         shard = shards(data)["users"]
         w = client.open_writer(shard, schema=client.state(shard).schema, compact=False)
         upper = w.upper.time
         assert upper is not None
-        snap = client.open_leased_reader(shard).snapshot(upper - 1)
-        user = snap.filter(pa.compute.equal(snap.column("id"), 1)).drop_columns(["_diff"])
-        assert user.num_rows == 1
-        one = user.append_column("_time", pa.array([upper], pa.int64()))
-        one = one.append_column("_diff", pa.array([2**63 - 1], pa.int64()))
-        w.compare_and_append(one, upper, upper + 1)
-        row = "{" + ", ".join(f"'{k}': {v}" for k, v in user.to_pylist()[0].items()) + "}"
+        row, diff = pick(client.open_leased_reader(shard).snapshot(upper - 1))
+        one = row.append_column("_time", pa.array([upper], pa.int64()))
+        w.compare_and_append(one.append_column("_diff", pa.array([diff], pa.int64())), upper, upper + 1)
+        return shard, row
     finally:
         client.close()
+
+
+def test_a_count_past_int64_is_named_by_query_and_fsck(data: Path) -> None:
+    """Each batch is accepted (its |diffs| fit int64), but user 1's count passes int64."""
+    def pick_user_1(snap: pa.Table) -> tuple[pa.Table, int]:
+        user = snap.filter(pa.compute.equal(snap.column("id"), 1)).drop_columns(["_diff"])
+        assert user.num_rows == 1
+        return user, 2**63 - 1
+
+    shard, user = append_one_user(data, pick_user_1)
+    row = "{" + ", ".join(f"'{k}': {v}" for k, v in user.to_pylist()[0].items()) + "}"
     r = sf("query", "--data", str(data), "SELECT count(*) FROM users")
     assert r.returncode == 1
     err = r.stderr.strip()
@@ -192,20 +202,11 @@ def test_a_count_past_int64_is_named_by_query_and_fsck(data: Path) -> None:
 
 def test_fsck_names_a_negative_count(data: Path) -> None:
     """A retraction of a user that was never inserted: every read refuses it, and so does fsck."""
-    client = storage.open(data)
-    try:
-        shard = shards(data)["users"]
-        w = client.open_writer(shard, schema=client.state(shard).schema, compact=False)
-        upper = w.upper.time
-        assert upper is not None
-        snap = client.open_leased_reader(shard).snapshot(upper - 1)
-        ghost = snap.slice(0, 1).drop_columns(["_diff"])
-        ghost = ghost.set_column(0, "id", pa.array([999_999], pa.int64()))
-        ghost = ghost.append_column("_time", pa.array([upper], pa.int64()))
-        ghost = ghost.append_column("_diff", pa.array([-1], pa.int64()))
-        w.compare_and_append(ghost, upper, upper + 1)
-    finally:
-        client.close()
+    def ghost(snap: pa.Table) -> tuple[pa.Table, int]:
+        row = snap.slice(0, 1).drop_columns(["_diff"])
+        return row.set_column(0, "id", pa.array([999_999], pa.int64())), -1
+
+    append_one_user(data, ghost)
     r = sf("fsck", "--data", str(data))
     assert r.returncode == 1, r.stdout + r.stderr
     lines = fsck_lines(r)
