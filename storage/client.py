@@ -187,8 +187,17 @@ class Client:
         reclaim = getattr(self.consensus, "reclaim", None)
         return int(reclaim()) if reclaim is not None else 0
 
-    def finalize(self, shard: str) -> None:
-        return finalize(self, ShardId(shard))
+    def finalize(self, shard: str, *, force: bool = False) -> dict[str, Frontier]:
+        """See `storage.gc.finalize`: `{}` once a tombstone, else the handles still holding it."""
+        return finalize(self, ShardId(shard), force=force)
+
+    def release_critical_since(self, shard: str, reader_id: str) -> bool:
+        """Remove critical since handle `reader_id` (whatever its opaque); False if it was not there.
+
+        An operator's tool (`shardflow holds release`): the holder's next downgrade fails.
+        """
+        _, res = self.machine(shard).apply(st.release_critical_reader, reader_id)
+        return res is True
 
     def verify(self, shard: str) -> VerifyReport:
         return verify(self, ShardId(shard))

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from . import connections
 from . import state as st
 from .errors import CorruptPart, ShardflowError, StateCorrupt
+from .frontier import Frontier
 from .machine import Machine
 from .parts import ShardEnv, parts_source
 from .read import snapshot_sql
@@ -180,21 +181,31 @@ def gc(client: ShardEnv, shard: str, *, grace_ms: int = DEFAULT_GRACE_MS, dry_ru
     return report
 
 
-def finalize(client: ShardEnv, shard: str) -> None:
+def finalize(client: ShardEnv, shard: str, *, force: bool = False) -> dict[str, Frontier]:
     """Finalize `shard`: close its upper, then its since; forget its batches; delete its parts.
 
     Afterwards the shard is a tombstone: every later read or write raises
     `Tombstone`. Each step is its own CAS and a no-op once done, so a crash
     anywhere is resumed by running `finalize` again; on a finalized shard it
-    does nothing. The caller (the storage controller) first makes sure no one
-    still needs the data: finalization drops every reader's hold.
+    does nothing.
+
+    Since is closed only once no live handle holds the shard: while a critical
+    since handle or an unexpired leased reader of any process remains, the
+    upper is closed (no more writes) but nothing else happens, and the holders
+    are returned (reader id -> since); call again once they let go. `force`
+    drops every hold (an operator's decision: the holders' next read fails).
+
+    Returns:
+        `{}` once the shard is a tombstone, else the handles still holding it.
 
     Raises:
         ShardNotFound: no shard with this id exists.
     """
     m = client.machine(shard)
     m.apply(st.finalize_upper, writer_id=FINALIZER_ID)
-    m.apply(st.finalize_since)
+    _, held = m.apply(st.finalize_since, force=force)
+    if held:
+        return held
     s, _ = m.apply(st.finalize_batches)
     # INVARIANT: the head is a tombstone without batches, so no version from here on
     # references a part; every part under the shard's prefix is garbage.
@@ -207,6 +218,7 @@ def finalize(client: ShardEnv, shard: str) -> None:
         client.blob.delete(meta.key)
     if s.seqno > 0:
         m.consensus.truncate(m.key, s.seqno)
+    return {}
 
 
 def verify(client: ShardEnv, shard: str) -> VerifyReport:

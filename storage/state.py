@@ -158,12 +158,14 @@ class LeasedReaderState:
     seqno: int  # the oldest state version this reader may still be reading
     lease_expires_ms: int
     lease_ms: int
+    registered_ms: int | None = None  # when it was registered (None: before this was recorded)
 
 
 @dataclass(frozen=True)
 class CriticalReaderState:
     since: Frontier
     opaque: Any  # JSON scalar chosen by the holder, e.g. an epoch
+    registered_ms: int | None = None  # when it was registered (None: before this was recorded)
 
 
 @dataclass(frozen=True)
@@ -197,10 +199,12 @@ class ShardState:
             "batches": [b.to_json() for b in self.batches],
             "writers": {k: [w.lease_expires_ms, w.last_token] for k, w in self.writers.items()},
             "leased_readers": {
-                k: [r.since.to_json(), r.seqno, r.lease_expires_ms, r.lease_ms]
+                k: [r.since.to_json(), r.seqno, r.lease_expires_ms, r.lease_ms, r.registered_ms]
                 for k, r in self.leased_readers.items()
             },
-            "critical_readers": {k: [r.since.to_json(), r.opaque] for k, r in self.critical_readers.items()},
+            "critical_readers": {
+                k: [r.since.to_json(), r.opaque, r.registered_ms] for k, r in self.critical_readers.items()
+            },
             "metadata": dict(self.metadata),
             "schema_changed": self.schema_changed,
         }
@@ -240,11 +244,12 @@ class ShardState:
                 batches=tuple(BatchMeta.from_json(b) for b in d["batches"]),
                 writers={k: WriterState(int(v[0]), v[1]) for k, v in d["writers"].items()},
                 leased_readers={
-                    k: LeasedReaderState(Frontier(v[0]), int(v[1]), int(v[2]), int(v[3]))
+                    k: LeasedReaderState(Frontier(v[0]), int(v[1]), int(v[2]), int(v[3]), _opt_int(v, 4))
                     for k, v in d["leased_readers"].items()
                 },
                 critical_readers={
-                    k: CriticalReaderState(Frontier(v[0]), v[1]) for k, v in d["critical_readers"].items()
+                    k: CriticalReaderState(Frontier(v[0]), v[1], _opt_int(v, 2))
+                    for k, v in d["critical_readers"].items()
                 },
                 metadata=d.get("metadata", {}),
                 schema_changed=bool(d.get("schema_changed", False)),
@@ -257,6 +262,11 @@ class ShardState:
             raise StateCorrupt(f"{where}: stored state says seqno {state.seqno}, expected {seqno}")
         check_invariants(state, where)
         return state
+
+
+def _opt_int(v: list[Any], i: int) -> int | None:
+    """`v[i]` as an int, or None when absent (a field added later) or null."""
+    return int(v[i]) if len(v) > i and v[i] is not None else None
 
 
 # ---- results (lost races are values) ----
@@ -398,6 +408,7 @@ def register_leased_reader(
         seqno=state.seqno,
         lease_expires_ms=now_ms + lease_ms,
         lease_ms=lease_ms,
+        registered_ms=existing.registered_ms if existing else now_ms,
     )
     readers = dict(state.leased_readers)
     readers[reader_id] = r
@@ -458,10 +469,45 @@ def register_critical_reader(
     existing = state.critical_readers.get(reader_id)
     if existing is not None:
         return None, existing
-    r = CriticalReaderState(state.since, opaque)
+    r = CriticalReaderState(state.since, opaque, now_ms)
     readers = dict(state.critical_readers)
     readers[reader_id] = r
     return replace(state, critical_readers=readers), r
+
+
+def release_critical_reader(
+    state: ShardState, reader_id: str, expected_opaque: Any = None, *, check_opaque: bool = False, now_ms: int
+) -> tuple[ShardState | None, bool | OpaqueMismatch]:
+    """Remove a critical reader (its hold on since goes with it); False if it was not registered.
+
+    With `check_opaque`, only when its opaque is `expected_opaque` (else `OpaqueMismatch`).
+    Since is recomputed from the readers left; with none left it stays put.
+    """
+    r = state.critical_readers.get(reader_id)
+    if r is None:
+        return None, False
+    if check_opaque and r.opaque != expected_opaque:
+        return None, OpaqueMismatch(r.opaque)
+    readers = dict(state.critical_readers)
+    del readers[reader_id]
+    return _expire_leases(replace(state, critical_readers=readers), now_ms), True
+
+
+def holders(state: ShardState, now_ms: int) -> dict[str, Frontier]:
+    """Every live handle holding the shard's since: reader id -> its since (leased ones unexpired)."""
+    out = {k: r.since for k, r in state.critical_readers.items()}
+    out.update({k: r.since for k, r in state.leased_readers.items() if r.lease_expires_ms > now_ms})
+    return out
+
+
+def wanted_since(state: ShardState, now_ms: int) -> Frontier:
+    """The since the shard's live handles ask for: `max(since, min over them)`, not capped at the upper.
+
+    The stored since never passes the upper (nothing there to compact); a new
+    dependent may already be held further, at its inputs' sinces.
+    """
+    hs = list(holders(state, now_ms).values())
+    return max(state.since, min(hs)) if hs else state.since
 
 
 def compare_and_downgrade_since(
@@ -476,7 +522,7 @@ def compare_and_downgrade_since(
         return None, OpaqueMismatch(r.opaque)
     since = max(r.since, new_since)
     readers = dict(state.critical_readers)
-    readers[reader_id] = CriticalReaderState(since, new_opaque)
+    readers[reader_id] = CriticalReaderState(since, new_opaque, r.registered_ms)
     new = _expire_leases(replace(state, critical_readers=readers), now_ms)
     return new, Downgraded(since)
 
@@ -515,13 +561,23 @@ def finalize_upper(state: ShardState, *, writer_id: str, now_ms: int) -> tuple[S
     return new, None
 
 
-def finalize_since(state: ShardState, *, now_ms: int = 0) -> tuple[ShardState | None, None]:
-    """Step 2: since to empty, dropping every reader; the shard becomes a tombstone."""
+def finalize_since(
+    state: ShardState, *, force: bool = False, now_ms: int = 0
+) -> tuple[ShardState | None, dict[str, Frontier]]:
+    """Step 2: since to empty; the shard becomes a tombstone. Only once no live handle holds it.
+
+    Returns the live handles still holding it (reader id -> since; expired leases do
+    not count) and changes nothing while there are any, unless `force` (an operator's
+    explicit drop of every hold). Returns `{}` once finalized.
+    """
     if not state.upper.is_empty:
         raise InvalidBounds(f"shard {state.shard_id}: cannot finalize since before the upper is closed")
     if state.is_tombstone:
-        return None, None
-    return replace(state, since=Frontier.EMPTY, leased_readers={}, critical_readers={}, writers={}), None
+        return None, {}
+    held = holders(state, now_ms)
+    if held and not force:
+        return None, held
+    return replace(state, since=Frontier.EMPTY, leased_readers={}, critical_readers={}, writers={}), {}
 
 
 def finalize_batches(state: ShardState, *, now_ms: int = 0) -> tuple[ShardState | None, None]:

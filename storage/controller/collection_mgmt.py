@@ -45,7 +45,6 @@ from ..updates import DIFF, TIME, update_schema
 from ..write import WriteHandle
 from .catalog import SYSTEM_PREFIX, CollectionDesc
 from .desired import DesiredStore, as_rows, rows_schema
-from .holds import ReadHold
 from .records import Appender, _Coll
 
 log = logging.getLogger("storage.controller")
@@ -89,7 +88,6 @@ class Controller(Protocol):
     def _check_epoch(self) -> None: ...
     def _fence(self, e: Fenced) -> None: ...
     def _advance(self, c: _Coll, upper: Frontier) -> None: ...
-    def _hold(self, c: _Coll) -> ReadHold: ...
     def _create(self, descs: Sequence[CollectionDesc], *, system: bool) -> None: ...
 
 
@@ -231,11 +229,6 @@ class CollectionManager:
         w = c.write
         if w.appender is not None:
             w.appender._fail(e, forever=True)
-        if w.diff_hold is not None:
-            # The caller re-applies the (now empty) policy, which settles since.
-            w.diff_hold._released = True
-            c.read.caps.update(w.diff_hold.time, -1)
-            w.diff_hold = None
         if self.desired.has(c.name):
             self.desired.unregister(c.name)
         w.kind = None
@@ -388,8 +381,8 @@ class CollectionManager:
             raise InvalidInput(f"collection {c.name!r} is append-only, not a differential collection")
         self.desired.register(c.name, c.meta.schema)
         c.write.kind = "differential"
-        # Keep a hold at persisted upper - 1, so a re-sync can always read it.
-        c.write.diff_hold = self.ctl._hold(c)
+        # A re-sync reads at persisted upper - 1: readable, as no implied capability passes
+        # upper - 1 (`holds.policy_at`), whichever process applies the policy.
         if init_from_persisted:
             upper = self.shard_upper(c)
             self.resync(c, upper)
@@ -450,8 +443,6 @@ class CollectionManager:
             c.stats.committed += corr.num_rows
             c.stats.staged = 0
             ctl._advance(c, w.persisted_upper)
-            if w.diff_hold is not None:
-                w.diff_hold.downgrade(max(w.diff_hold.time, Frontier(new_upper - 1)))
             return w.persisted_upper
         raise InvalidUppers(
             f"collection {c.name!r}: lost the race for the upper {ctl.max_write_retries + 1} times "

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,11 +38,14 @@ from ..errors import (
     Fenced,
     IdentifierMissing,
     InvalidInput,
+    LeaseExpired,
     ReadOnly,
     ShardNotFound,
+    Tombstone,
 )
 from ..frontier import Frontier
-from ..ids import ShardId
+from ..ids import ShardId, new_id
+from ..read import DEFAULT_LEASE_MS
 from ..updates import check_row_schema
 from . import holds
 from . import introspection as sysc
@@ -67,7 +72,7 @@ from .collection_mgmt import (
     MonotonicAppender,
     Replace,
 )
-from .holds import ReadHold, ReadState
+from .holds import DEP_PREFIX, HOLD_PREFIX, POLICY_READER, ReadHold, ReadState, dep_reader_id
 from .policy import (
     DEFAULT_POLICY,
     ReadPolicy,
@@ -80,7 +85,8 @@ from .tables import TableWrite, append_tables
 
 log = logging.getLogger("storage.controller")
 
-CRITICAL_READER_ID = "controller"
+CRITICAL_READER_ID = POLICY_READER
+_ROLE_RE = re.compile(r"^[A-Za-z0-9_.:/@-]{1,100}$")
 CRASH_ENV = "SHARDFLOW_CONTROLLER_CRASH_AT"
 
 
@@ -129,7 +135,17 @@ class StorageController:
         compact_interval_ms: int,
         on_fenced: Callable[[Fenced], None] | None,
         sleep: Callable[[float], None],
+        role: str = "controller",
+        hold_lease_ms: int = DEFAULT_LEASE_MS,
     ):
+        if not isinstance(role, str) or not _ROLE_RE.match(role):
+            raise InvalidInput(f"controller role {role!r}: use 1-100 of letters, digits and _.:/@-")
+        if not isinstance(hold_lease_ms, int) or hold_lease_ms < 100:
+            raise InvalidInput(f"hold_lease_ms must be an int >= 100, got {hold_lease_ms!r}")
+        self.role = role
+        self.hold_lease_ms = hold_lease_ms
+        self._holder = f"{HOLD_PREFIX}{role}:{os.getpid()}@{socket.gethostname()}:{new_id('')[-6:]}"
+        self._lease_thread: threading.Thread | None = None
         self.client = client
         self.clock = clock
         self._fence_on_open = True  # open(fence=False) joins the current epoch instead
@@ -178,6 +194,8 @@ class StorageController:
         on_fenced: Callable[[Fenced], None] | None = None,
         sleep: Callable[[float], None] = time.sleep,
         fence: bool = True,
+        role: str = "controller",
+        hold_lease_ms: int = DEFAULT_LEASE_MS,
     ) -> StorageController:
         """Open the controller over `client`'s shards.
 
@@ -185,8 +203,9 @@ class StorageController:
         epoch, which fences any previous writer, takes over every collection's
         critical since handle, finalizes the shards a crash left in
         `unfinalized_shards`, and creates the `system.*` introspection
-        collections. A `read_only=True` controller writes nothing anywhere until
-        `allow_writes()`.
+        collections. A `read_only=True` controller writes nothing until
+        `allow_writes()` but the leased readers behind its read holds (so they
+        bind the writers too).
 
         With `fence=False` a writable controller *joins* the current epoch
         instead of bumping it: several processes (jobs, a webhook server) then
@@ -211,6 +230,11 @@ class StorageController:
             compact: run `client.compact(shard)` after since advanced (when available).
             on_fenced: called (from whichever thread noticed) once a newer
                 controller fenced this one; e.g. to stop the process.
+            role: who this controller is, e.g. `job:orders`; it names the
+                leased readers behind its read holds (`hold:<role>:<pid>@<host>:..`),
+                which `shardflow inspect` lists.
+            hold_lease_ms: the lease of those readers: heartbeated every third
+                of it, they expire this long after the process died.
         """
         ctl = cls(
             client,
@@ -226,6 +250,8 @@ class StorageController:
             compact_interval_ms=compact_interval_ms,
             on_fenced=on_fenced,
             sleep=sleep,
+            role=role,
+            hold_lease_ms=hold_lease_ms,
         )
         ctl._fence_on_open = fence
         try:
@@ -265,6 +291,10 @@ class StorageController:
                 self._mgmt.close(self._colls.values(), flush=not self.read_only and self._fenced is None)
             finally:
                 self._closed = True
+                # This process's holds end with it (a crash leaves them to their lease).
+                for c in [*self._colls.values(), *self._dropped.values()]:
+                    if c.reader is not None:
+                        self._expire_reader(c)
 
     def __enter__(self) -> StorageController:
         return self
@@ -340,12 +370,13 @@ class StorageController:
                 # Someone (or this controller) stored another policy.
                 c.read.policy = m.read_policy or DEFAULT_POLICY
                 c.meta = m
-                self._settled(holds.apply_policy(c.read))
+                if holds.apply_policy(c.read):
+                    self._push_policy(c)
             c.meta = m
         self._seen_seqno = cat.seqno
 
     def _setup(self, meta: CollectionMeta) -> _Coll:
-        """Bring up one collection: its shard, critical since handle, frontiers and input holds."""
+        """Bring up one collection: its shard, policy handle, frontiers and dependency holds."""
         c = _Coll(meta=meta, read=ReadState(meta.name, meta.shard_id, meta.read_policy or DEFAULT_POLICY))
         m = self.client.machine(meta.shard_id)
         s: st.ShardState | None
@@ -360,20 +391,38 @@ class StorageController:
             check_alter(meta.name, s.schema, meta.schema)
             s, _ = m.apply(st.set_schema, meta.schema)
         shard_since = s.since if s is not None else Frontier.MIN
-        if s is not None and not self.read_only and not s.is_tombstone:
+        live = s is not None and not s.is_tombstone
+        if live and not self.read_only:
             c.handle = self._take_over_since(meta.shard_id)
             shard_since = max(shard_since, c.handle.since)
+        # A dependent starts no earlier than its inputs' sinces. A writer first registers
+        # its dependency holds, so the inputs cannot move past where they were counted.
+        input_sinces = []
+        for dep in meta.depends_on:
+            inp = self._colls[dep]
+            if live and not self.read_only:
+                input_sinces.append(self._dep_handle(c, inp).since)
+            input_sinces.append(inp.read.since)
         holds.bring_up(
             c.read,
             s.upper if s is not None else Frontier.MIN,
             shard_since=shard_since,
-            input_sinces=[self._colls[dep].read.since for dep in meta.depends_on],
+            input_sinces=input_sinces,
         )
-        for dep in meta.depends_on:
-            holds.hold_input(c.read, self._colls[dep].read)
         self._colls[meta.name] = c
-        self._push_since(c)
+        if s is not None:
+            holds.observe(c.read, st.wanted_since(s, self.clock()))
+        self._push_policy(c)
+        self._since_moved(c)  # the dependency holds follow since (a no-op unless writable)
         return c
+
+    def _dep_handle(self, c: _Coll, inp: _Coll) -> SinceHandle:
+        """`c`'s dependency hold on input `inp` (registered at `inp`'s since if missing)."""
+        h = c.deps.get(inp.name)
+        if h is None or h.shard_id != inp.shard_id:
+            rid = dep_reader_id(c.shard_id)
+            h = c.deps[inp.name] = self.client.open_critical_since(inp.shard_id, rid, opaque=rid)
+        return h
 
     def _take_over_since(self, shard: str) -> SinceHandle:
         """Open the shard's critical since handle and move its opaque to our epoch (the fence)."""
@@ -470,39 +519,65 @@ class StorageController:
             self._sync_catalog(cat)
 
     def _on_dropped(self, c: _Coll) -> None:
-        """The catalog no longer has `c`: unregister it and release everything it holds."""
+        """The catalog no longer has `c`: unregister it and release everything it holds.
+
+        Its policy handle and its dependency holds go now (a writer's job); the
+        shard is finalized once no live handle of any process holds it.
+        """
         c.read.dropped = True
-        self._mgmt.on_dropped(c)
         self._dropped[c.shard_id] = c
+        self._mgmt.on_dropped(c)
         c.read.policy = ValidFrom(Frontier.EMPTY)
-        self._settled(holds.apply_policy(c.read))
-        if c.read.since.is_empty and c.shard_id in self._dropped:
-            self._finalize(c)  # since was empty already (so it did not change): finalize now
+        if self.read_only or self._fenced is not None:
+            return
+        self._release_durable(c)
+        self._try_finalize(c.shard_id)
+
+    def _release_durable(self, c: _Coll) -> None:
+        """Release `c`'s policy handle and its dependency holds on its inputs (it was dropped)."""
+        if c.handle is not None:
+            res = self._apply_quiet(c.shard_id, st.release_critical_reader, POLICY_READER, self.epoch, check_opaque=True)
+            if isinstance(res, st.OpaqueMismatch) and isinstance(res.actual, int) and res.actual > self.epoch:
+                raise Fenced(f"shard {c.shard_id}: policy handle taken over by epoch {res.actual} (this controller: epoch {self.epoch})")
+            c.handle = None
+        for h in list(c.deps.values()):
+            self._apply_quiet(h.shard_id, st.release_critical_reader, h.reader_id)
+        c.deps.clear()
+
+    def _apply_quiet(self, shard: str, transition: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        """Apply a transition to a shard that may be gone (finalized or never created): None then."""
+        try:
+            _, res = self.client.machine(shard).apply(transition, *args, **kw)
+        except (ShardNotFound, Tombstone):
+            return None
+        return res
 
     def _finalize_unfinalized(self, shards: Iterable[str]) -> None:
-        """Finalize dropped shards with no holds left (all of them, after a restart)."""
-        todo = [s for s in shards if s not in self._dropped]
-        for shard in todo:
-            self._finalize_shard(shard)
-        if todo:
-            self._catalog.apply(self.epoch, lambda s: (plan_finalized(s, todo), None))
-        for c in list(self._dropped.values()):
-            if c.read.since.is_empty:
-                self._finalize(c)
+        """Finalize the dropped shards no live handle holds any more (this and earlier controllers' drops)."""
+        for shard in list(shards):
+            self._try_finalize(shard)
 
-    def _finalize(self, c: _Coll) -> None:
+    def _try_finalize(self, shard: str) -> bool:
+        """Finalize `shard` if no live handle of any process holds it; True once it is a tombstone."""
         if self.read_only or self._fenced is not None:
-            return  # the writer finalizes (after allow_writes(), this one)
+            return False  # the writer finalizes (after allow_writes(), this one)
+        c = self._dropped.get(shard)
+        if c is not None and c.reader is not None:
+            return False  # this process still holds it
         self._check_epoch()
-        self._finalize_shard(c.shard_id)
-        self._catalog.apply(self.epoch, lambda s: (plan_finalized(s, [c.shard_id]), None))
-        self._dropped.pop(c.shard_id, None)
-
-    def _finalize_shard(self, shard: str) -> None:
+        # The dropped collection's policy handle goes first (still there after a crash mid-drop).
+        self._apply_quiet(shard, st.release_critical_reader, POLICY_READER)
         try:
-            self.client.finalize(shard)
+            held = self.client.finalize(shard)
         except ShardNotFound:
-            return  # never initialized: nothing to finalize
+            held = {}  # never initialized: nothing to finalize
+        if held:
+            log.debug("dropped shard %s waits for its holders: %s", shard, sorted(held))
+            return False
+        _crash_point("finalized_shard")
+        self._catalog.apply(self.epoch, lambda s: (plan_finalized(s, [shard]), None))
+        self._dropped.pop(shard, None)
+        return True
 
     @_guarded
     def alter_collection(self, name: str, schema: pa.Schema) -> None:
@@ -607,7 +682,10 @@ class StorageController:
 
     @_guarded
     def acquire_read_holds(self, names: Sequence[str]) -> list[ReadHold]:
-        """One hold per name (a repeated name gets several), each at the collection's current since.
+        """One hold per name (a repeated name gets several), each at or past the collection's since.
+
+        The holds are backed by this process's leased reader on each shard, so
+        they bind every process on the data directory, read-only or not.
 
         Raises:
             IdentifierMissing: an unknown name (no hold is taken).
@@ -618,7 +696,17 @@ class StorageController:
             return [self._hold(c) for c in colls]
 
     def _hold(self, c: _Coll) -> ReadHold:
-        return ReadHold(self, c.read, holds.acquire(c.read))
+        """A new hold of this process on `c`, at the time its reader holds (registered if need be)."""
+        if c.reader is None:
+            c.reader = self.client.open_leased_reader(
+                c.shard_id, reader_id=self._holder, lease_ms=self.hold_lease_ms, heartbeat=False
+            )
+            self._start_heartbeats()
+            # The reader registered at the shard's stored since; since may be asked further on.
+            if c.read.since > c.reader.since:
+                c.reader.downgrade_since(c.read.since)
+        at = max(c.read.since, c.reader.since)
+        return ReadHold(self, c.read, holds.acquire(c.read, at))
 
     def _downgrade_hold(self, h: ReadHold, t: Frontier) -> None:
         with self._lock:
@@ -632,32 +720,94 @@ class StorageController:
             if t.is_empty:
                 h._released = True
             moved = holds.move_hold(h._read, old, t)
+            c = self._owner(h._read)
+            if moved is None or c is None:
+                return
             try:
-                self._settled(moved)
+                if moved.is_empty:
+                    self._expire_reader(c)
+                    if c.read.dropped:
+                        self._try_finalize(c.shard_id)
+                    else:
+                        self._refresh_since(c)
+                else:
+                    self._push_reader(c)
             except Fenced as e:
                 self._fence(e)
+
+    def _push_reader(self, c: _Coll) -> None:
+        """Move this process's reader on `c` forward to its holds' frontier; then since may move."""
+        f = c.read.local.frontier()
+        if c.reader is None or f.is_empty or not f > c.reader.since:
+            return
+        try:
+            c.reader.downgrade_since(f)
+        except (LeaseExpired, Tombstone):
+            log.warning("read hold on %r: this process's reader %s expired; its holds no longer bind", c.name, self._holder)
+            c.reader = None
+            return
+        self._refresh_since(c)
+
+    def _expire_reader(self, c: _Coll) -> None:
+        r, c.reader = c.reader, None
+        if r is not None:
+            try:
+                r.expire()
+            except (ShardNotFound, Tombstone):
+                pass
+
+    def _start_heartbeats(self) -> None:
+        if self._lease_thread is None:
+            self._lease_thread = threading.Thread(target=self._heartbeat_loop, name="storage-holds", daemon=True)
+            self._lease_thread.start()
+
+    def _heartbeat_loop(self) -> None:
+        """Keep this process's hold readers alive (every third of the lease), and move lazy holds on."""
+        while not self._stop.wait(self.hold_lease_ms / 3000.0):
+            self.heartbeat_holds()
+        return
+
+    def heartbeat_holds(self) -> None:
+        """Extend the leases of this process's hold readers now (the background thread does it
+        every third of `hold_lease_ms`)."""
+        with self._lock:
+            colls = [c for c in [*self._colls.values(), *self._dropped.values()] if c.reader is not None]
+        for c in colls:
+            with self._lock:
+                r = c.reader
+                if r is None:
+                    continue
+                try:
+                    r.release_versions()
+                    self._push_reader(c)
+                except (LeaseExpired, Tombstone):
+                    log.warning("read hold on %r: this process's reader %s expired (the process stalled past "
+                                "its lease); its holds no longer bind", c.name, self._holder)
+                    c.reader = None
+                except Exception as e:  # noqa: BLE001 - retried at the next beat, before the lease ends
+                    log.debug("heartbeat of the hold on %r failed: %s", c.name, e)
 
     def _refresh_upper(self, c: _Coll) -> None:
         try:
             s = self.client.machine(c.shard_id).fetch()
         except ShardNotFound:
             return
-        self._advance(c, s.upper)
+        self._seen(c, s)
+
+    def _seen(self, c: _Coll, s: st.ShardState) -> None:
+        """`s` is `c`'s shard now: apply the policy to its upper, follow its since, keep its holds."""
+        moved = holds.advance_upper(c.read, s.upper)
+        if moved and self._push_policy(c):
+            return  # pushing refreshed since already
+        if holds.observe(c.read, st.wanted_since(s, self.clock())):
+            self._since_moved(c)
+        if not self.read_only and self._fenced is None:
+            self._release_orphans(c, s)
 
     def _advance(self, c: _Coll, upper: Frontier) -> None:
         """`c`'s upper moved to `upper` (or not: a smaller one is ignored); re-apply its read policy."""
-        self._settled(holds.advance_upper(c.read, upper))
-
-    def _settled(self, moved: list[ReadState]) -> None:
-        """Act on the sinces that moved (`holds.settle`): finalize a released drop, else push since."""
-        for rs in moved:
-            c = self._owner(rs)
-            if c is None:
-                continue  # finalized already
-            if rs.dropped and rs.since.is_empty:
-                self._finalize(c)
-            else:
-                self._push_since(c)
+        if holds.advance_upper(c.read, upper):
+            self._push_policy(c)
 
     def _owner(self, rs: ReadState) -> _Coll | None:
         c = self._colls.get(rs.name)
@@ -665,16 +815,64 @@ class StorageController:
             return c
         return self._dropped.get(rs.shard_id)
 
-    def _push_since(self, c: _Coll) -> None:
-        """Send since to the shard's critical since handle (writable controllers only)."""
-        if self.read_only or self._fenced is not None or c.handle is None:
-            return
-        since = holds.since_to_push(c.read.since, handle_since=c.handle.since)
+    def _push_policy(self, c: _Coll) -> bool:
+        """Send the implied capability to the policy handle (writable controllers only); True if sent."""
+        if self.read_only or self._fenced is not None or c.handle is None or c.read.dropped:
+            return False
+        since = holds.since_to_push(c.read.implied, handle_since=c.handle.since)
         if since is None:
-            return
-        res = c.handle.compare_and_downgrade_since(self.epoch, (self.epoch, since))
+            return False
+        try:
+            res = c.handle.compare_and_downgrade_since(self.epoch, (self.epoch, since))
+        except (LeaseExpired, Tombstone):
+            c.handle = None  # released: the collection was dropped elsewhere (the catalog says so next)
+            return False
         if isinstance(res, st.OpaqueMismatch):
             raise Fenced(f"shard {c.shard_id}: critical since taken over by {res.actual!r} (this controller: epoch {self.epoch})")
+        self._refresh_since(c)
+        return True
+
+    def _refresh_since(self, c: _Coll) -> None:
+        """Re-read `c`'s shard since (a handle on it moved) and pass it on to its dependency holds."""
+        try:
+            s = self.client.machine(c.shard_id).fetch()
+        except ShardNotFound:
+            return
+        if holds.observe(c.read, st.wanted_since(s, self.clock())):
+            self._since_moved(c)
+
+    def _since_moved(self, c: _Coll) -> None:
+        """`c`'s since moved: its dependency holds follow it (a writer's job), and so do its inputs'."""
+        if self.read_only or self._fenced is not None or c.read.dropped:
+            return
+        for dep in c.meta.depends_on:
+            inp = self._colls.get(dep)
+            if inp is None:
+                continue
+            h = self._dep_handle(c, inp)
+            t = holds.since_to_push(c.read.since, handle_since=h.since)
+            if t is None:
+                continue
+            h.compare_and_downgrade_since(h.opaque, (h.opaque, t))
+            self._refresh_since(inp)
+
+    def _release_orphans(self, c: _Coll, s: st.ShardState) -> None:
+        """Release dependency holds on `c` whose dependent is gone (dropped, or a crash mid-drop)."""
+        rids = [r for r in s.critical_readers if r.startswith(DEP_PREFIX)]
+        if not rids:
+            return
+        wanted = {dep_reader_id(d.shard_id) for d in self._colls.values() if c.name in d.meta.depends_on}
+        orphans = [r for r in rids if r not in wanted]
+        if not orphans:
+            return
+        # SUBTLE: a dependent is in the catalog before it registers its holds; one created
+        # since this controller last synced is in the head now, so read it again first.
+        self._sync_catalog()
+        wanted = {dep_reader_id(d.shard_id) for d in self._colls.values() if c.name in d.meta.depends_on}
+        for r in orphans:
+            if r not in wanted:
+                log.info("releasing dependency hold %s on %r: its dependent is gone", r, c.name)
+                self._apply_quiet(c.shard_id, st.release_critical_reader, r)
 
     # ------------------------------------------------------------------ collection manager
 
@@ -790,9 +988,8 @@ class StorageController:
             if not self.read_only:
                 self._check_epoch()
                 self._mgmt.tick(self._colls.values(), self._intro.failed)
-                for c in list(self._dropped.values()):
-                    if c.read.since.is_empty:
-                        self._finalize(c)
+                # Dropped shards (this controller's and earlier ones') whose holders let go.
+                self._finalize_unfinalized(self._catalog.head().unfinalized_shards)
             # Introspection last, so it shows this tick's frontiers.
             self._intro.refresh()
             if not self.read_only:
@@ -811,12 +1008,12 @@ class StorageController:
         now = time.monotonic()
         for c in list(self._colls.values()):
             cp = c.compaction
-            if c.handle is None or c.handle.since <= cp.since:
+            if c.handle is None or c.read.since <= cp.since:
                 continue
             if (now - cp.at) * 1000 < self.compact_interval_ms:
                 continue
             cp.at = now
-            cp.since = c.handle.since
+            cp.since = c.read.since
             try:
                 compactor = getattr(self.client, "compactor", None)
                 if compactor is not None:
@@ -880,14 +1077,14 @@ class StorageController:
                 if s.is_tombstone:
                     continue
                 c.handle = self._take_over_since(c.shard_id)
-                # SUBTLE: while read-only, our holds did not reach the shard; the previous
-                # writer may have moved the shard's since past them. Since is rebased onto
-                # the shard's real since (the handle's since, which the shard's may still
-                # reach), so holds taken from now on are readable; older ones stay below it.
-                real = max(m.fetch().since, c.handle.since)
-                self._settled(holds.rebase(c.read, real))
+                # SUBTLE: while read-only, the implied capability never reached the shard; the
+                # previous writer moved the policy handle on, and a handle never moves back.
+                holds.rebase(c.read, c.handle.since)
+                self._push_policy(c)
+                self._refresh_since(c)
                 self._mgmt.take_over(c)
-                self._push_since(c)
+            for c in list(self._colls.values()):
+                self._since_moved(c)  # register and move the dependency holds
             self._sync_catalog(cat)
             self._finalize_unfinalized(cat.unfinalized_shards)
             self._intro.setup()

@@ -1,27 +1,33 @@
-"""Read capabilities of one collection: pure capability math, no IO, no clock.
+"""Read capabilities of one collection, as one controller process sees them: pure math, no IO.
 
-Builds on `policy.py` (the read policies and `MutableAntichain`). A
-collection's `ReadState` holds its write frontier, its implied capability
-(`policy.frontier(write_frontier)`, never moving back), its read capabilities
-(a `MutableAntichain` of the implied capability, every `ReadHold` and the holds
-of its dependents) and its since, their minimum. A derived collection holds
-each of its inputs at its own since (`input_holds`).
+Where the holds live. A collection's since is its shard's since: the minimum
+over every handle registered on the shard, by any process. The controller
+keeps three kinds there (see `controller.py`, which does the IO):
 
-Every transition here mutates `ReadState`s in memory and returns the states
-whose since moved, inputs before dependents: the controller then pushes each
-since to its shard's critical since handle (`since_to_push`) or finalizes a
-dropped collection whose since became empty. A `ReadHold` is the handle of
-one capability; the controller moves it (under its lock) with `move_hold`.
+- the **policy handle** (critical, id `controller`, opaque = the catalog
+  epoch): the collection's implied capability, `policy.frontier(upper)`,
+  moved by the writers of the current epoch;
+- **dependency holds** (critical, id `dep:<dependent shard>`): a collection
+  derived from others (`depends_on`, a flow's export, a view) holds each input
+  at its own since; durable, released when the dependent is dropped;
+- **process holds** (leased, id `hold:<role>:...`): this process's
+  `ReadHold`s, read-only or writable; heartbeated, they expire when the
+  process dies.
+
+A `ReadState` is one collection in one process: its write frontier, its
+implied capability (never moving back), the process' own holds (`local`), and
+its since as last seen on the shard (never moving back). The functions below
+only mutate it and say whether something the controller must push moved.
+
 Example:
-
     >>> from storage.controller.policy import ValidFrom, step_back
     >>> a = ReadState("a", "s-a", step_back())
     >>> bring_up(a, Frontier(10), shard_since=Frontier.MIN)
-    >>> a.implied, a.since
-    (Frontier(9), Frontier(9))
-    >>> [r.name for r in advance_upper(a, Frontier(20))], a.since
-    (['a'], Frontier(19))
-    >>> since_to_push(a.since, handle_since=Frontier(9))
+    >>> a.implied
+    Frontier(9)
+    >>> advance_upper(a, Frontier(20)), a.implied
+    (True, Frontier(19))
+    >>> since_to_push(a.implied, handle_since=Frontier(9))
     Frontier(19)
 """
 
@@ -35,10 +41,21 @@ from ..errors import InvariantViolated
 from ..frontier import Frontier
 from .policy import MutableAntichain, ReadPolicy
 
+#: The policy handle's reader id (one per shard, shared by the epoch's writers).
+POLICY_READER = "controller"
+#: Prefix of a dependency hold's reader id: `dep:<the dependent's shard id>`.
+DEP_PREFIX = "dep:"
+#: Prefix of a process hold's reader id: `hold:<role>:<pid>@<host>:<nonce>`.
+HOLD_PREFIX = "hold:"
+
+
+def dep_reader_id(dependent_shard: str) -> str:
+    return f"{DEP_PREFIX}{dependent_shard}"
+
 
 @dataclass(eq=False)
 class ReadState:
-    """The read side of one collection (live or dropped-but-not-finalized)."""
+    """The read side of one collection (live or dropped-but-not-finalized) in this process."""
 
     name: str
     shard_id: str
@@ -46,12 +63,7 @@ class ReadState:
     write_frontier: Frontier = Frontier.MIN
     implied: Frontier = Frontier.MIN
     since: Frontier = Frontier.MIN
-    caps: MutableAntichain = field(default_factory=MutableAntichain)
-    input_holds: dict[str, Frontier] = field(default_factory=dict)  # input name -> the time held there
-    # The shard's real since, once rebased onto it (`rebase`): since never is below it, even if a
-    # capability taken while read-only is.
-    floor: Frontier = Frontier.MIN
-    inputs: dict[str, ReadState] = field(default_factory=dict)
+    local: MutableAntichain = field(default_factory=MutableAntichain)  # this process's ReadHolds
     dropped: bool = False
 
 
@@ -62,6 +74,8 @@ class _HoldOwner(Protocol):
 class ReadHold:
     """A read capability at `time` on one collection: its since does not pass `time` while held.
 
+    Backed by this process's leased reader on the collection's shard, so it
+    binds every process (the lease is heartbeated; it ends with the process).
     Release it (or leave the `with` block) when done; `downgrade(t)` moves it
     forward. Releasing twice is a no-op. A hold outlives a drop: the shard is
     finalized only once every hold is released.
@@ -107,108 +121,97 @@ class ReadHold:
         return f"ReadHold({self.name!r}, {state})"
 
 
+def policy_at(policy: ReadPolicy, upper: Frontier) -> Frontier:
+    """The capability `policy` implies at write frontier `upper`, never past `upper - 1`.
+
+    INVARIANT: the latest written time stays readable (a differential writer
+    re-syncs from a snapshot at `upper - 1`), whichever process applies the
+    policy. An empty capability (a drop) and a closed upper pass through.
+    """
+    f = policy.frontier(upper)
+    if f.is_empty or upper.is_empty:
+        return f
+    assert upper.time is not None
+    return min(f, Frontier(max(upper.time - 1, 0)))
+
+
 def bring_up(
     rs: ReadState, upper: Frontier, *, shard_since: Frontier, input_sinces: Sequence[Frontier] = ()
 ) -> None:
-    """A new collection's first capability: its policy at `upper`, but never below the shard's since
-    nor below any of its inputs' sinces (`input_sinces`).
+    """A collection's first implied capability: its policy at `upper`, but never below the
+    shard's since nor below any of its inputs' sinces (`input_sinces`).
 
     A dependent's initial since is advanced as far as its dependencies': its
-    inputs are not readable below their sinces, so neither is it. (Its input
-    holds, `hold_input`, then sit at its own since.)
+    inputs are not readable below their sinces, so neither is it.
     """
     rs.write_frontier = upper
-    rs.implied = max([rs.policy.frontier(upper), shard_since, *input_sinces])
-    rs.caps.update(rs.implied, +1)
-    rs.since = rs.caps.frontier()
+    rs.implied = max([policy_at(rs.policy, upper), shard_since, *input_sinces])
+    rs.since = max(rs.since, shard_since)
 
 
-def hold_input(rs: ReadState, inp: ReadState) -> None:
-    """`rs` depends on `inp`: hold `inp` at `max(rs.since, inp.since)` (which does not move `inp`'s since)."""
-    t = max(rs.since, inp.since)
-    inp.caps.update(t, +1)
-    rs.input_holds[inp.name] = t
-    rs.inputs[inp.name] = inp
-
-
-def acquire(rs: ReadState) -> Frontier:
-    """One more read capability at the current since; returns its time."""
-    rs.caps.update(rs.since, +1)
-    return rs.since
-
-
-def move_hold(rs: ReadState, old: Frontier, new: Frontier) -> list[ReadState]:
-    """Move one capability from `old` to `new` (`new` empty: release it); see `settle`."""
-    rs.caps.update(old, -1)
-    rs.caps.update(new, +1)
-    return settle(rs)
-
-
-def advance_upper(rs: ReadState, upper: Frontier) -> list[ReadState]:
-    """The write frontier moved (it never moves back here); re-apply the policy. See `settle`."""
+def advance_upper(rs: ReadState, upper: Frontier) -> bool:
+    """The write frontier moved (it never moves back here); re-apply the policy. True if implied moved."""
     if upper > rs.write_frontier:
         rs.write_frontier = upper
     return apply_policy(rs)
 
 
-def apply_policy(rs: ReadState) -> list[ReadState]:
-    """Recompute the implied capability from the policy; it only ever moves forward. See `settle`."""
-    new = rs.policy.frontier(rs.write_frontier)
+def apply_policy(rs: ReadState) -> bool:
+    """Recompute the implied capability from the policy; it only ever moves forward. True if it moved."""
+    new = policy_at(rs.policy, rs.write_frontier)
     if new > rs.implied:  # INVARIANT: the implied capability never moves back
-        rs.caps.update(rs.implied, -1)
-        rs.caps.update(new, +1)
         rs.implied = new
-    return settle(rs)
+        return True
+    return False
 
 
-def rebase(rs: ReadState, shard_since: Frontier) -> list[ReadState]:
-    """Rebase `rs`'s since onto its shard's real since `shard_since`: since becomes the max of the two.
+def rebase(rs: ReadState, shard_since: Frontier) -> bool:
+    """The policy handle is at `shard_since` (taken over from another writer): implied moves up to it.
 
-    A read-only controller's capabilities never reached the shard, so another
-    writer may have moved the shard's since past them; a capability taken at
-    the old since would not be readable. The implied capability moves up to
-    `shard_since` (never back), and `floor` keeps since at or beyond it
-    whatever older capabilities remain (they still count in `caps`, so they
-    release as usual). An empty `shard_since` (a tombstone) changes nothing.
-    See `settle`.
+    A read-only controller's implied capability never reached the shard; the
+    handle it takes over may be further on, and a handle never moves back.
+    An empty `shard_since` (a tombstone) changes nothing. True if implied moved.
     """
-    if shard_since.is_empty or shard_since <= rs.since:
-        return []
-    rs.floor = max(rs.floor, shard_since)
-    if shard_since > rs.implied:  # INVARIANT: the implied capability never moves back
-        rs.caps.update(rs.implied, -1)
-        rs.caps.update(shard_since, +1)
-        rs.implied = shard_since
-    return settle(rs)
+    if shard_since.is_empty or shard_since <= rs.implied:
+        return False
+    rs.implied = shard_since
+    return True
 
 
-def settle(rs: ReadState) -> list[ReadState]:
-    """Recompute since from the capabilities (never below `floor`) and pass it on to the inputs' holds.
+def observe(rs: ReadState, wanted: Frontier) -> bool:
+    """The shard's handles now ask for since `wanted`; since follows it forward. True if since moved."""
+    if wanted > rs.since:
+        rs.since = wanted
+        return True
+    return False
 
-    Returns every state whose since moved, inputs before their dependents (the
-    order their shards' sinces must be pushed in); empty if `rs.since` did not move.
+
+def acquire(rs: ReadState, at: Frontier) -> Frontier:
+    """One more hold of this process, at `at` (the caller's reader already holds the shard there)."""
+    # INVARIANT: a new hold is never below what this process's reader holds, nor below since.
+    if at < rs.since:
+        raise InvariantViolated(f"collection {rs.name!r}: a hold at {at} would be below since {rs.since}")
+    rs.local.update(at, +1)
+    return at
+
+
+def move_hold(rs: ReadState, old: Frontier, new: Frontier) -> Frontier | None:
+    """Move one of this process's holds from `old` to `new` (`new` empty: release it).
+
+    Returns the new frontier of this process's holds if it moved (empty: none
+    left, release the reader), else None.
     """
-    new = max(rs.caps.frontier(), rs.floor)
-    if new == rs.since:
-        return []
-    # INVARIANT: since only moves forward: every capability added is at or beyond it.
-    if not new > rs.since:
-        raise InvariantViolated(f"collection {rs.name!r}: since would move back from {rs.since} to {new}")
-    rs.since = new
-    moved: list[ReadState] = []
-    for dep, held in list(rs.input_holds.items()):
-        t = max(held, new)
-        if t != held:
-            rs.input_holds[dep] = t
-            moved += move_hold(rs.inputs[dep], held, t)
-    moved.append(rs)
-    return moved
+    before = rs.local.frontier()
+    rs.local.update(old, -1)
+    rs.local.update(new, +1)
+    after = rs.local.frontier()
+    return after if after != before else None
 
 
 def since_to_push(since: Frontier, *, handle_since: Frontier) -> Frontier | None:
-    """The since to send to a critical since handle now at `handle_since`, or None if there is nothing to send.
+    """The since to send to a handle now at `handle_since`, or None if there is nothing to send.
 
-    An empty since is never sent: a dropped shard is finalized instead.
+    An empty since is never sent: such a handle is released instead.
     """
     if since.is_empty or since <= handle_since:
         return None

@@ -19,9 +19,10 @@ import pyarrow as pa
 
 from ..client import SinceHandle
 from ..frontier import Frontier
+from ..read import ReadHandle
 from ..write import WriteHandle
 from .catalog import CollectionMeta
-from .holds import ReadHold, ReadState
+from .holds import ReadState
 
 
 class Appender(Protocol):
@@ -50,7 +51,6 @@ class WriteTask:
     writer: WriteHandle | None = None
     appender: Appender | None = None
     persisted_upper: Frontier | None = None  # differential: the upper `persisted` is valid at
-    diff_hold: ReadHold | None = None  # differential: keeps persisted upper - 1 readable for a re-sync
 
 
 @dataclass(eq=False)
@@ -75,7 +75,9 @@ class _Coll:
 
     meta: CollectionMeta
     read: ReadState  # holds.py
-    handle: SinceHandle | None = None  # the critical since handle (writable controllers)
+    handle: SinceHandle | None = None  # the policy handle, critical (writable controllers)
+    reader: ReadHandle | None = None  # this process's leased reader backing its ReadHolds (any controller)
+    deps: dict[str, SinceHandle] = field(default_factory=dict)  # input name -> its dependency hold (writable)
     write: WriteTask = field(default_factory=WriteTask)  # collection_mgmt.py
     stats: Stats = field(default_factory=Stats)  # collection_mgmt.py, shown by introspection
     compaction: _Compaction = field(default_factory=_Compaction)

@@ -184,7 +184,14 @@ def test_finalize_makes_a_tombstone_and_deletes_every_part(client: storage.Clien
     r = client.open_leased_reader(shard, heartbeat=False)
     crit = client.open_critical_since(shard, "ctl", 1)
     client.blob.put(f"{shard}/orphan.parquet", b"x")  # e.g. a lost append's part
-    finalize(client, shard)
+    # Held by a live reader and a critical handle: the upper closes, nothing else happens.
+    held = finalize(client, shard)
+    assert sorted(held) == sorted([r.reader_id, "ctl"])
+    s = client.state(shard)
+    assert s.upper.is_empty and not s.is_tombstone and s.batches and _blob_keys(client, shard)
+    assert s.leased_readers and s.critical_readers
+    # An operator's force drops every hold.
+    assert finalize(client, shard, force=True) == {}
     s = client.state(shard)
     assert s.is_tombstone and s.batches == () and not s.leased_readers and not s.critical_readers
     st.check_invariants(s)
@@ -209,7 +216,7 @@ def test_finalize_makes_a_tombstone_and_deletes_every_part(client: storage.Clien
             call()
             pytest.fail(name)
     # Finalizing again does nothing.
-    finalize(client, shard)
+    assert finalize(client, shard) == {}
     assert client.state(shard).seqno == s.seqno
     rep = client.gc(shard, grace_ms=0)
     assert rep.parts_deleted == rep.orphans_deleted == rep.versions_truncated == 0

@@ -131,7 +131,7 @@ def test_leased_reader_registers_at_since_and_pins_the_seqno() -> None:
     s = shard((0, 5))
     new, r = st.register_leased_reader(s, "r", lease_ms=100, now_ms=10)
     assert new is not None and new.leased_readers["r"] == r
-    assert r == st.LeasedReaderState(F.MIN, s.seqno, 110, 100)
+    assert r == st.LeasedReaderState(F.MIN, s.seqno, 110, 100, registered_ms=10)
 
 
 @pytest.mark.parametrize(
@@ -209,8 +209,8 @@ def test_expire_leased_reader(registered: bool) -> None:
 
 def test_critical_reader_registers_once() -> None:
     s = shard((0, 5))
-    new, r = st.register_critical_reader(s, "c", 1)
-    assert new is not None and r == st.CriticalReaderState(F.MIN, 1)
+    new, r = st.register_critical_reader(s, "c", 1, now_ms=42)
+    assert new is not None and r == st.CriticalReaderState(F.MIN, 1, registered_ms=42)
     again, r2 = st.register_critical_reader(new, "c", 2)
     assert again is None and r2 == r
 
@@ -232,7 +232,7 @@ def test_compare_and_downgrade_since(expected: Any, to: int | None, outcome: Any
     if isinstance(outcome, st.OpaqueMismatch):
         assert new is None
     else:
-        assert new is not None and new.critical_readers["c"] == st.CriticalReaderState(outcome.since, 7)
+        assert new is not None and new.critical_readers["c"] == st.CriticalReaderState(outcome.since, 7, 0)
         assert new.since == min(outcome.since, new.upper)
         st.check_invariants(new)
 
@@ -281,9 +281,17 @@ def test_finalization_steps_make_a_tombstone_and_are_idempotent() -> None:
     s1, r = st.finalize_upper(s, writer_id="f", now_ms=0)
     assert r is None and s1 is not None and s1.upper.is_empty and not s1.is_tombstone
     assert st.finalize_upper(s1, writer_id="f", now_ms=0) == (None, None)
-    s2, _ = st.finalize_since(s1)
+    # A live handle holds it: nothing changes, and the holders are named.
+    assert st.finalize_since(s1) == (None, {"c": F.MIN})
+    s1, _ = st.release_critical_reader(s1, "c", now_ms=0)
+    assert s1 is not None and not s1.critical_readers
+    # An expired leased reader does not count; a live one does.
+    s1, _ = st.register_leased_reader(s1, "r", lease_ms=100, now_ms=0)
+    assert s1 is not None
+    assert st.finalize_since(s1, now_ms=50) == (None, {"r": F.MIN})
+    s2, _ = st.finalize_since(s1, now_ms=100)
     assert s2 is not None and s2.is_tombstone and not s2.critical_readers and not s2.leased_readers
-    assert st.finalize_since(s2) == (None, None)
+    assert st.finalize_since(s2) == (None, {})
     s3, _ = st.finalize_batches(s2)
     assert s3 is not None and s3.batches == ()
     assert st.finalize_batches(s3) == (None, None)
@@ -362,3 +370,34 @@ def test_every_transition_returns_a_pair() -> None:
         out = call()
         assert isinstance(out, tuple) and len(out) == 2
         assert out[0] is None or isinstance(out[0], st.ShardState)
+
+
+def test_release_critical_reader_checks_the_opaque_when_asked() -> None:
+    s = shard((0, 5))
+    s, _ = st.register_critical_reader(s, "c", 3)
+    assert s is not None
+    assert st.release_critical_reader(s, "c", 2, check_opaque=True, now_ms=0) == (None, st.OpaqueMismatch(3))
+    assert st.release_critical_reader(s, "nobody", now_ms=0) == (None, False)
+    new, ok = st.release_critical_reader(s, "c", 3, check_opaque=True, now_ms=0)
+    assert ok is True and new is not None and new.critical_readers == {}
+
+
+def test_wanted_since_is_not_capped_at_the_upper() -> None:
+    s = shard((0, 5))
+    s, _ = st.register_critical_reader(s, "c", 1)
+    assert s is not None
+    s, _ = st.compare_and_downgrade_since(s, "c", 1, 1, F(9), now_ms=0)
+    assert s is not None and s.since == F(5) and st.wanted_since(s, 0) == F(9)
+    s, _ = st.register_leased_reader(s, "r", lease_ms=10, now_ms=0)
+    assert s is not None and st.wanted_since(s, 5) == F(5)  # the reader registered at 5 holds it there
+    assert st.wanted_since(s, 10) == F(9)  # ... until its lease ran out
+
+
+def test_registration_times_survive_encoding() -> None:
+    s = shard((0, 5))
+    s, _ = st.register_critical_reader(s, "c", 1, now_ms=7)
+    assert s is not None
+    s, _ = st.register_leased_reader(s, "r", lease_ms=10, now_ms=8)
+    assert s is not None
+    back = st.ShardState.decode(s.encode(), "test")
+    assert back.critical_readers["c"].registered_ms == 7 and back.leased_readers["r"].registered_ms == 8

@@ -29,22 +29,37 @@ def heads(client: storage.Client) -> dict[str, int]:
     return {k: client.consensus.head(k).seqno for k in client.consensus.list_keys("")}
 
 
-def test_read_only_writes_nothing(client, clock, ctl):
+def shard_facts(client: storage.Client) -> dict[str, tuple]:
+    """Every shard's data and durable handles: what a read-only controller must not change."""
+    out = {}
+    for sid in client.list_shards():
+        s = client.state(sid)
+        out[str(sid)] = (s.since, s.upper, s.batches, dict(s.critical_readers), dict(s.metadata))
+    return out
+
+
+def test_read_only_writes_nothing_but_its_holds(client, clock, ctl):
     ctl.create_collections([CollectionDesc("kv", KV), CollectionDesc("ev", KV, data_source="webhook")])
     ctl.differential_write("kv", Append(pa.table({"k": ["a"], "v": [1]}, schema=KV)))
     ctl.close()
     ro = StorageController.open(client, clock=clock, tick_interval_ms=None, read_only=True)
     try:
         before = heads(client)
+        facts = shard_facts(client)
         blobs = sorted(client.blob.list(""))
         clock.advance(10_000)
         h = ro.acquire_read_holds(["kv"])[0]
+        shard = ro.collection("kv").shard_id
+        # The one thing it writes: the leased reader behind its hold, so the hold binds writers too.
+        assert [r for r in client.state(shard).leased_readers if r.startswith("hold:controller:")]
         ro.set_read_policy({"kv": step_back()})
         h.release()
         assert ro.differential_write("kv", Append(pa.table({"k": ["b"], "v": [2]}, schema=KV))) is None
         assert not ro.report_sink_status("s", "running")
         ro.tick()
-        assert heads(client) == before
+        assert {k: v for k, v in heads(client).items() if not k.startswith("shard/")} == \
+            {k: v for k, v in before.items() if not k.startswith("shard/")}
+        assert shard_facts(client) == facts
         assert sorted(client.blob.list("")) == blobs
         # ...but desired is current, and is written once allowed.
         assert sorted(ro.desired("kv").column("k").to_pylist()) == ["a", "b"]
@@ -170,11 +185,13 @@ def test_fencing_in_process(client, clock):
     try:
         new.allow_writes()
         assert new.epoch == old.epoch + 1
-        # The old controller's next critical-since CAS notices: releasing the hold moves since.
+        # Its hold was its own leased reader: releasing it lets since go to the policy's 30.
         h.release()
-        assert old.fenced and len(fenced) == 1
+        assert client.state(w.shard_id).since == Frontier(30)
+        # Its next write notices the new epoch.
         with pytest.raises(Fenced):
             old.differential_write("kv", Append(pa.table({"k": ["x"], "v": [1]}, schema=KV)))
+        assert old.fenced and len(fenced) == 1
         with pytest.raises(Fenced):
             old.tick()
         # The new writer is unaffected.
