@@ -9,6 +9,10 @@ Run examples/loadgen_counter.py first, then:
 (retractions included: the view stays exact). Its offset is the frontier of
 `counter` reached, so a rerun continues after it. In batch mode it stops at
 the upper `counter` had when it started.
+
+`inputs=("counter",)` records that `counter_even` is derived from `counter`:
+a durable hold keeps `counter` readable at `counter_even`'s since, so a rerun
+after the counter flow ran on (and compacted) still resumes exactly.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ SCHEMA = pa.schema([("counter", pa.int64())])
 
 
 def build(ctx):  # type: ignore[no-untyped-def]
-    ctx.collection("counter_even", SCHEMA)
+    # counter_even is computed from counter: counter stays readable where this flow stopped.
+    ctx.collection("counter_even", SCHEMA, inputs=("counter",))
     src = ShardSource(ctx.client, ctx.shard("counter"), mode=ctx.mode, name="counter",
                       resume=ctx.resume_offsets("counter_even"))
     flow = Dataflow("shard_chain")

@@ -225,7 +225,7 @@ def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
 def _controller(client: Any, read_only: bool = True) -> Any:
     from storage.controller import StorageController
 
-    return StorageController.open(client, read_only=read_only)
+    return StorageController.open(client, read_only=read_only, role="cli")
 
 
 def _catalog(ctl: Any) -> dict[str, str]:

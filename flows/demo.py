@@ -91,7 +91,7 @@ def run_demo(data: str, *, ticks: int = TICKS, seed: int = SEED, consensus: str 
     summary = run_flow(__file__, data, mode="batch", client=client)
     console.print(f"committed {summary.rows:,} rows in {summary.batches} batches in {time.monotonic() - t0:.1f}s; "
                   + ", ".join(f"{n} upper {f}" for n, f in sorted(summary.frontiers.items())))
-    ctl = open_controller(client, read_only=True)
+    ctl = open_controller(client, read_only=True, role="demo")
     try:
         cat = {n: m.shard_id for n, m in ctl.collections().items()}
     finally:

@@ -35,6 +35,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -64,13 +65,16 @@ Mode = Literal["batch", "continuous"]
 log = logging.getLogger("flows.job")
 
 
-def open_controller(client: Client, *, read_only: bool = False) -> StorageController:
-    """The storage controller for `client` (no background thread: the job drives nothing)."""
+def open_controller(client: Client, *, read_only: bool = False, role: str = "job") -> StorageController:
+    """The storage controller for `client` (no background thread: the job drives nothing).
+
+    `role` names this process's read holds (`shardflow inspect` lists them), e.g. `job:orders`.
+    """
     # SUBTLE: fence=False joins the current epoch: a second job (or a webhook server) on
     # the same data must not fence this one's controller, nor this one theirs. No retry
     # without it: an error opening the controller is the job's error, never a reason to
     # take over (fence) every other job's controller.
-    return StorageController.open(client, read_only=read_only, tick_interval_ms=None, fence=False)
+    return StorageController.open(client, read_only=read_only, tick_interval_ms=None, fence=False, role=role)
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,10 +161,30 @@ class FlowContext:
     def continuous(self) -> bool:
         return self.mode == "continuous"
 
-    def collection(self, name: str, schema: pa.Schema, *, data_source: str = "ingestion") -> str:
-        """Create (or look up: an identical re-create is a no-op) collection `name`; return its shard id."""
+    def collection(
+        self, name: str, schema: pa.Schema, *, data_source: str = "ingestion", inputs: tuple[str, ...] = ()
+    ) -> str:
+        """Create (or look up: an identical re-create is a no-op) collection `name`; return its shard id.
+
+        `inputs`: the collections this flow reads to compute `name` (e.g. with a
+        `ShardSource`). Each is then held, durably, at `name`'s since: a rerun
+        resumes exactly however far the inputs moved on (and were compacted)
+        in between. An existing collection gets these inputs recorded.
+        """
+        inputs = tuple(inputs)
         try:
-            self.controller.create_collections([CollectionDesc(name, schema, data_source=data_source)])
+            meta = self._existing(name)
+            if meta is None:
+                self.controller.create_collections(
+                    [CollectionDesc(name, schema, data_source=data_source, depends_on=inputs)]
+                )
+            else:
+                # Checks the schema and data source; a change of inputs is recorded below.
+                self.controller.create_collections(
+                    [CollectionDesc(name, schema, data_source=data_source, depends_on=meta.depends_on)]
+                )
+                if meta.depends_on != inputs and inputs:
+                    self.controller.set_dependencies(name, inputs)
         except storage.errors.ReadOnly as e:
             raise InvalidInput(
                 f"collection {name!r} does not exist yet and process {self.process_id} does not create "
@@ -168,6 +192,12 @@ class FlowContext:
             ) from e
         self.shards[name] = str(self.controller.collection(name).shard_id)
         return self.shards[name]
+
+    def _existing(self, name: str) -> Any:
+        try:
+            return self.controller.collection(name)
+        except storage.errors.IdentifierMissing:
+            return None
 
     def shard(self, name: str) -> str:
         """The shard id of collection `name` (looked up once through the controller, then cached).
@@ -384,7 +414,9 @@ def _run_flow(
     on_built: Callable[[FlowContext], None] | None = None,
 ) -> Summary:
     primary = not process_id  # None or 0
-    ctl = open_controller(client, read_only=not primary)
+    stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
+    role = "job:" + (re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:90] or "flow")
+    ctl = open_controller(client, read_only=not primary, role=role)
     ctx = FlowContext(client, ctl, mode, tick, workers, process_id=process_id or 0)
     housekeeper = _Housekeeper(ctx, interval=tick if mode == "continuous" else None, primary=primary)
     try:

@@ -324,6 +324,18 @@ def _expire_leases(state: ShardState, now_ms: int) -> ShardState:
     return _recompute_since(state)
 
 
+def expire_leases(state: ShardState, *, now_ms: int) -> tuple[ShardState | None, int]:
+    """Drop the leased readers whose lease ran out (a crashed process's holds) and recompute since.
+
+    Returns how many were dropped; `None` as the new state when none was.
+    """
+    if state.is_tombstone:
+        return None, 0
+    new = _expire_leases(state, now_ms)
+    gone = len(state.leased_readers) - len(new.leased_readers)
+    return (new if gone else None), gone
+
+
 def _recompute_since(state: ShardState) -> ShardState:
     """since = max(since, min over readers' sinces). With no readers, since stays put."""
     sinces = [r.since for r in state.leased_readers.values()] + [r.since for r in state.critical_readers.values()]

@@ -383,6 +383,36 @@ def plan_set_policies(state: CatalogState, policies: Mapping[str, ReadPolicy]) -
     return replace(state, collections=cols) if changed else None
 
 
+def plan_set_depends_on(state: CatalogState, name: str, depends_on: Sequence[str]) -> CatalogState | None:
+    """Record that `name` is derived from `depends_on` (replacing what it was); None if unchanged.
+
+    Raises:
+        IdentifierMissing: `name` or an input is unknown.
+        InvalidInput: `name` would depend on itself, directly or through its inputs.
+    """
+    cur = state.collections.get(name)
+    if cur is None:
+        raise IdentifierMissing(f"collection {name!r} does not exist")
+    deps = tuple(dict.fromkeys(depends_on))
+    for dep in deps:
+        if dep not in state.collections:
+            raise IdentifierMissing(f"collection {name!r}: depends on unknown collection {dep!r}")
+    # INVARIANT: the catalog has no dependency cycles.
+    todo, seen = list(deps), set()
+    while todo:
+        n = todo.pop()
+        if n == name:
+            raise InvalidInput(f"collection {name!r}: cannot depend on {list(deps)}: {n!r} is derived from {name!r}")
+        if n not in seen:
+            seen.add(n)
+            todo.extend(state.collections[n].depends_on)
+    if cur.depends_on == deps:
+        return None
+    cols = dict(state.collections)
+    cols[name] = replace(cur, depends_on=deps)
+    return replace(state, collections=cols)
+
+
 def plan_finalized(state: CatalogState, shards: Iterable[str]) -> CatalogState | None:
     done = set(shards)
     left = tuple(s for s in state.unfinalized_shards if s not in done)

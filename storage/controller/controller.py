@@ -62,6 +62,7 @@ from .catalog import (
     plan_create,
     plan_drop,
     plan_finalized,
+    plan_set_depends_on,
     plan_set_policies,
     validate_name,
 )
@@ -366,6 +367,13 @@ class StorageController:
             c = self._colls[name]
             if not c.meta.schema.equals(m.schema):
                 self._apply_schema(c, m.schema)
+            if c.meta.depends_on != m.depends_on:
+                # Inputs added or removed (`set_dependencies`): hold the new ones; the
+                # handles on removed ones are released as orphans by the inputs' next tick.
+                for gone in [n for n in c.deps if n not in m.depends_on]:
+                    c.deps.pop(gone)
+                c.meta = replace(c.meta, depends_on=m.depends_on)
+                self._since_moved(c)
             if policy_to_json(c.meta.read_policy) != policy_to_json(m.read_policy):
                 # Someone (or this controller) stored another policy.
                 c.read.policy = m.read_policy or DEFAULT_POLICY
@@ -489,6 +497,32 @@ class StorageController:
                 return
             self._writable()
             cat, _ = self._catalog.apply(self.epoch, lambda s: plan_create(s, descs, ShardId.new))
+            self._sync_catalog(cat)
+
+    @_guarded
+    def set_dependencies(self, name: str, depends_on: Sequence[str]) -> None:
+        """Record that collection `name` is derived from `depends_on` (replacing its inputs).
+
+        Each input is then held at `name`'s since by a durable dependency hold
+        (a critical since handle `dep:<name's shard>` on the input's shard), so a
+        job computing `name` can resume where it stopped after its inputs moved
+        on, however much later. A new input is held from its since now.
+
+        Raises:
+            IdentifierMissing: `name` or an input is unknown.
+            InvalidInput: a dependency cycle.
+            ReadOnly: the controller is read-only.
+        """
+        validate_name(name)
+        deps = list(depends_on)
+        for d in deps:
+            validate_name(d, allow_system=True)
+        with self._lock:
+            self._sync_catalog()
+            if plan_set_depends_on(self._catalog.head(), name, deps) is None:  # validates (raises)
+                return
+            self._writable()
+            cat, _ = self._catalog.apply(self.epoch, lambda s: (plan_set_depends_on(s, name, deps), None))
             self._sync_catalog(cat)
 
     @_guarded
@@ -796,12 +830,18 @@ class StorageController:
 
     def _seen(self, c: _Coll, s: st.ShardState) -> None:
         """`s` is `c`'s shard now: apply the policy to its upper, follow its since, keep its holds."""
-        moved = holds.advance_upper(c.read, s.upper)
-        if moved and self._push_policy(c):
-            return  # pushing refreshed since already
+        writer = not self.read_only and self._fenced is None
+        if writer and any(r.lease_expires_ms <= self.clock() for r in s.leased_readers.values()):
+            # A crashed process's holds: their lease ran out; drop them, so since moves on.
+            s2, gone = self.client.machine(c.shard_id).apply(st.expire_leases)
+            if gone:
+                log.info("collection %r: %d expired leased reader(s) dropped", c.name, gone)
+            s = s2
+        if holds.advance_upper(c.read, s.upper):
+            self._push_policy(c)
         if holds.observe(c.read, st.wanted_since(s, self.clock())):
             self._since_moved(c)
-        if not self.read_only and self._fenced is None:
+        if writer:
             self._release_orphans(c, s)
 
     def _advance(self, c: _Coll, upper: Frontier) -> None:

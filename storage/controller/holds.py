@@ -146,7 +146,6 @@ def bring_up(
     """
     rs.write_frontier = upper
     rs.implied = max([policy_at(rs.policy, upper), shard_since, *input_sinces])
-    rs.since = max(rs.since, shard_since)
 
 
 def advance_upper(rs: ReadState, upper: Frontier) -> bool:

@@ -56,7 +56,7 @@ def up(name: str, policy: ReadPolicy, upper: int | None, shard_since: int = 0) -
 def test_bring_up(policy, upper, shard_since, implied):
     rs = up("a", policy, upper, shard_since)
     assert rs.implied == F(implied)
-    assert rs.since == F(shard_since)  # since is what the shard says, until the policy is pushed
+    assert rs.since == F(0)  # since is what the shard's handles say (`observe`), not the policy's
     assert rs.local.is_empty()
 
 
