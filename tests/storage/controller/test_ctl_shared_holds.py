@@ -226,3 +226,25 @@ def test_a_crashed_process_hold_expires(root):
     finally:
         w.close()
         client.close()
+
+
+def test_set_dependencies_holds_a_new_input_and_refuses_cycles(client, clock, ctl):
+    ctl.create_collections([CollectionDesc("a", KV, read_policy=step_back()), CollectionDesc("d", KV)])
+    sa, sd = ctl.collection("a").shard_id, ctl.collection("d").shard_id
+    write(client, sa, "k", 5, 100)
+    ctl.tick()
+    ctl.set_dependencies("d", ["a"])
+    assert ctl.collection("d").depends_on == ("a",)
+    assert f"dep:{sd}" in client.state(sa).critical_readers
+    from storage.errors import IdentifierMissing, InvalidInput
+
+    with pytest.raises(InvalidInput, match="'a'.*derived from"):
+        ctl.set_dependencies("a", ["d"])
+    with pytest.raises(InvalidInput, match="'a'"):
+        ctl.set_dependencies("a", ["a"])
+    with pytest.raises(IdentifierMissing, match="'nope'"):
+        ctl.set_dependencies("d", ["nope"])
+    # Removing the input releases its hold (as an orphan, at the input's next tick).
+    ctl.set_dependencies("d", [])
+    ctl.tick()
+    assert f"dep:{sd}" not in client.state(sa).critical_readers
