@@ -731,6 +731,9 @@ class StorageController:
 
     def _hold(self, c: _Coll) -> ReadHold:
         """A new hold of this process on `c`, at the time its reader holds (registered if need be)."""
+        if c.reader is not None and c.reader._expired:
+            # Its lease ran out (the process stalled): the old holds no longer bind; start over.
+            c.reader = None
         if c.reader is None:
             c.reader = self.client.open_leased_reader(
                 c.shard_id, reader_id=self._holder, lease_ms=self.hold_lease_ms, heartbeat=False

@@ -52,11 +52,12 @@ def _one_run(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return _ONE["rows"]
 
 
-def _two_copies(data: Path, offset: float, expected: list[str]) -> None:
-    a = _start(data)
-    time.sleep(offset)
-    b = _start(data)
-    for p in (a, b):
+def _two_copies(data: Path, offset: float, expected: list[str], copies: int = 2) -> None:
+    procs = [_start(data)]
+    for _ in range(copies - 1):
+        time.sleep(offset)
+        procs.append(_start(data))
+    for p in procs:
         o, e = p.communicate(timeout=240)
         assert p.returncode == 0, (offset, p.returncode, o[-2000:], e[-4000:])
     assert _query(data) == expected
@@ -74,8 +75,8 @@ def test_two_copies_converge(tmp_path: Path, tmp_path_factory: pytest.TempPathFa
 @pytest.mark.slow
 def test_two_copies_converge_loop(tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     expected = _one_run(tmp_path_factory)
-    for trial in range(20):
-        _two_copies(tmp_path / f"d{trial}", 2.0 * trial / 19, expected)
+    for trial in range(20):  # two copies, and every third trial three, started 0-2 s apart
+        _two_copies(tmp_path / f"d{trial}", 2.0 * trial / 19, expected, copies=3 if trial % 3 == 2 else 2)
 
 
 def _data_shards(data: Path) -> list[str]:
