@@ -5,6 +5,7 @@
     shardflow query "SQL"               query every collection with DuckDB
     shardflow tail NAME                 print updates as they commit (like SUBSCRIBE)
     shardflow inspect [NAME]            shards, since, upper, batches, sizes, lag
+    shardflow holds list|release        who holds each collection's history readable; release one
     shardflow compact|gc [NAME]         maintenance on demand
     shardflow fsck [NAME]               check each collection reads back (parts, sha256, UTF-8, counts)
 
@@ -170,12 +171,51 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser(
         "inspect",
         parents=[common],
-        help="show collections: shard, since, upper, batches, sizes, lag",
+        help="show collections: shard, since, upper, batches, sizes, lag, holds",
+        description="Show each collection's shard, since, upper, lag, batches and sizes, then the "
+        "holds on it (see `shardflow holds --help`): who holds it, at what time, since when.",
     )
     i.add_argument("name", nargs="?", help="one collection (default: all)")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.add_argument(
         "--system", action="store_true", help="include the introspection collections (system.*)"
+    )
+
+    h = sub.add_parser(
+        "holds",
+        help="list or release the holds that keep collections readable",
+        description=HOLDS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    hsub = h.add_subparsers(dest="holds_command", metavar="ACTION")
+    hsub.required = True
+    hl = hsub.add_parser(
+        "list",
+        parents=[common],
+        help="a table of every hold: collection, holder, kind, since, registered, state",
+        description="List the holds on each collection (default: all but system.*): the holder, its "
+        "kind, the time it holds (since), when it was registered (UTC), and whether it is durable, "
+        "leased or expired.",
+    )
+    hl.add_argument("names", nargs="*", metavar="COLLECTION", help="collections (default: all)")
+    hl.add_argument("--json", action="store_true", help="print JSON: collection -> list of holds")
+    hl.add_argument(
+        "--system", action="store_true", help="include the introspection collections (system.*)"
+    )
+    hr = hsub.add_parser(
+        "release",
+        parents=[common],
+        help="remove one hold (a durable handle or a lease) from a collection",
+        description="Remove HOLDER's handle from COLLECTION, so its since may move on. The holder "
+        "is not told: a dependent whose dependency hold is released may fail with ReadBeforeSince "
+        "on its next run; a live process whose lease is released fails on its next heartbeat or "
+        "read. The `controller` handle of a live collection cannot be released (the next writer "
+        "re-registers it); change the read policy or drop the collection instead. "
+        "Refusals print one line and exit 2.",
+    )
+    hr.add_argument("collection", metavar="COLLECTION", help="collection name")
+    hr.add_argument(
+        "holder", metavar="HOLDER", help="the holder id, as `shardflow holds list` prints it"
     )
 
     c = sub.add_parser("compact", parents=[common], help="compact collections now")
@@ -190,6 +230,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     f.add_argument("name", nargs="?", help="one collection (default: all, system.* included)")
     return p
+
+
+HOLDS_HELP = """\
+A hold keeps a collection's history readable: the collection's since (the
+earliest time it can be read at; compaction forgets what is before it) never
+passes any hold on it. Every hold is a handle on the collection's shard:
+
+  policy      `controller` (durable): the collection's read policy, e.g. one
+              second behind its upper; moved on by the writers.
+  dependency  `dep:<shard>` (durable): a dependent collection (a flow's export,
+              a view) holds its input at its own since; released when the
+              dependent is dropped.
+  process     `hold:<role>:<pid>@<host>:<nonce>` (leased): a running process's
+              read holds; they expire by themselves when the process dies.
+  reader      any other id (leased): a sink's sync point, a source, a query.
+
+When to release one: a durable hold outlives its process. A job that crashed
+or was abandoned without dropping its collections leaves its dependency holds
+behind, and they pin its inputs' history (since stops; the shards grow). List
+the holds with `shardflow holds list`, then `shardflow holds release COLLECTION
+HOLDER`. Releasing is for holders that are gone: a dependent whose hold is
+released may fail with ReadBeforeSince on its next run. Leases need no
+release; they expire on their own.
+"""
+
+
+class UsageError(Exception):
+    """A refused request: one line on stderr, exit code 2 (EXIT_USAGE)."""
 
 
 # ---------------------------------------------------------------- helpers
@@ -397,8 +465,11 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         if args.name:
             _resolve(ctl, args.name)
         infos = {n: _inspect_one(client, cat[n]) for n in names}
+        by_shard = _names_by_shard(ctl)
     finally:
         ctl.close()
+    for info in infos.values():
+        _name_dependents(info["holds"], by_shard)
     if args.json:
         print(json.dumps(infos, indent=2, default=str))
         return 0
@@ -433,6 +504,164 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for b in infos[args.name]["batches"]:
             bt.add_row(*[str(b[k]) for k in ("lower", "upper", "since", "parts", "updates", "bytes")])
         Console().print(bt)
+    print()
+    title = f"holds on {args.name}" if args.name else "holds"
+    _print_holds(title, [(n, info["holds"]) for n, info in infos.items()])
+    return 0
+
+
+# ---------------------------------------------------------------- holds
+
+
+def _names_by_shard(ctl: Any) -> dict[str, str]:
+    """shard id -> collection name, for every live collection (introspection included)."""
+    return {shard: name for name, shard in _catalog(ctl).items()}
+
+
+def _name_dependents(holds: list[dict[str, Any]], by_shard: dict[str, str]) -> list[dict[str, Any]]:
+    """Add `dependent` (the dependent collection's name, None when it was dropped) to dependency holds."""
+    for h in holds:
+        if h["kind"] == "dependency":
+            h["dependent"] = by_shard.get(h["dependent_shard"])
+    return holds
+
+
+def _utc(ms: int | None) -> str:
+    """Epoch milliseconds as a UTC ISO timestamp; "-" when unknown."""
+    if ms is None:
+        return "-"
+    from datetime import UTC, datetime
+
+    try:
+        return datetime.fromtimestamp(ms / 1000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return "-"
+
+
+def _hold_kind(h: dict[str, Any]) -> str:
+    if h["kind"] == "dependency":
+        return f"dependency of {h.get('dependent') or '(dropped)'}"
+    if h["kind"] == "process" and h.get("role"):
+        return f"process {h['role']} (pid {h['pid']} on {h['host']})"
+    return str(h["kind"])
+
+
+def _hold_state(h: dict[str, Any]) -> str:
+    return "expired" if h["expired"] else "durable" if h["durable"] else "leased"
+
+
+def _print_holds(title: str, per_collection: list[tuple[str, list[dict[str, Any]]]]) -> None:
+    """A plain-text table (holder ids are printed whole, to be copied into `holds release`)."""
+    header = ("collection", "holder", "kind", "since", "registered", "state")
+    rows = [
+        (
+            name,
+            h["holder"],
+            _hold_kind(h),
+            "empty" if h["since"] is None else str(h["since"]),
+            _utc(h["registered_ms"]),
+            _hold_state(h),
+        )
+        for name, holds in per_collection
+        for h in holds
+    ]
+    print(f"{title}:")
+    if not rows:
+        print("  (none)")
+        return
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        print("  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _collection_holds(client: Any, shard: str) -> list[dict[str, Any]]:
+    import storage
+
+    try:
+        return list(client.inspect(shard)["holds"])
+    except storage.errors.ShardNotFound:
+        return []  # not written yet: nothing holds it
+
+
+def cmd_holds(args: argparse.Namespace) -> int:
+    return cmd_holds_list(args) if args.holds_command == "list" else cmd_holds_release(args)
+
+
+def cmd_holds_list(args: argparse.Namespace) -> int:
+    client = _open(args)
+    ctl = _controller(client)
+    try:
+        cat = _catalog(ctl)
+        for n in args.names:
+            _resolve(ctl, n)
+        names = args.names or sorted(n for n in cat if args.system or not n.startswith("system."))
+        by_shard = _names_by_shard(ctl)
+    finally:
+        ctl.close()
+    per = [(n, _name_dependents(_collection_holds(client, cat[n]), by_shard)) for n in names]
+    if args.json:
+        print(json.dumps(dict(per), indent=2, default=str))
+        return 0
+    _print_holds(f"holds in {args.data}", per)
+    return 0
+
+
+def cmd_holds_release(args: argparse.Namespace) -> int:
+    import storage
+
+    name, holder = args.collection, args.holder
+    client = _open(args)
+    ctl = _controller(client)
+    try:
+        cat = _catalog(ctl)
+        if name not in cat:
+            known = ", ".join(sorted(cat)) or "none"
+            raise UsageError(f"holds release: collection {name!r} does not exist (known: {known})")
+        shard = cat[name]
+        by_shard = _names_by_shard(ctl)
+    finally:
+        ctl.close()
+    holds = {h["holder"]: h for h in _name_dependents(_collection_holds(client, shard), by_shard)}
+    h = holds.get(holder)
+    if h is None:
+        have = ", ".join(holds) or "none"
+        raise UsageError(f"holds release: {name!r} has no holder {holder!r} (its holders: {have})")
+    if h["kind"] == "policy":
+        raise UsageError(
+            f"holds release: {holder!r} is the read-policy handle of live collection {name!r}: the "
+            "next writer re-registers it, so releasing it is meaningless; drop the collection or "
+            "change its read policy instead"
+        )
+    if h["durable"]:
+        gone = not client.release_critical_since(shard, holder)
+    else:
+        gone = not client.expire_leased_reader(shard, holder)
+    if gone:
+        raise storage.errors.IdentifierMissing(
+            f"holds release: {holder!r} on {name!r} was released by someone else meanwhile"
+        )
+    was = "empty" if h["since"] is None else h["since"]
+    now = client.state(shard).since.time
+    now_s = "empty" if now is None else str(now)
+    if h["kind"] == "dependency":
+        whose = f"{h.get('dependent') or 'a dropped collection'}'s dependency hold"
+    elif h["kind"] == "process" and h.get("role"):
+        whose = f"the process hold of {h['role']} (pid {h['pid']} on {h['host']})"
+    else:
+        whose = f"the {h['kind']} hold"
+    head = f"released {whose} {holder} on {name!r} (it held {was}; {name}'s since is now {now_s})"
+    if h["expired"]:
+        means = "its lease had already run out, so it held nothing"
+    elif h["kind"] == "dependency" and h.get("dependent"):
+        means = (f"{h['dependent']!r} may fail with ReadBeforeSince on its next run if it is behind "
+                 f"{name}'s since; a job still maintaining it fails with LeaseExpired when it next moves the hold")
+    elif h["kind"] == "dependency":
+        means = "its dependent was dropped, so nothing needed it"
+    elif h["kind"] == "process":
+        means = "if that process is still running, its next heartbeat or read fails with LeaseExpired"
+    else:
+        means = "if that reader is still in use, its next heartbeat or read fails with LeaseExpired"
+    print(f"{head}: {means}")
     return 0
 
 
@@ -764,6 +993,7 @@ COMMANDS = {
     "query": cmd_query,
     "tail": cmd_tail,
     "inspect": cmd_inspect,
+    "holds": cmd_holds,
     "compact": cmd_compact,
     "gc": cmd_gc,
     "fsck": cmd_fsck,
@@ -800,6 +1030,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (SystemExit, GeneratorExit):
         raise
+    except UsageError as e:
+        print(f"shardflow: error: {_one_line(str(e))}", file=sys.stderr)
+        return EXIT_USAGE
     except BaseException as e:  # noqa: BLE001 - the CLI turns every error into one line (bytewax's
         # PanicException, e.g. when a peer process dies, is a BaseException)
         if getattr(args, "debug", False):

@@ -119,7 +119,11 @@ class Client:
         return self.machine(shard).fetch()
 
     def inspect(self, shard: str) -> dict[str, Any]:
-        """A JSON-friendly description: seqno, since, upper, schema, batches, readers, metadata."""
+        """A JSON-friendly description: seqno, since, upper, schema, batches, readers, holds, metadata.
+
+        `holds` has one entry per handle on the shard, critical and leased, expired
+        leases flagged: see `storage.state.hold_entries`.
+        """
         s = self.state(shard)
         now = self.clock()
         return {
@@ -148,6 +152,7 @@ class Client:
                 for k, r in s.leased_readers.items()
             },
             "critical_readers": {k: {"since": r.since.time, "opaque": r.opaque} for k, r in s.critical_readers.items()},
+            "holds": st.hold_entries(s, now),
             "metadata": dict(s.metadata),
         }
 
@@ -197,6 +202,15 @@ class Client:
         An operator's tool (`shardflow holds release`): the holder's next downgrade fails.
         """
         _, res = self.machine(shard).apply(st.release_critical_reader, reader_id)
+        return res is True
+
+    def expire_leased_reader(self, shard: str, reader_id: str) -> bool:
+        """Remove leased reader `reader_id` now, as if its lease ran out; False if it was not there.
+
+        An operator's tool (`shardflow holds release`): the holder's next heartbeat,
+        downgrade or read fails with LeaseExpired.
+        """
+        _, res = self.machine(shard).apply(st.expire_leased_reader, reader_id)
         return res is True
 
     def verify(self, shard: str) -> VerifyReport:

@@ -512,6 +512,64 @@ def holders(state: ShardState, now_ms: int) -> dict[str, Frontier]:
     return out
 
 
+#: The reader ids of the holds a storage controller keeps (see `storage.controller.holds`):
+#: the collection's read-policy handle (critical, one per shard),
+POLICY_READER = "controller"
+#: a dependent collection's durable hold on its input (critical): `dep:<the dependent's shard id>`,
+DEP_PREFIX = "dep:"
+#: a controller process's read holds (leased): `hold:<role>:<pid>@<host>:<nonce>`.
+HOLD_PREFIX = "hold:"
+
+
+def describe_holder(reader_id: str) -> dict[str, Any]:
+    """What a reader id says about its holder: `kind` and, by kind, more.
+
+    `policy` (the `controller` handle), `dependency` (`dependent_shard`),
+    `process` (`role`, `pid`, `host`; None each when the id does not parse), or
+    `reader` (any other id: a sink's sync-point hold, a source, a query).
+
+    Example:
+        >>> describe_holder("dep:s123")
+        {'kind': 'dependency', 'dependent_shard': 's123'}
+        >>> describe_holder("hold:job:x:42@box:a1b2c3")
+        {'kind': 'process', 'role': 'job:x', 'pid': 42, 'host': 'box'}
+    """
+    if reader_id == POLICY_READER:
+        return {"kind": "policy"}
+    if reader_id.startswith(DEP_PREFIX):
+        return {"kind": "dependency", "dependent_shard": reader_id[len(DEP_PREFIX) :]}
+    if reader_id.startswith(HOLD_PREFIX):
+        # SUBTLE: the role may itself contain ':' and '@'; the host, pid and nonce do not.
+        out: dict[str, Any] = {"kind": "process", "role": None, "pid": None, "host": None}
+        head, _, _nonce = reader_id[len(HOLD_PREFIX) :].rpartition(":")
+        who, at, host = head.rpartition("@")
+        role, colon, pid = who.rpartition(":")
+        if at and colon and role and pid.isdigit() and host:
+            out.update(role=role, pid=int(pid), host=host)
+        return out
+    return {"kind": "reader"}
+
+
+def hold_entries(state: ShardState, now_ms: int) -> list[dict[str, Any]]:
+    """One JSON-friendly entry per handle on the shard, critical and leased (expired ones flagged).
+
+    Each: `holder` (the reader id), `kind` and its details (`describe_holder`),
+    `durable` (critical), `since` (an int, None for the empty frontier),
+    `registered_ms` (None when not recorded), `expired` (a leased reader whose
+    lease ran out: it holds nothing, the next transition drops it). Policy first,
+    then dependencies, processes, other readers; by id within each.
+    """
+    out: list[dict[str, Any]] = []
+    for k, c in state.critical_readers.items():
+        out.append({"holder": k, **describe_holder(k), "durable": True, "since": c.since.time,
+                    "registered_ms": c.registered_ms, "expired": False})
+    for k, r in state.leased_readers.items():
+        out.append({"holder": k, **describe_holder(k), "durable": False, "since": r.since.time,
+                    "registered_ms": r.registered_ms, "expired": r.lease_expires_ms <= now_ms})
+    order = {"policy": 0, "dependency": 1, "process": 2, "reader": 3}
+    return sorted(out, key=lambda h: (order[h["kind"]], h["holder"]))
+
+
 def wanted_since(state: ShardState, now_ms: int) -> Frontier:
     """The since the shard's live handles ask for: `max(since, min over them)`, not capped at the upper.
 

@@ -39,14 +39,15 @@ from typing import Any, Protocol
 
 from ..errors import InvariantViolated
 from ..frontier import Frontier
-from .policy import MutableAntichain, ReadPolicy
 
-#: The policy handle's reader id (one per shard, shared by the epoch's writers).
-POLICY_READER = "controller"
-#: Prefix of a dependency hold's reader id: `dep:<the dependent's shard id>`.
-DEP_PREFIX = "dep:"
-#: Prefix of a process hold's reader id: `hold:<role>:<pid>@<host>:<nonce>`.
-HOLD_PREFIX = "hold:"
+# The reader ids live with the shard state (`storage.state.describe_holder` reads them back):
+# POLICY_READER, the policy handle's (one per shard, shared by the epoch's writers);
+# DEP_PREFIX + the dependent's shard id, a dependency hold's; HOLD_PREFIX, a process hold's
+# (`hold:<role>:<pid>@<host>:<nonce>`).
+from ..state import DEP_PREFIX as DEP_PREFIX
+from ..state import HOLD_PREFIX as HOLD_PREFIX
+from ..state import POLICY_READER as POLICY_READER
+from .policy import MutableAntichain, ReadPolicy
 
 
 def dep_reader_id(dependent_shard: str) -> str:
