@@ -896,7 +896,16 @@ class StorageController:
             t = holds.since_to_push(c.read.since, handle_since=h.since)
             if t is None:
                 continue
-            h.compare_and_downgrade_since(h.opaque, (h.opaque, t))
+            try:
+                h.compare_and_downgrade_since(h.opaque, (h.opaque, t))
+            except LeaseExpired:
+                # An operator released it (`shardflow holds release`): hold again from here on.
+                log.warning("dependency hold of %r on %r was released; holding %r again from its since now",
+                            c.name, dep, dep)
+                c.deps.pop(dep, None)
+                h = self._dep_handle(c, inp)
+                if holds.since_to_push(c.read.since, handle_since=h.since) is not None:
+                    h.compare_and_downgrade_since(h.opaque, (h.opaque, c.read.since))
             self._refresh_since(inp)
 
     def _release_orphans(self, c: _Coll, s: st.ShardState) -> None:

@@ -44,6 +44,8 @@ def test_chain_reruns_exactly_after_its_input_moved_on(tmp_path: Path) -> None:
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0, (out, err)
     sf("compact", "--data", data)
+    inspect = sf("inspect", "--data", data, "counter")
+    assert "dependency of counter_even" in inspect, inspect  # the hold, named by its dependent
     sf("run", chain, "--data", data, "--no-progress")
     even = rows(tmp_path / "data", "SELECT counter, count(*) FROM counter_even GROUP BY ALL ORDER BY ALL")
     want = rows(tmp_path / "data", "SELECT counter, count(*) FROM counter WHERE counter % 2 = 0 GROUP BY ALL ORDER BY ALL")

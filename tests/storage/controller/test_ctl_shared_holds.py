@@ -248,3 +248,17 @@ def test_set_dependencies_holds_a_new_input_and_refuses_cycles(client, clock, ct
     ctl.set_dependencies("d", [])
     ctl.tick()
     assert f"dep:{sd}" not in client.state(sa).critical_readers
+
+
+def test_a_released_dependency_hold_is_taken_again(client, clock, ctl):
+    """An operator released d's hold on a (`shardflow holds release`); d's writer holds a again."""
+    ctl.create_collections([CollectionDesc("a", KV, read_policy=step_back()),
+                            CollectionDesc("d", KV, read_policy=ValidFrom(0), depends_on=("a",))])
+    sa, sd = ctl.collection("a").shard_id, ctl.collection("d").shard_id
+    write(client, sa, "k", 5, 100)
+    write(client, sd, "k", 5, 100)
+    ctl.tick()
+    assert client.release_critical_since(sa, f"dep:{sd}")
+    assert client.state(sa).since == Frontier(99)
+    ctl.set_read_policy({"d": step_back()})  # d's since moves: its writer moves the hold
+    assert client.state(sa).critical_readers[f"dep:{sd}"].since == Frontier(99)
