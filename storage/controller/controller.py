@@ -735,6 +735,7 @@ class StorageController:
             # Its lease ran out (the process stalled): the old holds no longer bind; start over.
             c.reader = None
         if c.reader is None:
+            self._refresh_since(c)  # not below what the shard's handles ask for now
             c.reader = self.client.open_leased_reader(
                 c.shard_id, reader_id=self._holder, lease_ms=self.hold_lease_ms, heartbeat=False
             )

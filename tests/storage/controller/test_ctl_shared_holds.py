@@ -262,3 +262,23 @@ def test_a_released_dependency_hold_is_taken_again(client, clock, ctl):
     assert client.state(sa).since == Frontier(99)
     ctl.set_read_policy({"d": step_back()})  # d's since moves: its writer moves the hold
     assert client.state(sa).critical_readers[f"dep:{sd}"].since == Frontier(99)
+
+
+def test_reopening_keeps_a_dependent_at_its_own_policy(client, clock):
+    """Found by the multi-controller model: reopening took the policy handle's since for the
+    input's since, so the dependent (ValidFrom(0)) jumped to 15 and lost times 0-14."""
+    one = open_ctl(client, clock)
+    one.create_collections([CollectionDesc("a", KV, read_policy=ValidFrom(0)),
+                            CollectionDesc("d", KV, read_policy=ValidFrom(0), depends_on=("a",))])
+    sa, sd = one.collection("a").shard_id, one.collection("d").shard_id
+    write(client, sa, "k", 5, 16)
+    write(client, sd, "k", 5, 16)
+    one.set_read_policy({"a": step_back()})
+    assert client.state(sa).since == Frontier(0)  # d holds a at 0
+    one.close()
+    two = open_ctl(client, clock)
+    try:
+        assert two.frontiers("d")[0] == Frontier(0) and two.frontiers("a")[0] == Frontier(0)
+        assert client.state(sd).since == Frontier(0) and client.state(sa).since == Frontier(0)
+    finally:
+        two.close()
