@@ -245,6 +245,85 @@ class FlowContext:
         op.inspect(f"{step_id}_stats", out, lambda _s, c: self.stats.on_commit(name, c))
         return out
 
+    def view(self, flow: Dataflow, name: str, sql: str, *, replace: bool = False) -> Stream[Committed]:
+        """Maintain collection `name` as the incremental view `sql` over other collections.
+
+        Adds to `flow` a `ShardSource` per input collection, the view operator
+        (`flows.views.view`) and a `persist_sink` into `name`. The definition is
+        stored in the catalog; running `name` again with other SQL is refused
+        unless `replace` (which drops and rebuilds it). The view holds its
+        inputs durably at its since, so a rerun resumes exactly where it
+        stopped: its arrangements are rebuilt from the inputs' snapshots at its
+        committed frontier, and only what came after is processed.
+
+        In batch mode the view catches up to the inputs' uppers at start; in
+        continuous mode it follows them until stopped.
+        """
+        from connectors.shard import ShardSource
+
+        from . import sqlplan
+        from . import views as views_mod
+
+        metas = self.controller.collections()
+        existing = metas.get(name)
+        if existing is not None and existing.definition != sql:
+            if existing.definition is None:
+                raise InvalidInput(f"collection {name!r} exists and is not a view; choose another name")
+            if not replace:
+                raise InvalidInput(
+                    f"view {name!r} exists with another definition ({existing.definition!r}); "
+                    "use --replace (replace=True) to drop and rebuild it"
+                )
+            self.controller.drop_collections([name])
+            self.shards.pop(name, None)
+            metas.pop(name)
+        schemas = {n: m.schema for n, m in metas.items() if n != name}
+        plan = sqlplan.plan_view(sql, schemas)
+        out_schema = views_mod.output_schema(plan, {n: schemas[n] for n in plan.inputs})
+        try:
+            self.controller.create_collections([CollectionDesc(
+                name, out_schema, data_source="view", depends_on=plan.inputs, definition=sql
+            )])
+        except storage.errors.ReadOnly as e:
+            raise InvalidInput(f"view {name!r} does not exist yet and process {self.process_id} does not create it") from e
+        self.shards[name] = str(self.controller.collection(name).shard_id)
+        resumed = self.resume_offsets(name)
+        ins = {n: self.shard(n) for n in plan.inputs}
+        in_schemas = {n: schemas[n] for n in plan.inputs}
+        preload = None
+        start: int | None = None
+        as_of: int | None = None
+        if resumed:
+            start = min(int(resumed.get(f"{n}/0", 0)) for n in plan.inputs)
+            if start < 1:
+                raise InvalidInput(f"view {name!r}: its committed offsets {resumed} do not cover every input {list(plan.inputs)}")
+            resume = {f"{n}/0": start for n in plan.inputs}
+
+            def preload(engine: Any, start: int = start) -> None:
+                for n, shard in ins.items():
+                    with self.client.open_leased_reader(shard, heartbeat=False) as r:
+                        engine.load(n, r.snapshot(start - 1), start - 1)
+        else:
+            resume = {}
+            states = [self.client.state(s) for s in ins.values()]
+            low = min(s.upper.time for s in states if s.upper.time is not None) if states else 0
+            as_of = max([max(low - 1, 0), *(s.since.time or 0 for s in states)])
+            if self.mode == "batch" and any(s.upper.time is not None and s.upper.time <= as_of for s in states):
+                empty = [n for n, s in zip(ins, states, strict=True) if s.upper.time is not None and s.upper.time <= as_of]
+                raise InvalidInput(
+                    f"view {name!r}: input(s) {empty} have nothing readable at time {as_of} yet (upper "
+                    f"{[str(self.client.state(ins[n]).upper) for n in empty]}); write to them first, or run "
+                    "the view in continuous mode"
+                )
+        streams = {
+            n: op.input(f"{name}_in_{n}", flow, ShardSource(
+                self.client, shard, as_of=as_of, mode=self.mode, name=n, resume=resume
+            ))
+            for n, shard in ins.items()
+        }
+        corrections = views_mod.view(f"{name}_view", streams, plan, schemas=in_schemas, preload=preload, start=start)
+        return self.persist(f"{name}_sink", corrections, name)
+
     def append(
         self, step_id: str, up: Stream[Any], name: str, *, schema: pa.Schema | None = None, batch_duration: float = 1.0
     ) -> Stream[Committed]:

@@ -38,7 +38,7 @@ from .policy import ReadPolicy, coerce_policy, policy_from_json, policy_to_json
 CATALOG_KEY = "catalog"
 CATALOG_VERSION = 1
 _LEGACY_HEAD = b'{"collections":'  # versions written before checksums: sorted keys, no envelope
-DATA_SOURCES = ("ingestion", "table", "webhook", "introspection", "other")
+DATA_SOURCES = ("ingestion", "table", "webhook", "introspection", "view", "other")
 SYSTEM_PREFIX = "system."
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -77,6 +77,7 @@ class CollectionDesc:
         read_policy: None for the default, `lag_writes_by(1000, 1000)`.
         depends_on: input collections; this collection holds each of them at its
             own read frontier, so they stay readable wherever it is.
+        definition: a view's SQL (data_source "view"); a re-create with other SQL is refused.
     """
 
     name: str
@@ -84,6 +85,7 @@ class CollectionDesc:
     data_source: str = "other"
     read_policy: ReadPolicy | None = None
     depends_on: tuple[str, ...] = ()
+    definition: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depends_on", tuple(self.depends_on))
@@ -96,6 +98,7 @@ class CollectionDesc:
             and self.schema.equals(other.schema)
             and self.data_source == other.data_source
             and self.depends_on == other.depends_on
+            and self.definition == other.definition
             and policy_to_json(self.read_policy) == policy_to_json(other.read_policy)
             and self.read_policy == other.read_policy
         )
@@ -114,15 +117,19 @@ class CollectionMeta:
     data_source: str
     read_policy: ReadPolicy | None
     depends_on: tuple[str, ...] = ()
+    definition: str | None = None  # a view's SQL
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "shard_id": self.shard_id,
             "schema": schema_to_json(self.schema),
             "data_source": self.data_source,
             "read_policy": policy_to_json(self.read_policy),
             "depends_on": list(self.depends_on),
         }
+        if self.definition is not None:  # only when set: older catalogs encode unchanged
+            d["definition"] = self.definition
+        return d
 
     @classmethod
     def from_json(cls, name: str, d: Mapping[str, Any]) -> CollectionMeta:
@@ -133,6 +140,7 @@ class CollectionMeta:
             data_source=d["data_source"],
             read_policy=policy_from_json(d.get("read_policy")),
             depends_on=tuple(d.get("depends_on", ())),
+            definition=d.get("definition"),
         )
 
     def describes(self, desc: CollectionDesc) -> bool:
@@ -142,6 +150,7 @@ class CollectionMeta:
             self.schema.equals(desc.schema)
             and self.data_source == desc.data_source
             and self.depends_on == desc.depends_on
+            and self.definition == desc.definition
         )
 
 
@@ -293,7 +302,9 @@ def plan_create(
                 raise IdentifierMissing(f"collection {d.name!r}: depends on unknown collection {dep!r}")
             if dep == d.name:
                 raise InvalidInput(f"collection {d.name!r}: cannot depend on itself")
-        new.append(CollectionMeta(d.name, new_shard(), d.schema, d.data_source, d.read_policy, d.depends_on))
+        new.append(
+            CollectionMeta(d.name, new_shard(), d.schema, d.data_source, d.read_policy, d.depends_on, d.definition)
+        )
     if not new:
         return None, []
     cols = dict(state.collections)
