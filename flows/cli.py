@@ -113,6 +113,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--no-progress", action="store_true", help="no live progress line")
 
+    v = sub.add_parser(
+        "view",
+        parents=[common],
+        help="maintain an incremental SQL view over collections",
+        description="Maintain collection NAME as the SQL over other collections, incrementally: each "
+        "change of an input costs work in proportion to the keys it touches, not to the inputs' size. "
+        "At every time the view equals the SQL evaluated over its inputs at that time (query it with "
+        "`shardflow query`, at the latest time or --as-of). Covered: projections and filters; GROUP BY "
+        "with any aggregate and HAVING; inner, left and full outer equi-joins; DISTINCT; UNION ALL; "
+        "top-k per group (QUALIFY row_number() OVER (PARTITION BY g ORDER BY ...) <= k); views over "
+        "views. Anything else is refused with a message naming it. Batch mode catches up to the "
+        "inputs' uppers and exits; continuous mode keeps the view fresh until SIGINT/SIGTERM. The "
+        "definition is stored: running NAME again resumes it exactly where it stopped.",
+        epilog='example: shardflow view top_bids "SELECT auction_id, max(amount) AS top FROM bids GROUP BY auction_id"',
+    )
+    v.add_argument("name", nargs="?", help="the view's collection name")
+    v.add_argument("sql", nargs="?", help="a DuckDB SELECT over collections")
+    v.add_argument("--mode", choices=["batch", "continuous"], default="batch", help="default: %(default)s")
+    v.add_argument("-w", "--workers", type=int, default=1, help="bytewax worker threads per process (default: 1)")
+    v.add_argument("-p", "--processes", type=int, default=1, metavar="N", help="bytewax processes (default: 1)")
+    v.add_argument("--tick", type=float, default=1.0, metavar="SECONDS", help="continuous mode: idle tick (default: %(default)s)")
+    v.add_argument("--replace", action="store_true", help="NAME exists with other SQL: drop it and rebuild it from the inputs")
+    v.add_argument("--list", action="store_true", help="list the views and their definitions, then exit")
+    v.add_argument("--drop", action="store_true", help="drop view NAME (its collection and its holds on its inputs)")
+    v.add_argument("--no-progress", action="store_true", help="no live progress line")
+
     q = sub.add_parser(
         "query",
         parents=[common],
@@ -981,6 +1007,60 @@ def _one_line(msg: str) -> str:
 
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    import storage
+    from flows.cluster import RunSpec, run_processes
+
+    if args.list:
+        client = _open(args)
+        ctl = _controller(client)
+        try:
+            views = {n: m for n, m in ctl.collections().items() if m.data_source == "view"}
+        finally:
+            ctl.close()
+        if not views:
+            print("no views")
+        for n, m in views.items():
+            print(f"{n}  (inputs: {', '.join(m.depends_on)})\n  {m.definition}")
+        return 0
+    if not args.name:
+        raise UsageError("view: NAME is required (or --list)")
+    if args.drop:
+        client = _open(args)
+        from storage.controller import StorageController
+
+        # Joins the running jobs' epoch: dropping a view must not fence them.
+        ctl = StorageController.open(client, fence=False, role="cli", tick_interval_ms=None)
+        try:
+            m = ctl.collection(args.name)
+            if m.data_source != "view":
+                raise UsageError(f"view --drop: {args.name!r} is a collection, not a view")
+            ctl.drop_collections([args.name])
+        finally:
+            ctl.close()
+        print(f"dropped view {args.name}")
+        return 0
+    if not args.sql:
+        raise UsageError(f"view {args.name}: the SQL is required, e.g. shardflow view {args.name} \"SELECT ...\"")
+    if args.workers < 1 or args.processes < 1:
+        raise storage.errors.InvalidInput("--workers and --processes must be >= 1")
+    os.environ["SHARDFLOW_VIEW_NAME"] = args.name
+    os.environ["SHARDFLOW_VIEW_SQL"] = args.sql
+    os.environ["SHARDFLOW_VIEW_REPLACE"] = "1" if args.replace else "0"
+    flow = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view_flow.py")
+    spec = RunSpec(flow, args.data, args.mode, args.workers, args.tick, args.consensus, args.debug)
+    client = _storage_open(args)
+    show = not args.no_progress and sys.stderr.isatty() and args.mode == "continuous"
+    progress = _ProgressLine if show else None
+    if args.processes == 1:
+        with _no_rust_panic_text(args.debug):
+            summary = spec.run(client, progress=progress)
+    else:
+        summary = run_processes(spec, client, processes=args.processes, progress=progress)
+    print(f"{args.mode} view {args.name}: {summary}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -990,6 +1070,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {
     "demo": cmd_demo,
     "run": cmd_run,
+    "view": cmd_view,
     "query": cmd_query,
     "tail": cmd_tail,
     "inspect": cmd_inspect,

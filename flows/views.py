@@ -454,7 +454,10 @@ def view(
             preload(e)
         return e
 
-    tagged = [op.map(f"tag_{n}", s, lambda x, n=n: (n, x)) for n, s in inputs.items()]
+    def tagger(n: str) -> Callable[[Any], tuple[str, Any]]:
+        return lambda x: (n, x)
+
+    tagged = [op.map(f"tag_{n}", s, tagger(n)) for n, s in inputs.items()]
     merged = op.merge("merge", *tagged) if len(tagged) > 1 else tagged[0]
     keyed = one_key("key", merged)
 
