@@ -689,9 +689,10 @@ class _Keys:
         return out
 
     def layers(self) -> list[list[tuple[str, str]]] | None:
-        """The expression sets that combine rows, outermost last: GROUP BY, windows, DISTINCT.
+        """The expression sets that combine rows, innermost first: GROUP BY, windows, DISTINCT.
 
-        An empty layer is a global aggregate. None: a layer cannot be resolved.
+        Each holds the layer's expressions that read one input. None: a layer
+        cannot be resolved. A global aggregate is not a layer (see `keys`).
         """
         node, facts = self.node, self.facts
         out: list[list[tuple[str, str]]] = []
@@ -703,8 +704,6 @@ class _Keys:
             if gs is None:
                 return None
             out.append(self.singles(gs))
-        elif facts.aggregates:
-            out.append([])
         if facts.windows:
             out.append(self.singles(facts.windows[0].get("partitions") or []))
         for m in node.get("modifiers") or []:
@@ -784,8 +783,11 @@ class _Keys:
         layers = self.layers()
         if layers is None:
             return None
+        grouped = bool(self.node.get("group_expressions")) or self.node.get("aggregate_handling") == "FORCE_AGGREGATES"
+        if self.facts.aggregates and not grouped:
+            return {leaf.name: () for leaf in inputs}  # a global aggregate: one row, whatever comes after it
         if any(not layer for layer in layers):
-            return {leaf.name: () for leaf in inputs}  # a global aggregate
+            return None  # a layer combines rows by expressions that are not over one input
         if len(inputs) == 1:
             if not layers:
                 return None  # linear: nothing combines; the caller can use linearity instead
