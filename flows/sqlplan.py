@@ -342,8 +342,14 @@ class _Walk:
             self.constructs.add(construct)
             self.refuse(construct, name, loc, "only UNION ALL is supported (it needs no deduplication)")
             self.not_linear(construct, name, loc)
+        reads = []
         for c in children:
+            before = self.reads
             self.query(c, ctes, top=False)
+            reads.append(self.reads > before)
+        if any(reads) and not all(reads):
+            const = children[reads.index(False)]
+            self.not_linear("constant_branch", "a UNION ALL branch that reads no table", _first_loc(const))
 
     def select(self, node: dict[str, Any], ctes: frozenset[str]) -> None:
         facts = _Select([], [], [], set(), [])
@@ -483,6 +489,9 @@ class _Walk:
             facts.nullable.update(leaf.alias for leaf in left + right)
         elif jt in ("SEMI", "ANTI"):
             facts.nullable.update(leaf.alias for leaf in right)
+        if any(leaf.kind == "const" for leaf in left + right) and any(leaf.alias in facts.nullable for leaf in nonconst):
+            # rows of the constant side that match nothing would be in every batch's result
+            self.not_linear(construct, f"a {what} whose rows can come from the constant side alone", loc)
         cond = ref.get("condition")
         if cond is not None:
             self.exprs(cond)
@@ -810,6 +819,9 @@ def _walk(sql: str, schemas: Mapping[str, pa.Schema] | None) -> tuple[dict[str, 
     node = parse(sql)
     walk = _Walk(schemas)
     walk.query(node, frozenset(), top=True)
+    if walk.reads == 0:
+        # f(no updates) must be no rows; a constant query gives its rows for every batch
+        walk.not_linear("constant", "a query that reads no table", _first_loc(node))
     return node, walk
 
 

@@ -281,6 +281,11 @@ NONLINEAR = [
     ("SELECT * FROM updates u JOIN other o ON u.k = o.k", "an INNER JOIN of u and o", 24),
     ("SELECT * FROM updates u LEFT JOIN updates v ON u.k = v.k", "a LEFT JOIN of u and v", 24),
     ("SELECT * FROM updates WHERE k IN (SELECT k FROM updates WHERE _diff > 0)", "subquery expression IN (SELECT ...)", 33),
+    ("SELECT 1 AS k, 0 AS _time, 1 AS _diff", "a query that reads no table", 7),
+    ("SELECT * FROM updates UNION ALL SELECT 1, 0, 1", "a UNION ALL branch that reads no table", 39),
+    ("SELECT * FROM (VALUES (1)) v(k) LEFT JOIN updates u ON v.k = u.k", "a LEFT JOIN whose rows can come from the constant side alone", 32),
+    ("SELECT * FROM updates u FULL JOIN (VALUES (1)) v(k) ON v.k = u.k", "a FULL JOIN whose rows can come from the constant side alone", 24),
+    ("SELECT * FROM (VALUES (1)) v(k) SEMI JOIN updates u ON v.k = u.k", "a SEMI JOIN whose rows can come from the constant side alone", 32),
 ]
 
 
@@ -307,6 +312,8 @@ def test_check_linear_refuses(query, what, pos):
         "SELECT * FROM updates WHERE k > 0 UNION ALL SELECT * FROM updates WHERE k < 0",
         "WITH pos AS (SELECT * FROM updates WHERE k > 0) SELECT * FROM pos",
         "SELECT list_sum([k, 1]) AS s, _time, _diff FROM updates",
+        "SELECT * FROM updates u LEFT JOIN (VALUES (1, 'one')) v(k, name) ON u.k = v.k",
+        "SELECT * FROM updates u ANTI JOIN (VALUES (1)) v(k) ON u.k = v.k",
     ],
 )
 def test_check_linear_accepts(query):
