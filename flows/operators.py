@@ -23,6 +23,8 @@ from storage import DIFF, TIME, Frontier, Progress, UpdateBatch, duck
 from storage import consolidate as consolidate_table
 from storage.errors import InvalidInput
 
+from .sqlplan import check_linear
+
 __all__ = ["FrontierTracker", "OffsetQueue", "consolidate", "sql", "Item", "one_key"]
 
 Item = UpdateBatch | Progress
@@ -284,15 +286,21 @@ class _SqlRunner:
 def sql(step_id: str, up: Stream[Any], query: str, schema: pa.Schema | None = None) -> Stream[Any]:
     """Run a DuckDB query over each batch; the input is the view `updates`.
 
-    The query must keep `_time` and `_diff` as they are (e.g. filters,
-    projections, `CASE` on row columns, joins with constant tables): then it is
-    linear, so it commutes with consolidation and stays differential.
-    Aggregations over `_diff` are not linear and give wrong answers downstream.
+    The query must be linear and keep `_time` and `_diff` as they are
+    (filters, projections, `CASE` on row columns, UNION ALL, joins with
+    constant VALUES): then it commutes with consolidation and stays
+    differential. Anything that combines rows (aggregates, GROUP BY, HAVING,
+    window functions, QUALIFY, DISTINCT, ORDER BY, LIMIT/OFFSET, UNION,
+    INTERSECT, EXCEPT, joins with another table) would see one batch of
+    updates, not the collection, and give wrong answers downstream: such a
+    query raises `InvalidInput` when the flow is built (`flows.sqlplan.check_linear`,
+    with DuckDB's parser), naming the construct and its position; maintain it
+    as a view instead.
 
-    The check is made up front: with `schema` (the row columns plus `_time` and
-    `_diff`, or the row columns alone) the query runs on an empty table when
-    the flow is built and a query that drops `_time`/`_diff` raises
-    `InvalidInput`. Without `schema` the same check runs on the first batch.
+    The columns are checked up front too: with `schema` (the row columns plus
+    `_time` and `_diff`, or the row columns alone) the query runs on an empty
+    table when the flow is built and a query that drops `_time`/`_diff` raises
+    `InvalidInput`. Without `schema` that check runs on the first batch.
     `Progress` items pass through unchanged.
 
     Example:
@@ -306,7 +314,12 @@ def sql(step_id: str, up: Stream[Any], query: str, schema: pa.Schema | None = No
         Traceback (most recent call last):
         ...
         storage.errors.InvalidInput: step 'doc.bad': the query must keep '_time' and '_diff' ...
+        >>> sql("agg", s, "SELECT k, count(*) AS n, _time, _diff FROM updates GROUP BY ALL")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        storage.errors.InvalidInput: step 'doc.agg': an aggregate (count_star) at character 10 is not linear ...
     """
+    check_linear(query, f"step {step_id!r}")
     runner = _SqlRunner(step_id, query)
     if schema is not None:
         if TIME not in schema.names:
