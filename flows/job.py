@@ -261,8 +261,8 @@ class FlowContext:
         """
         from connectors.shard import ShardSource
 
-        from . import sqlplan
         from . import views as views_mod
+        from .sqlplan import plan_view
 
         metas = self.controller.collections()
         existing = metas.get(name)
@@ -278,7 +278,7 @@ class FlowContext:
             self.shards.pop(name, None)
             metas.pop(name)
         schemas = {n: m.schema for n, m in metas.items() if n != name}
-        plan = sqlplan.plan_view(sql, schemas)
+        plan = plan_view(sql, schemas)
         out_schema = views_mod.output_schema(plan, {n: schemas[n] for n in plan.inputs})
         try:
             self.controller.create_collections([CollectionDesc(

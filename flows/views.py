@@ -52,10 +52,16 @@ _KEYS = "__sf_keys"  # the affected key hashes of one evaluation
 
 
 class PlanLike(Protocol):
-    sql: str
-    inputs: tuple[str, ...]
-    linear: bool
-    keys: Mapping[str, tuple[str, ...]] | None
+    """What the engine needs of a plan (`flows.sqlplan.Plan`)."""
+
+    @property
+    def sql(self) -> str: ...
+    @property
+    def inputs(self) -> tuple[str, ...]: ...
+    @property
+    def linear(self) -> bool: ...
+    @property
+    def keys(self) -> Mapping[str, tuple[str, ...]] | None: ...
 
 
 def _q(name: str) -> str:
@@ -311,12 +317,13 @@ class ViewEngine:
             cols = i.cols
             sel = f"{cols}, " if cols else ""
             grp = "GROUP BY ALL " if cols else f"GROUP BY greatest({TIME}, {to}) "
+            tmp = _q(_ARR + i.name + "__c")
             self.con.execute(
-                f"CREATE OR REPLACE TABLE {arr}__c AS SELECT {sel}greatest({TIME}, {to})::BIGINT AS {TIME}, "
+                f"CREATE OR REPLACE TABLE {tmp} AS SELECT {sel}greatest({TIME}, {to})::BIGINT AS {TIME}, "
                 f"sum({DIFF})::BIGINT AS {DIFF} FROM {arr} {grp}HAVING sum({DIFF}) <> 0"
             )
             self.con.execute(f"DROP TABLE {arr}")
-            self.con.execute(f"ALTER TABLE {arr}__c RENAME TO {_q(_ARR + i.name)}")
+            self.con.execute(f"ALTER TABLE {tmp} RENAME TO {_q(_ARR + i.name)}")
             n = self.con.execute(f"SELECT count(*) FROM {arr}").fetchall()[0][0]
             i.rows_at_compaction, i.rows_since_compaction = int(n), 0
         self.compacted_to = to
