@@ -464,15 +464,15 @@ def view(
     def tagger(n: str) -> Callable[[Any], tuple[str, Any]]:
         return lambda x: (n, x)
 
-    tagged = [op.map(f"tag_{n}", s, tagger(n)) for n, s in inputs.items()]
-    merged = op.merge("merge", *tagged) if len(tagged) > 1 else tagged[0]
-    keyed = one_key("key", merged)
+    tagged = [op.map(f"{step_id}_tag_{n}", s, tagger(n)) for n, s in inputs.items()]
+    merged = op.merge(f"{step_id}_merge", *tagged) if len(tagged) > 1 else tagged[0]
+    keyed = one_key(f"{step_id}_key", merged)
 
     def builder(_resume: Any) -> _ViewLogic:
         return _ViewLogic(step_id, make_engine, start, fresh=preload is None)
 
-    out = op.stateful_batch("maintain", keyed, builder)
-    return op.key_rm("unkey", out)
+    out = op.stateful_batch(f"{step_id}_maintain", keyed, builder)
+    return op.key_rm(f"{step_id}_unkey", out)
 
 
 def output_schema(plan: PlanLike, schemas: Mapping[str, pa.Schema]) -> pa.Schema:

@@ -15,7 +15,7 @@ from flows.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[2]
 CONSOLE = Path(sys.executable).parent / "shardflow"
-COMMANDS = ["demo", "run", "query", "tail", "inspect", "compact", "gc", "fsck"]
+COMMANDS = ["demo", "run", "view", "query", "tail", "inspect", "holds", "compact", "gc", "fsck"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,7 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
         timeout=60,
     )
     assert r.returncode == 0, r.stderr
-    assert "committed" in r.stdout and "top bids per auction" in r.stdout
+    assert "committed" in r.stdout and "top bid per auction" in r.stdout and "bids_per_band" in r.stdout
     return d
 
 
