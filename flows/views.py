@@ -144,6 +144,13 @@ class ViewEngine:
             )
         # Restricting by key works only if every input has one (a constant key restricts nothing).
         self.keyed = keys is not None and all(self.inputs[n].keys is not None for n in plan.inputs)
+        # Inner equi-joins, nothing else: the SQL is linear in each input separately, so a
+        # change is the delta joined with the other inputs (the delta rules), no recompute.
+        constructs = getattr(plan, "constructs", None)
+        self.bilinear = (
+            self.keyed and len(plan.inputs) > 1 and constructs is not None and set(constructs) == {"inner_join"}
+            and all(self.inputs[n].keys for n in plan.inputs)
+        )
         self.schema = self._output_schema()
         self.compacted_to: int | None = None
 
@@ -200,7 +207,10 @@ class ViewEngine:
         for n, t in deltas.items():
             if t.num_rows:
                 self._insert(self.inputs[n], t, None)
-        outs = [self._at(t, deltas) for t in sorted(times)]
+        if self.bilinear:
+            outs = [self._delta_rules(t, deltas) for t in sorted(times)]
+        else:
+            outs = [self._at(t, deltas) for t in sorted(times)]
         return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
 
     def baseline(self, t: int) -> pa.Table:
@@ -270,6 +280,51 @@ class ViewEngine:
         self._run(f"{TIME} <= {t}", restrict, "__sf_new")
         self._run(f"{TIME} < {t}", restrict, "__sf_old")
         return self._difference(t)
+
+    def _delta_rules(self, t: int, deltas: Mapping[str, pa.Table]) -> pa.Table:
+        """The change at `t` of an inner-join view: for each input i whose delta has rows at `t`,
+        the SQL over (delta of i) with the inputs before i at `t` and those after i just
+        before `t` (so no pair of deltas is counted twice), each restricted to the keys
+        of i's delta; positive and negative parts of the delta separately."""
+        names = list(self.inputs)
+        terms: list[pa.Table] = []
+        for pos, n in enumerate(names):
+            d = deltas.get(n)
+            if d is None or not d.num_rows:
+                continue
+            self._affected(t, {n: d})
+            for other_pos, m in enumerate(names):
+                if m != n:
+                    cond = f"{TIME} <= {t}" if other_pos < pos else f"{TIME} < {t}"
+                    self._define(self.inputs[m], cond, restrict=True)
+            i = self.inputs[n]
+            self.con.register("__sf_in", d)
+            try:
+                for into, cond in (("__sf_new", f"{DIFF} > 0"), ("__sf_old", f"{DIFF} < 0")):
+                    sel = i.cols if i.cols else "NULL AS __none"
+                    self.con.execute(
+                        f"CREATE OR REPLACE TEMP TABLE {_q(_ARR + n + '__d')} AS SELECT {sel} FROM "
+                        f"(SELECT * FROM __sf_in WHERE {TIME} = {t} AND {cond}) AS s, range(abs(s.{DIFF}))"
+                    )
+                    self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_q(n)} AS SELECT * FROM {_q(_ARR + n + '__d')}")
+                    self.con.execute(f"CREATE OR REPLACE TEMP TABLE {into} AS {self.sql}")
+            finally:
+                self.con.unregister("__sf_in")
+            terms.append(self._difference(t))
+        if not terms:
+            return self.empty()
+        if len(terms) == 1:
+            return terms[0]
+        self.con.register("__sf_terms", pa.concat_tables(terms))
+        try:
+            cols = ", ".join(_q(c) for c in self.schema.names)
+            out = self.con.sql(
+                f"SELECT {cols}, {TIME}, sum({DIFF})::BIGINT AS {DIFF} FROM __sf_terms "
+                f"GROUP BY ALL HAVING sum({DIFF}) <> 0"
+            ).to_arrow_table()
+        finally:
+            self.con.unregister("__sf_terms")
+        return out.cast(self.empty().schema)
 
     def _difference(self, t: int) -> pa.Table:
         cols = ", ".join(_q(n) for n in self.schema.names)

@@ -27,6 +27,7 @@ class Plan:
     inputs: tuple[str, ...]
     linear: bool = False
     keys: dict | None = None
+    constructs: frozenset | None = None
 
 
 A = pa.schema([("k", pa.int64()), ("g", pa.string()), ("x", pa.int64())])
@@ -173,6 +174,8 @@ SQLS = [p.sql for p in PLANS] + [
     "SELECT a.g, count(*) AS n FROM a LEFT JOIN b ON a.k = b.k GROUP BY a.g",
     "SELECT DISTINCT k FROM b",
     "SELECT * FROM a QUALIFY row_number() OVER (PARTITION BY k ORDER BY x, g) = 1",
+    "SELECT a.k, a.x, b.y FROM a JOIN b ON a.k = b.k WHERE b.y > 0",  # the delta rules
+    "SELECT a1.k, a1.x, b.y, a1.g FROM a AS a1 JOIN b ON b.k = a1.k",
 ]
 
 
@@ -184,4 +187,4 @@ def test_planned_view_equals_recompute(sql, batches):
     from flows.sqlplan import plan_view
 
     p = plan_view(sql, SCHEMAS)
-    check(Plan(p.sql, p.inputs, p.linear, dict(p.keys) if p.keys is not None else None), batches)
+    check(Plan(p.sql, p.inputs, p.linear, dict(p.keys) if p.keys is not None else None, p.constructs), batches)
