@@ -137,7 +137,7 @@ def test_inspect(data: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "system." not in out
     rc, out, _ = run(capsys, "inspect", "--data", str(data), "--json")
     info = json.loads(out)
-    assert set(info) == {"auctions", "bids", "users"}
+    assert set(info) == {"auctions", "bids", "users", "top_bids", "bids_per_band"}
     assert info["bids"]["rows"] > 0 and info["bids"]["upper"]
     rc, out, _ = run(capsys, "inspect", "--data", str(data), "bids")
     assert rc == 0 and "batches of bids" in out
@@ -184,7 +184,7 @@ def test_errors_are_one_line(
 ) -> None:
     rc, _, err = run(capsys, "query", "--data", str(data), "SELECT * FROM nope_such_table")
     msg = one_error(err)
-    assert rc == 1 and "nope_such_table" in msg and "(collections: auctions, bids, users)" in msg
+    assert rc == 1 and "nope_such_table" in msg and "(collections: auctions, bids, bids_per_band, top_bids, users)" in msg
     rc, _, err = run(capsys, "tail", "--data", str(data), "nope", "--timeout", "0.1")
     assert rc == 1 and "'nope' does not exist" in one_error(err)
     rc, _, err = run(capsys, "inspect", "--data", str(data), "nope")
