@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run the auction demo flow into --data and print a query",
         description="Generate auctions and bids (deterministic load generator), run them through a flow "
-        "with a SQL step into collections under --data, then print the top bids per auction.",
+        "with a SQL step into collections under --data, maintain the views top_bids (the top bid per "
+        "auction) and bids_per_band over them, and print both.",
     )
     d.add_argument(
         "--ticks", type=int, default=200, help="load generator ticks to run (default: %(default)s)"
