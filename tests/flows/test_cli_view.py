@@ -131,3 +131,10 @@ def test_continuous_view_survives_sigkill(data: str) -> None:
         assert counter.returncode == 0, (out, err)
     sf("view", "by_tens", BY_TENS, "--data", data)  # catch up to the input's final upper
     same(data, "by_tens", BY_TENS)
+
+
+def test_view_with_two_workers_and_two_processes(data: str) -> None:
+    sf("view", "w2", BY_TENS, "--data", data, "-w", "2")
+    same(data, "w2", BY_TENS)
+    sf("view", "p2", BY_TENS, "--data", data, "-p", "2")
+    same(data, "p2", BY_TENS)
