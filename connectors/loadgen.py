@@ -1,4 +1,4 @@
-"""Deterministic load generators, modelled on Materialize's COUNTER, AUCTION and MARKETING.
+"""Deterministic load generators: Materialize's COUNTER, AUCTION and MARKETING, and Nexmark.
 
 A generator produces *updates* ``(row, time, diff)`` as Arrow record batches whose
 last two columns are ``_time`` (int64) and ``_diff`` (int64, +1 insert / -1 retract).
@@ -47,6 +47,7 @@ __all__ = [
     "Counter",
     "LoadGenerator",
     "Marketing",
+    "Nexmark",
     "generate",
     "iter_ticks",
     "make_generator",
@@ -724,15 +725,358 @@ class Marketing(LoadGenerator):
         ]
 
 
+# Nexmark's fixed vocabularies (Apache Beam / Flink Nexmark generators).
+_NX_FIRST_NAMES = ("Peter", "Paul", "Luke", "John", "Saul", "Vicky", "Kate", "Julie", "Sarah", "Deiter", "Walter")  # fmt: skip
+_NX_LAST_NAMES = ("Shultz", "Abrams", "Spencer", "White", "Bartels", "Walton", "Smith", "Jones", "Noris")  # fmt: skip
+_NX_STATES = ("AZ", "CA", "ID", "OR", "WA", "WY")
+_NX_CITIES = ("Phoenix", "Los Angeles", "San Francisco", "Boise", "Portland", "Bend", "Redmond", "Seattle", "Kent", "Cheyenne")  # fmt: skip
+_NX_HOT_CHANNELS = ("Google", "Facebook", "Baidu", "Apple")
+# Syllables standing in for Nexmark's random lower-case strings (nextString).
+_NX_SYLLABLES = tuple(c + v for c in "bdfgklmnprstvz" for v in "aeiou")
+
+
+class Nexmark(LoadGenerator):
+    """The Nexmark benchmark's event stream: persons, auctions and bids (append-only).
+
+    Modelled on the Apache Beam / Flink Nexmark ``GeneratorConfig`` with its
+    default parameters. Events are numbered ``n = 0, 1, 2, ...``; tick ``i``
+    holds events ``i * events_per_tick .. (i + 1) * events_per_tick - 1``. Of
+    every 50 consecutive events (``epoch = n // 50``, ``offset = n % 50``) offset
+    0 is a person, offsets 1..3 are auctions and 4..49 are bids (1 : 3 : 46).
+    Ids are dense and arithmetic on the event number, as in Nexmark:
+    person id ``1000 + epoch``, auction id ``1000 + 3 * epoch + offset - 1``.
+
+    Collections (times are int64 milliseconds in the ``_time`` unit):
+
+    * ``persons(id, name, email_address, credit_card, city, state, date_time)``:
+      name from Nexmark's first/last name lists, city and state (independently)
+      from its US city/state lists, a 16-digit credit card in four groups.
+    * ``auctions(id, item_name, description, initial_bid, reserve, date_time,
+      expires, seller, category)``: ``initial_bid`` = ``nextPrice()``,
+      ``reserve = initial_bid + nextPrice()``, ``category = 10 + random(5)``;
+      the seller is, 3 times in 4, the latest "hot seller"
+      (``(last person // 100) * 100``), else a uniformly drawn one of the 1,000
+      most recent persons.
+    * ``bids(auction, bidder, price, channel, url, date_time)``: the auction is,
+      1 time in 2 (``HOT_AUCTION_RATIO``), the latest "hot auction"
+      (``(last auction // 100) * 100``), else uniform among the 100 most recent
+      auctions (``numInFlightAuctions``); the bidder is, 3 times in 4, the latest
+      "hot bidder" (``(last person // 100) * 100 + 1``), else uniform among the
+      1,000 most recent persons; ``price = nextPrice()``.
+
+    ``nextPrice()`` is Nexmark's ``round(10 ** (random * 6) * 100)`` (cents, from
+    100 to 10^8). An event's ``date_time`` is its tick's ``_time`` plus its
+    position within the tick, ``(n % events_per_tick) * tick_ms // events_per_tick``,
+    so event times rise with the event number as in Nexmark (whose inter-event
+    delay is fixed by a rate instead). All updates are inserts (``_diff`` +1).
+
+    Differences from the reference generator, on purpose:
+
+    * Random draws are counter-based hashes of ``(seed, stream, event number)``,
+      not a ``java.util.Random`` seeded per event: same distributions, other values.
+    * No ``PERSON_ID_LEAD`` / ``AUCTION_ID_LEAD``: Nexmark may draw a bidder,
+      seller or auction up to 10 ids *ahead* of the last one generated; here
+      every reference is to a person or auction already generated (at the same
+      tick or before). For the same reason the hot bidder is clamped to the last
+      person (Nexmark's ``+ 1`` can name the next, not yet generated, person).
+    * Strings are not Nexmark's random letters: ``email_address`` is
+      ``<syllables><id>@<syllables>.com``, ``item_name`` is two syllables plus the
+      auction id, ``description`` a fixed phrase with the category, and
+      ``channel``/``url`` follow the Flink generator's shape (half the bids from
+      its four "hot" channels, the rest ``channel-<k>``, ``k < 10000``) without
+      its URL caching.
+    * ``date_time`` and ``expires`` are int64 milliseconds, not timestamps; the
+      auction length (``expires - date_time``) is uniform in
+      ``[tick_ms, auction_ticks * tick_ms]`` rather than derived from the event rate.
+    * No out-of-order delay, no reserve-driven auction closing, no ``extra`` padding column.
+
+    Deterministic per seed; tick ``i`` is reproducible on its own; resume after
+    the last emitted tick.
+
+    Args:
+        seed: Seed in ``[0, 2**64)``.
+        events_per_tick: Events (persons + auctions + bids) per tick (>= 1).
+        auction_ticks: Longest auction, in ticks (>= 1).
+        start_time: ``_time`` of tick 0.
+        tick_ms: ``_time`` distance between ticks.
+    """
+
+    name = "nexmark"
+    FIRST_PERSON_ID: ClassVar[int] = 1000
+    FIRST_AUCTION_ID: ClassVar[int] = 1000
+    FIRST_CATEGORY_ID: ClassVar[int] = 10
+    NUM_CATEGORIES: ClassVar[int] = 5
+    PERSON_PROPORTION: ClassVar[int] = 1
+    AUCTION_PROPORTION: ClassVar[int] = 3
+    BID_PROPORTION: ClassVar[int] = 46
+    TOTAL_PROPORTION: ClassVar[int] = 50
+    HOT_AUCTION_RATIO: ClassVar[int] = 2  # 1 bid in 2 goes to the hot auction
+    HOT_BIDDER_RATIO: ClassVar[int] = 4  # 3 bids in 4 come from the hot bidder
+    HOT_SELLER_RATIO: ClassVar[int] = 4  # 3 auctions in 4 come from the hot seller
+    HOT_ID_STRIDE: ClassVar[int] = 100  # hot ids are multiples of this (base-0)
+    NUM_ACTIVE_PEOPLE: ClassVar[int] = 1000
+    NUM_IN_FLIGHT_AUCTIONS: ClassVar[int] = 100
+    CHANNELS: ClassVar[int] = 10_000
+    SCHEMAS: ClassVar[dict[str, pa.Schema]] = {
+        "persons": pa.schema(
+            [
+                ("id", pa.int64()),
+                ("name", pa.string()),
+                ("email_address", pa.string()),
+                ("credit_card", pa.string()),
+                ("city", pa.string()),
+                ("state", pa.string()),
+                ("date_time", pa.int64()),
+            ]
+        ),
+        "auctions": pa.schema(
+            [
+                ("id", pa.int64()),
+                ("item_name", pa.string()),
+                ("description", pa.string()),
+                ("initial_bid", pa.int64()),
+                ("reserve", pa.int64()),
+                ("date_time", pa.int64()),
+                ("expires", pa.int64()),
+                ("seller", pa.int64()),
+                ("category", pa.int64()),
+            ]
+        ),
+        "bids": pa.schema(
+            [
+                ("auction", pa.int64()),
+                ("bidder", pa.int64()),
+                ("price", pa.int64()),
+                ("channel", pa.string()),
+                ("url", pa.string()),
+                ("date_time", pa.int64()),
+            ]
+        ),
+    }
+    _FIRST = pa.array(_NX_FIRST_NAMES, pa.string())
+    _LAST = pa.array(_NX_LAST_NAMES, pa.string())
+    _STATES = pa.array(_NX_STATES, pa.string())
+    _CITIES = pa.array(_NX_CITIES, pa.string())
+    _HOT_CHANNELS = pa.array(_NX_HOT_CHANNELS, pa.string())
+    _SYLL = pa.array(_NX_SYLLABLES, pa.string())
+
+    def __init__(
+        self,
+        seed: int = 0,
+        events_per_tick: int = 1000,
+        auction_ticks: int = 10,
+        *,
+        start_time: int = 0,
+        tick_ms: int = 1000,
+    ) -> None:
+        super().__init__(seed, start_time=start_time, tick_ms=tick_ms)
+        self.events_per_tick = _check_int("events_per_tick", events_per_tick, 1, _MAX_COUNT)
+        self.auction_ticks = _check_int("auction_ticks", auction_ticks, 1, 1 << 20)
+
+    def _config(self) -> dict[str, Any]:
+        return {
+            **super()._config(),
+            "events_per_tick": self.events_per_tick,
+            "auction_ticks": self.auction_ticks,
+        }
+
+    def schemas(self) -> dict[str, pa.Schema]:
+        return dict(self.SCHEMAS)
+
+    # Nexmark's id arithmetic on event numbers (GeneratorConfig), vectorised.
+    def last_person(self, n: pa.Array) -> pa.Array:
+        """Base-0 id of the last person generated at or before each event number."""
+        return pc.divide(n, _i64(self.TOTAL_PROPORTION))  # PERSON_PROPORTION == 1: offset 0
+
+    def last_auction(self, n: pa.Array) -> pa.Array:
+        """Base-0 id of the last auction generated at or before each event number (-1: none yet).
+
+        For persons (offset 0) that is the previous epoch's last auction; for
+        auctions their own id; for bids the epoch's third auction.
+        """
+        epoch = pc.divide(n, _i64(self.TOTAL_PROPORTION))
+        offset = pc.subtract(pc.modulo(n, _i64(self.TOTAL_PROPORTION)), _i64(1))  # -1 for persons
+        offset = pc.min_element_wise(offset, _i64(self.AUCTION_PROPORTION - 1))
+        return pc.add(pc.multiply(epoch, _i64(self.AUCTION_PROPORTION)), offset)
+
+    def _pick(self, stream: str, n: pa.Array, lo: pa.Array, count: pa.Array) -> pa.Array:
+        """Per row, uniform in ``[lo, lo + count)`` (``count`` >= 1, an array)."""
+        u = self._rng.uniform(stream, n)
+        off = pc.floor(pc.multiply(u, count.cast(pa.float64()))).cast(pa.int64())
+        return pc.add(lo, pc.min_element_wise(off, pc.subtract(count, _i64(1))))
+
+    def _recent_person(self, stream: str, n: pa.Array) -> pa.Array:
+        """Nexmark's nextBase0PersonId without the lead: one of the 1,000 latest persons."""
+        people = pc.add(self.last_person(n), _i64(1))
+        active = pc.min_element_wise(people, _i64(self.NUM_ACTIVE_PEOPLE))
+        return self._pick(stream, n, pc.subtract(people, active), active)
+
+    def _hot(self, stream: str, n: pa.Array, ratio: int) -> pa.Array:
+        """True for the ``(ratio - 1) / ratio`` of rows that go to a hot id (``random(ratio) > 0``)."""
+        return pc.greater(self._rng.integers(stream, n, 0, ratio), _i64(0))
+
+    def _price(self, stream: str, n: pa.Array) -> pa.Array:
+        """Nexmark's nextPrice: ``round(10 ** (random * 6) * 100)``."""
+        e = pc.multiply(self._rng.uniform(stream, n), _f64(6.0))
+        return pc.round(pc.multiply(pc.power(_f64(10.0), e), _f64(100.0))).cast(pa.int64())
+
+    def _syllables(self, stream: str, n: pa.Array, k: int) -> pa.Array:
+        parts = [
+            pc.take(self._SYLL, self._rng.integers(f"{stream}.{j}", n, 0, len(self._SYLL)))
+            for j in range(k)
+        ]
+        return pc.binary_join_element_wise(*parts, _str(""))
+
+    def _choice(self, stream: str, n: pa.Array, values: pa.Array) -> pa.Array:
+        return pc.take(values, self._rng.integers(stream, n, 0, len(values)))
+
+    def _tick(self, i: int, time: int) -> dict[str, pa.RecordBatch]:
+        e, s = self.events_per_tick, self.SCHEMAS
+        n = _iota(i * e, e)
+        offset = pc.modulo(n, _i64(self.TOTAL_PROPORTION))
+        out: dict[str, pa.RecordBatch] = {}
+
+        def when(ev: pa.Array) -> pa.Array:
+            pos = pc.subtract(ev, _i64(i * e))
+            return pc.add(pc.divide(pc.multiply(pos, _i64(self.tick_ms)), _i64(e)), _i64(time))
+
+        # persons: offset 0
+        pn = n.filter(pc.equal(offset, _i64(0)))
+        if len(pn):
+            pid = pc.add(self.last_person(pn), _i64(self.FIRST_PERSON_ID))
+            name = pc.binary_join_element_wise(
+                self._choice("person.first", pn, self._FIRST),
+                self._choice("person.last", pn, self._LAST),
+                _str(" "),
+            )
+            email = pc.binary_join_element_wise(
+                self._syllables("person.email", pn, 2),
+                pid.cast(pa.string()),
+                _str("@"),
+                self._syllables("person.domain", pn, 2),
+                _str(".com"),
+                _str(""),
+            )
+            groups = [
+                pc.utf8_lpad(
+                    self._rng.integers(f"person.card.{j}", pn, 0, 10000).cast(pa.string()), 4, "0"
+                )
+                for j in range(4)
+            ]
+            card = pc.binary_join_element_wise(*groups, _str(" "))
+            cols = [
+                pid,
+                name,
+                email,
+                card,
+                self._choice("person.city", pn, self._CITIES),
+                self._choice("person.state", pn, self._STATES),
+                when(pn),
+            ]
+            _put(out, "persons", [_batch(s["persons"], cols, time, 1)])
+
+        # auctions: offsets 1 .. 3
+        is_auction = pc.and_(
+            pc.greater(offset, _i64(0)),
+            pc.less_equal(offset, _i64(self.AUCTION_PROPORTION)),
+        )
+        an = n.filter(is_auction)
+        if len(an):
+            aid = pc.add(self.last_auction(an), _i64(self.FIRST_AUCTION_ID))
+            last_p = self.last_person(an)
+            hot_seller = pc.multiply(
+                pc.divide(last_p, _i64(self.HOT_ID_STRIDE)), _i64(self.HOT_ID_STRIDE)
+            )
+            seller = pc.if_else(
+                self._hot("auction.hot_seller", an, self.HOT_SELLER_RATIO),
+                hot_seller,
+                self._recent_person("auction.seller", an),
+            )
+            seller = pc.add(seller, _i64(self.FIRST_PERSON_ID))
+            category = pc.add(
+                self._rng.integers("auction.category", an, 0, self.NUM_CATEGORIES),
+                _i64(self.FIRST_CATEGORY_ID),
+            )
+            initial = self._price("auction.initial", an)
+            reserve = pc.add(initial, self._price("auction.reserve", an))
+            dt = when(an)
+            length = self._rng.integers(
+                "auction.length", an, self.tick_ms, self.auction_ticks * self.tick_ms + 1
+            )
+            item = pc.binary_join_element_wise(
+                self._syllables("auction.item", an, 2), aid.cast(pa.string()), _str(" ")
+            )
+            desc = pc.binary_join_element_wise(
+                _str("item of category"), category.cast(pa.string()), _str(" ")
+            )
+            cols = [aid, item, desc, initial, reserve, dt, pc.add(dt, length), seller, category]
+            _put(out, "auctions", [_batch(s["auctions"], cols, time, 1)])
+
+        # bids: offsets 4 .. 49
+        bn = n.filter(pc.greater(offset, _i64(self.AUCTION_PROPORTION)))
+        if len(bn):
+            last_a = self.last_auction(bn)
+            hot_auction = pc.multiply(
+                pc.divide(last_a, _i64(self.HOT_ID_STRIDE)), _i64(self.HOT_ID_STRIDE)
+            )
+            min_a = pc.max_element_wise(
+                pc.subtract(last_a, _i64(self.NUM_IN_FLIGHT_AUCTIONS)), _i64(0)
+            )
+            cold_auction = self._pick(
+                "bid.auction", bn, min_a, pc.add(pc.subtract(last_a, min_a), _i64(1))
+            )
+            auction = pc.if_else(
+                self._hot("bid.hot_auction", bn, self.HOT_AUCTION_RATIO), hot_auction, cold_auction
+            )
+            last_p = self.last_person(bn)
+            hot_bidder = pc.min_element_wise(
+                pc.add(
+                    pc.multiply(pc.divide(last_p, _i64(self.HOT_ID_STRIDE)), _i64(self.HOT_ID_STRIDE)),
+                    _i64(1),
+                ),
+                last_p,
+            )
+            bidder = pc.if_else(
+                self._hot("bid.hot_bidder", bn, self.HOT_BIDDER_RATIO),
+                hot_bidder,
+                self._recent_person("bid.bidder", bn),
+            )
+            chan_no = self._rng.integers("bid.channel", bn, 0, self.CHANNELS)
+            hot_chan = pc.less(self._rng.uniform("bid.hot_channel", bn), _f64(0.5))
+            channel = pc.if_else(
+                hot_chan,
+                pc.take(self._HOT_CHANNELS, pc.modulo(chan_no, _i64(len(_NX_HOT_CHANNELS)))),
+                _prefixed("channel-", chan_no),
+            )
+            url = pc.binary_join_element_wise(
+                _str("https://www.nexmark.com/"),
+                self._syllables("bid.url", bn, 2),
+                _str("/item.htm?query=1&channel_id="),
+                chan_no.cast(pa.string()),
+                _str(""),
+            )
+            cols = [
+                pc.add(auction, _i64(self.FIRST_AUCTION_ID)),
+                pc.add(bidder, _i64(self.FIRST_PERSON_ID)),
+                self._price("bid.price", bn),
+                channel,
+                url,
+                when(bn),
+            ]
+            _put(out, "bids", [_batch(s["bids"], cols, time, 1)])
+        return out
+
+
 GENERATORS: dict[str, type[LoadGenerator]] = {
     "counter": Counter,
     "auction": Auction,
     "marketing": Marketing,
+    "nexmark": Nexmark,
 }
 
 
 def make_generator(name: str, **params: Any) -> LoadGenerator:
-    """Build a generator by name (``"counter"``, ``"auction"``, ``"marketing"``).
+    """Build a generator by name (``"counter"``, ``"auction"``, ``"marketing"``, ``"nexmark"``).
 
     Args:
         name: A key of :data:`GENERATORS`.

@@ -339,7 +339,9 @@ def test_bad_parameters_raise_one_line_value_error(factory, param, value):
 
 
 def test_registry_and_config_round_trip():
-    assert dict(GENERATORS) == {"counter": Counter, "auction": Auction, "marketing": Marketing}
+    assert dict(GENERATORS) == {
+        "counter": Counter, "auction": Auction, "marketing": Marketing, "nexmark": loadgen.Nexmark
+    }
     for gen in small_generators(11):
         clone = make_generator(gen.name, **gen.config())
         assert type(clone) is type(gen) and repr(clone) == repr(gen)
