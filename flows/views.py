@@ -23,7 +23,14 @@ The method (corrections against DuckDB-backed state):
 4. **Linear queries** (projections, filters, UNION ALL) skip the
    arrangements: the correction is the SQL over the positive part of the
    delta minus the SQL over its negative part.
-5. **Anything else** with no usable key is recomputed whole at each time:
+5. **Invertible aggregates** (`flows.invertible`): a single-input GROUP BY
+   (or global aggregate) whose aggregates are all count/sum/avg keeps no
+   arrangement, only a state table of per-group partial sums (row count,
+   weighted sums, non-NULL counts). At each time the delta's partial sums
+   are added in; the correction is the select list (and HAVING) over the
+   touched groups' state after the addition minus before it. Work per time
+   is proportional to the delta, not to the groups' rows.
+6. **Anything else** with no usable key is recomputed whole at each time:
    correct, and as slow as that sounds (`plan_view` says when).
 
 The SQL runs verbatim: each input's name is a temporary view over its
@@ -46,9 +53,13 @@ from bytewax.operators import StatefulBatchLogic
 from storage import Frontier, Progress, UpdateBatch
 from storage.errors import InvalidInput
 
+from .invertible import Invertible
+from .invertible import invertible as find_invertible
+
 TIME, DIFF = "_time", "_diff"
 _ARR = "__sf_arr_"  # arrangement table prefix
 _KEYS = "__sf_keys"  # the affected key hashes of one evaluation
+_STATE = "__sf_state"  # the invertible fast path's per-group partial sums
 
 
 class PlanLike(Protocol):
@@ -97,6 +108,8 @@ class ViewEngine:
         schemas: each input's row schema (no `_time`/`_diff`).
         path: a DuckDB file for the arrangements (default: a temporary file, removed by `close`).
         memory_limit: DuckDB's memory limit for this engine (it spills to disk past it).
+        invertible: use the invertible-aggregate fast path when the plan qualifies
+            (`flows.invertible`; `self.invertible` is then not None). False forces the generic path.
 
     Example:
         >>> import pyarrow as pa
@@ -118,6 +131,7 @@ class ViewEngine:
         *,
         path: str | None = None,
         memory_limit: str | None = None,
+        invertible: bool = True,
     ):
         self.plan = plan
         self.sql = plan.sql
@@ -146,6 +160,11 @@ class ViewEngine:
         self.keyed = keys is not None and all(self.inputs[n].keys is not None for n in plan.inputs)
         self.schema = self._output_schema()
         self.compacted_to: int | None = None
+        self.invertible: Invertible | None = None
+        if invertible and not plan.linear:
+            self.invertible = find_invertible(plan, schemas, self.schema.names)
+        if self.invertible is not None:
+            self._inv_setup(self.invertible)
 
     # ------------------------------------------------------------------ set-up
 
@@ -178,6 +197,15 @@ class ViewEngine:
 
     def load(self, name: str, snapshot: pa.Table, time: int) -> None:
         """Add `snapshot` (row columns and `_diff`, e.g. a consolidated snapshot) at `time`, producing no output."""
+        if self.invertible is not None:
+            if name not in self.inputs:
+                raise InvalidInput(f"view: {name!r} is not an input of this view (inputs: {list(self.inputs)})")
+            self.con.register("__sf_in", snapshot)
+            try:
+                self._inv_merge("__sf_in")
+            finally:
+                self.con.unregister("__sf_in")
+            return
         self._insert(self.inputs[name], snapshot, time)
 
     def step(self, deltas: Mapping[str, pa.Table]) -> pa.Table:
@@ -197,6 +225,8 @@ class ViewEngine:
             return self.empty()
         if self.plan.linear:
             return self._linear(deltas, sorted(times))
+        if self.invertible is not None:
+            return self._inv_step(deltas, sorted(times))
         for n, t in deltas.items():
             if t.num_rows:
                 self._insert(self.inputs[n], t, None)
@@ -209,7 +239,10 @@ class ViewEngine:
         A new view starts from this: over empty inputs it is empty, except for
         a global aggregate, which has its one row (`count(*)` = 0) from the start.
         """
-        self._run("true", False, "__sf_new")
+        if self.invertible is not None:
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_new AS {self.invertible.output_sql(_STATE)}")
+        else:
+            self._run("true", False, "__sf_new")
         self.con.execute("CREATE OR REPLACE TEMP TABLE __sf_old AS SELECT * FROM __sf_new LIMIT 0")
         return self._difference(t)
 
@@ -302,14 +335,83 @@ class ViewEngine:
             outs.append(self._difference(t))
         return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
 
+    # ------------------------------------------------------------------ invertible aggregates
+
+    def _inv_setup(self, inv: Invertible) -> None:
+        """The state table (empty; a global aggregate's one row of zeros) and the views over a merge."""
+        arr = _q(_ARR + inv.input)
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS {inv.partial_sql(arr)} LIMIT 0")
+        cols = inv.state_columns()
+        if inv.global_:
+            self.con.execute(f"INSERT INTO {_STATE} VALUES ({', '.join('0' for _ in cols)})")
+        keys = [c for c in cols if c.startswith("__sf_g")]
+        vals = [c for c in cols if c not in keys]
+        # __sf_m: per touched group, its state before (__sf_o*) and after the merge.
+        old = ", ".join([*keys, *(f"{c} AS __sf_o{c[5:]}" for c in vals), *vals])
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_m AS SELECT {old} FROM {_STATE} LIMIT 0")
+        live = "" if inv.global_ else " WHERE __sf_oc > 0"
+        sel = ", ".join([*keys, *(f"__sf_o{c[5:]} AS {c}" for c in vals)])
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW __sf_inv_old AS SELECT {sel} FROM __sf_m{live}")
+        live = "" if inv.global_ else " WHERE __sf_c > 0"
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW __sf_inv_new AS SELECT {', '.join(cols)} FROM __sf_m{live}")
+        self._inv_cols = (keys, vals)
+
+    def _inv_merge(self, source: str) -> None:
+        """Add the partial sums of the updates in `source` into the state (filling `__sf_m`)."""
+        inv = self.invertible
+        assert inv is not None
+        keys, vals = self._inv_cols
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_p AS {inv.partial_sql(source)}")
+        new = []
+        for c in vals:
+            add = f"coalesce(s.{c}, 0) + coalesce(p.{c}, 0)"
+            if c.startswith("__sf_s"):
+                n = "__sf_n" + c[6:]
+                t = inv.sum_types[int(c[6:])]
+                # a sum whose values all went away restarts from an exact 0 (no floating-point residue)
+                new.append(f"CAST(CASE WHEN coalesce(s.{n}, 0) + coalesce(p.{n}, 0) = 0 THEN 0 ELSE {add} END AS {t}) AS {c}")
+            else:
+                new.append(f"CAST({add} AS BIGINT) AS {c}")
+        olds = [f"coalesce(s.{c}, 0) AS __sf_o{c[5:]}" for c in vals]
+        sel = ", ".join([*(f"p.{k}" for k in keys), *olds, *new])
+        if keys:
+            on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM p.{k}" for k in keys)
+            src = f"__sf_p AS p LEFT JOIN {_STATE} AS s ON {on}"
+        else:
+            src = f"__sf_p AS p, {_STATE} AS s"
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_m AS SELECT {sel} FROM {src}")
+        cols = ", ".join([*keys, *vals])
+        if keys:
+            on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM m.{k}" for k in keys)
+            self.con.execute(f"DELETE FROM {_STATE} AS s USING __sf_m AS m WHERE {on} AND m.__sf_oc <> 0")
+            self.con.execute(f"INSERT INTO {_STATE} ({cols}) SELECT {cols} FROM __sf_m WHERE __sf_c <> 0")
+        else:
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS SELECT {cols} FROM __sf_m")
+
+    def _inv_step(self, deltas: Mapping[str, pa.Table], times: list[int]) -> pa.Table:
+        inv = self.invertible
+        assert inv is not None
+        d = deltas[inv.input]
+        self.con.register("__sf_in", d)
+        outs = []
+        try:
+            for t in times:
+                self._inv_merge(f"(SELECT * FROM __sf_in WHERE {TIME} = {int(t)})")
+                self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_old AS {inv.output_sql('__sf_inv_old')}")
+                self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_new AS {inv.output_sql('__sf_inv_new')}")
+                outs.append(self._difference(t))
+        finally:
+            self.con.unregister("__sf_in")
+        return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
+
     # ------------------------------------------------------------------ upkeep
 
     def compact(self, to: int) -> None:
         """Advance every arrangement time below `to` to `to` and consolidate (the engine never
         evaluates below `to` again). Cheap to call often: it works only when an
         arrangement has grown by half since its last compaction."""
-        if self.plan.linear:
-            return
+        if self.plan.linear or self.invertible is not None:
+            return  # no arrangements (the fast path's state is always consolidated)
         for i in self.inputs.values():
             if i.rows_since_compaction <= max(1000, i.rows_at_compaction // 2):
                 continue
@@ -329,6 +431,10 @@ class ViewEngine:
         self.compacted_to = to
 
     def arrangement_rows(self) -> dict[str, int]:
+        """Rows held per input: its arrangement's, or the fast path's state rows (one per live group)."""
+        if self.invertible is not None:
+            n = self.con.execute(f"SELECT count(*) FROM {_STATE}").fetchall()[0][0]
+            return {self.invertible.input: int(n)}
         return {n: int(self.con.execute(f"SELECT count(*) FROM {_q(_ARR + n)}").fetchall()[0][0]) for n in self.inputs}
 
 
