@@ -304,12 +304,13 @@ class ViewEngine:
         self._run(f"{TIME} < {t}", restrict, "__sf_old")
         return self._difference(t)
 
-    def _difference(self, t: int) -> pa.Table:
+    def _difference(self, t: int, new: str = "SELECT * FROM __sf_new", old: str = "SELECT * FROM __sf_old") -> pa.Table:
+        """The consolidated difference of the queries `new` and `old` (default: the tables `__sf_new`, `__sf_old`)."""
         cols = ", ".join(_q(n) for n in self.schema.names)
         sel = f"{cols}, " if cols else ""
         q = (
             f"SELECT {sel}{t}::BIGINT AS {TIME}, sum(__d)::BIGINT AS {DIFF} FROM ("
-            f"SELECT *, 1 AS __d FROM __sf_new UNION ALL SELECT *, -1 AS __d FROM __sf_old)"
+            f"SELECT *, 1 AS __d FROM ({new}) UNION ALL SELECT *, -1 AS __d FROM ({old}))"
             f" GROUP BY ALL HAVING sum(__d) <> 0"
         )
         if not cols:
@@ -355,13 +356,14 @@ class ViewEngine:
         live = "" if inv.global_ else " WHERE __sf_c > 0"
         self.con.execute(f"CREATE OR REPLACE TEMP VIEW __sf_inv_new AS SELECT {', '.join(cols)} FROM __sf_m{live}")
         self._inv_cols = (keys, vals)
+        self._inv_deleted = 0  # state rows deleted since the table was last rewritten
 
     def _inv_merge(self, source: str) -> None:
         """Add the partial sums of the updates in `source` into the state (filling `__sf_m`)."""
         inv = self.invertible
         assert inv is not None
         keys, vals = self._inv_cols
-        self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_p AS {inv.partial_sql(source)}")
+        part = f"({inv.partial_sql(source)})"
         new = []
         for c in vals:
             add = f"coalesce(s.{c}, 0) + coalesce(p.{c}, 0)"
@@ -376,14 +378,15 @@ class ViewEngine:
         sel = ", ".join([*(f"p.{k}" for k in keys), *olds, *new])
         if keys:
             on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM p.{k}" for k in keys)
-            src = f"__sf_p AS p LEFT JOIN {_STATE} AS s ON {on}"
+            src = f"{part} AS p LEFT JOIN {_STATE} AS s ON {on}"
         else:
-            src = f"__sf_p AS p, {_STATE} AS s"
+            src = f"{part} AS p, {_STATE} AS s"
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_m AS SELECT {sel} FROM {src}")
         cols = ", ".join([*keys, *vals])
         if keys:
             on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM m.{k}" for k in keys)
-            self.con.execute(f"DELETE FROM {_STATE} AS s USING __sf_m AS m WHERE {on} AND m.__sf_oc <> 0")
+            gone = self.con.execute(f"DELETE FROM {_STATE} AS s USING __sf_m AS m WHERE {on} AND m.__sf_oc <> 0")
+            self._inv_deleted += int(gone.fetchall()[0][0])
             self.con.execute(f"INSERT INTO {_STATE} ({cols}) SELECT {cols} FROM __sf_m WHERE __sf_c <> 0")
         else:
             self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS SELECT {cols} FROM __sf_m")
@@ -397,9 +400,7 @@ class ViewEngine:
         try:
             for t in times:
                 self._inv_merge(f"(SELECT * FROM __sf_in WHERE {TIME} = {int(t)})")
-                self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_old AS {inv.output_sql('__sf_inv_old')}")
-                self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_new AS {inv.output_sql('__sf_inv_new')}")
-                outs.append(self._difference(t))
+                outs.append(self._difference(t, inv.output_sql("__sf_inv_new"), inv.output_sql("__sf_inv_old")))
         finally:
             self.con.unregister("__sf_in")
         return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
@@ -410,8 +411,17 @@ class ViewEngine:
         """Advance every arrangement time below `to` to `to` and consolidate (the engine never
         evaluates below `to` again). Cheap to call often: it works only when an
         arrangement has grown by half since its last compaction."""
-        if self.plan.linear or self.invertible is not None:
-            return  # no arrangements (the fast path's state is always consolidated)
+        if self.invertible is not None:
+            # No arrangements; the state is always consolidated, but its deleted rows stay in the
+            # table until it is rewritten: rewrite it when they outnumber the live ones.
+            live = self.arrangement_rows()[self.invertible.input]
+            if self._inv_deleted > max(10000, live):
+                self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS SELECT * FROM {_STATE}")
+                self._inv_deleted = 0
+            self.compacted_to = to
+            return
+        if self.plan.linear:
+            return
         for i in self.inputs.values():
             if i.rows_since_compaction <= max(1000, i.rows_at_compaction // 2):
                 continue
