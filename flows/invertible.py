@@ -62,6 +62,83 @@ class Invertible:
     node: dict[str, Any]  # the rewritten SELECT over the state (FROM is set by `output_sql`)
     _sql: dict[str, str] = field(default_factory=dict, repr=False)
 
+    @property
+    def distinct_groups(self) -> bool:
+        """Whether different groups always give different output rows (every group key is output as is)."""
+        if self.global_:
+            return True
+        bare = {
+            tuple(e["column_names"]) for e in self.node["select_list"] if e.get("class") == "COLUMN_REF"
+        }  # fmt: skip
+        names = [str(e["alias"]) for e in self.node["select_list"]]
+        if any(n.lower().startswith(PREFIX) for n in names):
+            return False  # would collide with the correction query's own columns
+        return all((f"{PREFIX}g{j}",) in bare for j in range(len(self.keys)))
+
+    def change_sql(self, source: str, time: int) -> str:
+        """The correction at `time` from `source` (`__sf_m`: per touched group its state before, as
+        `__sf_o*`, and after), without consolidating across groups (only when `distinct_groups`):
+        a group's old row is retracted and its new row inserted unless the two are equal."""
+        assert self.distinct_groups
+        names = [e["alias"] for e in self.node["select_list"]]
+        key = "change:" + source
+        if key not in self._sql:
+            self._sql[key] = self._change_select(source)
+        x = self._sql[key]
+        q = [_quote(n) for n in names]
+        same = " AND ".join(f"{n} IS NOT DISTINCT FROM {PREFIX}old{i}" for i, n in enumerate(q)) or "true"
+        t = int(time)
+        new = ", ".join(q)
+        old = ", ".join(f"{PREFIX}old{i} AS {n}" for i, n in enumerate(q))
+        return (
+            f"WITH {PREFIX}x AS ({x}) "
+            f"SELECT {new}, {t}::BIGINT AS _time, 1::BIGINT AS _diff FROM {PREFIX}x "
+            f"WHERE {PREFIX}newok AND NOT ({PREFIX}oldok AND {same}) UNION ALL "
+            f"SELECT {old}, {t}::BIGINT AS _time, -1::BIGINT AS _diff FROM {PREFIX}x "
+            f"WHERE {PREFIX}oldok AND NOT ({PREFIX}newok AND {same})"
+        )
+
+    def _change_select(self, source: str) -> str:
+        """Per row of `source`, the output row after (named as the view's columns) and before
+        (`__sf_old<i>`), and whether each exists (`__sf_newok`, `__sf_oldok`: live and passing HAVING)."""
+        names = [e["alias"] for e in self.node["select_list"]]
+        old_cols = {c: f"{PREFIX}o{c[len(PREFIX):]}" for c in self.state_columns() if not c.startswith(f"{PREFIX}g")}
+
+        def as_old(e: Any) -> Any:
+            e = copy.deepcopy(e)
+            for c in _colrefs(e):
+                if len(c["column_names"]) == 1 and c["column_names"][0] in old_cols:
+                    c["column_names"] = [old_cols[c["column_names"][0]]]
+            return e
+
+        having = self.node.get("where_clause")
+        oks = []
+        for live, h in ((f"{PREFIX}c > 0", having), (f"{PREFIX}oc > 0", as_old(having) if having else None)):
+            if self.global_:
+                live = "true"
+            cond = f"coalesce(({_expr_sql(h)}), false)" if h is not None else "true"
+            oks.append(_template(f"CASE WHEN {live} THEN {cond} ELSE false END"))
+        node = copy.deepcopy(self.node)
+        # Each side's expressions are only evaluated where that side's group is live (as a WHERE would).
+        sides = []
+        for i, (e, ok) in enumerate([(x, f"{PREFIX}newok") for x in node["select_list"]] + [
+            (as_old(x), f"{PREFIX}oldok") for x in node["select_list"]]):
+            w = _template(f"CASE WHEN {ok} THEN NULL END")
+            w["case_checks"][0]["then_expr"] = dict(e, alias="")
+            w["alias"] = e["alias"] if i < len(names) else f"{PREFIX}old{i - len(names)}"
+            sides.append(w)
+        node["select_list"] = sides
+        node["where_clause"] = None
+        node["from_table"] = parse(f"SELECT 1 FROM (SELECT *, 1 AS {PREFIX}newok, 1 AS {PREFIX}oldok FROM {source})")["from_table"]
+        inner = copy.deepcopy(node["from_table"]["subquery"]["node"])
+        inner["select_list"][1] = dict(oks[0], alias=f"{PREFIX}newok")
+        inner["select_list"][2] = dict(oks[1], alias=f"{PREFIX}oldok")
+        node["from_table"]["subquery"]["node"] = inner
+        node["select_list"] += [_template(f"{PREFIX}newok"), _template(f"{PREFIX}oldok")]
+        doc = {"error": False, "statements": [{"node": node, "named_param_map": []}]}
+        x: str = _scalar("SELECT json_deserialize_sql(?)", [json.dumps(doc)])
+        return x
+
     def state_columns(self) -> list[str]:
         cols = [f"{PREFIX}g{j}" for j in range(len(self.keys))] + [f"{PREFIX}c"]
         for i, t in enumerate(self.sum_types):
@@ -294,6 +371,10 @@ def _types(schema: pa.Schema, name: str, keys: tuple[str, ...], args: tuple[str,
         raise _Refused(str(err)) from None
     finally:
         con.close()
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _q(name: str) -> str:

@@ -357,6 +357,8 @@ class ViewEngine:
         self.con.execute(f"CREATE OR REPLACE TEMP VIEW __sf_inv_new AS SELECT {', '.join(cols)} FROM __sf_m{live}")
         self._inv_cols = (keys, vals)
         self._inv_deleted = 0  # state rows deleted since the table was last rewritten
+        # Different groups give different rows: a group's old and new row need no consolidation with others.
+        self._inv_distinct = inv.distinct_groups
 
     def _inv_merge(self, source: str) -> None:
         """Add the partial sums of the updates in `source` into the state (filling `__sf_m`)."""
@@ -400,7 +402,11 @@ class ViewEngine:
         try:
             for t in times:
                 self._inv_merge(f"(SELECT * FROM __sf_in WHERE {TIME} = {int(t)})")
-                outs.append(self._difference(t, inv.output_sql("__sf_inv_new"), inv.output_sql("__sf_inv_old")))
+                if self._inv_distinct:
+                    out = self.con.sql(inv.change_sql("__sf_m", t)).to_arrow_table()
+                    outs.append(out.cast(self.empty().schema) if out.schema != self.empty().schema else out)
+                else:
+                    outs.append(self._difference(t, inv.output_sql("__sf_inv_new"), inv.output_sql("__sf_inv_old")))
         finally:
             self.con.unregister("__sf_in")
         return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
