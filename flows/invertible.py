@@ -279,9 +279,9 @@ def _classify(plan: Any, schemas: Any, names: list[str]) -> Invertible:
 
     def arg_index(a: dict[str, Any], needs_sum: bool) -> int:
         n = _norm(a)
-        for i, x in enumerate(args):
-            if _norm(x) == n:
-                break
+        norms = [_norm(x) for x in args]
+        if n in norms:
+            i = norms.index(n)
         else:
             args.append(a)
             i = len(args) - 1

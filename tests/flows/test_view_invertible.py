@@ -12,12 +12,11 @@ import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
+from test_view_engine import SETTINGS, Plan, accumulated, norm, table
 
 from flows.invertible import invertible
 from flows.sqlplan import plan_view
 from flows.views import ViewEngine, output_schema
-
-from test_view_engine import SETTINGS, Plan, accumulated, norm, table
 
 # `a` of test_view_engine with x nullable and a double column d.
 A = pa.schema([("k", pa.int64()), ("g", pa.string()), ("x", pa.int64()), ("d", pa.float64())])
