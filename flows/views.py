@@ -23,7 +23,14 @@ The method (corrections against DuckDB-backed state):
 4. **Linear queries** (projections, filters, UNION ALL) skip the
    arrangements: the correction is the SQL over the positive part of the
    delta minus the SQL over its negative part.
-5. **Anything else** with no usable key is recomputed whole at each time:
+5. **Invertible aggregates** (`flows.invertible`): a single-input GROUP BY
+   (or global aggregate) whose aggregates are all count/sum/avg keeps no
+   arrangement, only a state table of per-group partial sums (row count,
+   weighted sums, non-NULL counts). At each time the delta's partial sums
+   are added in; the correction is the select list (and HAVING) over the
+   touched groups' state after the addition minus before it. Work per time
+   is proportional to the delta, not to the groups' rows.
+6. **Anything else** with no usable key is recomputed whole at each time:
    correct, and as slow as that sounds (`plan_view` says when).
 
 The SQL runs verbatim: each input's name is a temporary view over its
@@ -46,9 +53,13 @@ from bytewax.operators import StatefulBatchLogic
 from storage import Frontier, Progress, UpdateBatch
 from storage.errors import InvalidInput
 
+from .invertible import Invertible
+from .invertible import invertible as find_invertible
+
 TIME, DIFF = "_time", "_diff"
 _ARR = "__sf_arr_"  # arrangement table prefix
 _KEYS = "__sf_keys"  # the affected key hashes of one evaluation
+_STATE = "__sf_state"  # the invertible fast path's per-group partial sums
 
 
 class PlanLike(Protocol):
@@ -97,6 +108,8 @@ class ViewEngine:
         schemas: each input's row schema (no `_time`/`_diff`).
         path: a DuckDB file for the arrangements (default: a temporary file, removed by `close`).
         memory_limit: DuckDB's memory limit for this engine (it spills to disk past it).
+        invertible: use the invertible-aggregate fast path when the plan qualifies
+            (`flows.invertible`; `self.invertible` is then not None). False forces the generic path.
 
     Example:
         >>> import pyarrow as pa
@@ -118,6 +131,7 @@ class ViewEngine:
         *,
         path: str | None = None,
         memory_limit: str | None = None,
+        invertible: bool = True,
     ):
         self.plan = plan
         self.sql = plan.sql
@@ -153,6 +167,11 @@ class ViewEngine:
         )
         self.schema = self._output_schema()
         self.compacted_to: int | None = None
+        self.invertible: Invertible | None = None
+        if invertible and not plan.linear:
+            self.invertible = find_invertible(plan, schemas, self.schema.names)
+        if self.invertible is not None:
+            self._inv_setup(self.invertible)
 
     # ------------------------------------------------------------------ set-up
 
@@ -185,6 +204,15 @@ class ViewEngine:
 
     def load(self, name: str, snapshot: pa.Table, time: int) -> None:
         """Add `snapshot` (row columns and `_diff`, e.g. a consolidated snapshot) at `time`, producing no output."""
+        if self.invertible is not None:
+            if name not in self.inputs:
+                raise InvalidInput(f"view: {name!r} is not an input of this view (inputs: {list(self.inputs)})")
+            self.con.register("__sf_in", snapshot)
+            try:
+                self._inv_merge("__sf_in")
+            finally:
+                self.con.unregister("__sf_in")
+            return
         self._insert(self.inputs[name], snapshot, time)
 
     def step(self, deltas: Mapping[str, pa.Table]) -> pa.Table:
@@ -204,6 +232,8 @@ class ViewEngine:
             return self.empty()
         if self.plan.linear:
             return self._linear(deltas, sorted(times))
+        if self.invertible is not None:
+            return self._inv_step(deltas, sorted(times))
         for n, t in deltas.items():
             if t.num_rows:
                 self._insert(self.inputs[n], t, None)
@@ -219,7 +249,10 @@ class ViewEngine:
         A new view starts from this: over empty inputs it is empty, except for
         a global aggregate, which has its one row (`count(*)` = 0) from the start.
         """
-        self._run("true", False, "__sf_new")
+        if self.invertible is not None:
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_new AS {self.invertible.output_sql(_STATE)}")
+        else:
+            self._run("true", False, "__sf_new")
         self.con.execute("CREATE OR REPLACE TEMP TABLE __sf_old AS SELECT * FROM __sf_new LIMIT 0")
         return self._difference(t)
 
@@ -326,12 +359,13 @@ class ViewEngine:
             self.con.unregister("__sf_terms")
         return out.cast(self.empty().schema)
 
-    def _difference(self, t: int) -> pa.Table:
+    def _difference(self, t: int, new: str = "SELECT * FROM __sf_new", old: str = "SELECT * FROM __sf_old") -> pa.Table:
+        """The consolidated difference of the queries `new` and `old` (default: the tables `__sf_new`, `__sf_old`)."""
         cols = ", ".join(_q(n) for n in self.schema.names)
         sel = f"{cols}, " if cols else ""
         q = (
             f"SELECT {sel}{t}::BIGINT AS {TIME}, sum(__d)::BIGINT AS {DIFF} FROM ("
-            f"SELECT *, 1 AS __d FROM __sf_new UNION ALL SELECT *, -1 AS __d FROM __sf_old)"
+            f"SELECT *, 1 AS __d FROM ({new}) UNION ALL SELECT *, -1 AS __d FROM ({old}))"
             f" GROUP BY ALL HAVING sum(__d) <> 0"
         )
         if not cols:
@@ -357,12 +391,96 @@ class ViewEngine:
             outs.append(self._difference(t))
         return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
 
+    # ------------------------------------------------------------------ invertible aggregates
+
+    def _inv_setup(self, inv: Invertible) -> None:
+        """The state table (empty; a global aggregate's one row of zeros) and the views over a merge."""
+        arr = _q(_ARR + inv.input)
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS {inv.partial_sql(arr)} LIMIT 0")
+        cols = inv.state_columns()
+        if inv.global_:
+            self.con.execute(f"INSERT INTO {_STATE} VALUES ({', '.join('0' for _ in cols)})")
+        keys = [c for c in cols if c.startswith("__sf_g")]
+        vals = [c for c in cols if c not in keys]
+        # __sf_m: per touched group, its state before (__sf_o*) and after the merge.
+        old = ", ".join([*keys, *(f"{c} AS __sf_o{c[5:]}" for c in vals), *vals])
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_m AS SELECT {old} FROM {_STATE} LIMIT 0")
+        live = "" if inv.global_ else " WHERE __sf_oc > 0"
+        sel = ", ".join([*keys, *(f"__sf_o{c[5:]} AS {c}" for c in vals)])
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW __sf_inv_old AS SELECT {sel} FROM __sf_m{live}")
+        live = "" if inv.global_ else " WHERE __sf_c > 0"
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW __sf_inv_new AS SELECT {', '.join(cols)} FROM __sf_m{live}")
+        self._inv_cols = (keys, vals)
+        self._inv_deleted = 0  # state rows deleted since the table was last rewritten
+        # Different groups give different rows: a group's old and new row need no consolidation with others.
+        self._inv_distinct = inv.distinct_groups
+
+    def _inv_merge(self, source: str) -> None:
+        """Add the partial sums of the updates in `source` into the state (filling `__sf_m`)."""
+        inv = self.invertible
+        assert inv is not None
+        keys, vals = self._inv_cols
+        part = f"({inv.partial_sql(source)})"
+        new = []
+        for c in vals:
+            add = f"coalesce(s.{c}, 0) + coalesce(p.{c}, 0)"
+            if c.startswith("__sf_s"):
+                n = "__sf_n" + c[6:]
+                t = inv.sum_types[int(c[6:])]
+                # a sum whose values all went away restarts from an exact 0 (no floating-point residue)
+                new.append(f"CAST(CASE WHEN coalesce(s.{n}, 0) + coalesce(p.{n}, 0) = 0 THEN 0 ELSE {add} END AS {t}) AS {c}")
+            else:
+                new.append(f"CAST({add} AS BIGINT) AS {c}")
+        olds = [f"coalesce(s.{c}, 0) AS __sf_o{c[5:]}" for c in vals]
+        sel = ", ".join([*(f"p.{k}" for k in keys), *olds, *new])
+        if keys:
+            on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM p.{k}" for k in keys)
+            src = f"{part} AS p LEFT JOIN {_STATE} AS s ON {on}"
+        else:
+            src = f"{part} AS p, {_STATE} AS s"
+        self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_m AS SELECT {sel} FROM {src}")
+        cols = ", ".join([*keys, *vals])
+        if keys:
+            on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM m.{k}" for k in keys)
+            gone = self.con.execute(f"DELETE FROM {_STATE} AS s USING __sf_m AS m WHERE {on} AND m.__sf_oc <> 0")
+            self._inv_deleted += int(gone.fetchall()[0][0])
+            self.con.execute(f"INSERT INTO {_STATE} ({cols}) SELECT {cols} FROM __sf_m WHERE __sf_c <> 0")
+        else:
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS SELECT {cols} FROM __sf_m")
+
+    def _inv_step(self, deltas: Mapping[str, pa.Table], times: list[int]) -> pa.Table:
+        inv = self.invertible
+        assert inv is not None
+        d = deltas[inv.input]
+        self.con.register("__sf_in", d)
+        outs = []
+        try:
+            for t in times:
+                self._inv_merge(f"(SELECT * FROM __sf_in WHERE {TIME} = {int(t)})")
+                if self._inv_distinct:
+                    out = self.con.sql(inv.change_sql("__sf_m", t)).to_arrow_table()
+                    outs.append(out.cast(self.empty().schema) if out.schema != self.empty().schema else out)
+                else:
+                    outs.append(self._difference(t, inv.output_sql("__sf_inv_new"), inv.output_sql("__sf_inv_old")))
+        finally:
+            self.con.unregister("__sf_in")
+        return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
+
     # ------------------------------------------------------------------ upkeep
 
     def compact(self, to: int) -> None:
         """Advance every arrangement time below `to` to `to` and consolidate (the engine never
         evaluates below `to` again). Cheap to call often: it works only when an
         arrangement has grown by half since its last compaction."""
+        if self.invertible is not None:
+            # No arrangements; the state is always consolidated, but its deleted rows stay in the
+            # table until it is rewritten: rewrite it when they outnumber the live ones.
+            live = self.arrangement_rows()[self.invertible.input]
+            if self._inv_deleted > max(10000, live):
+                self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS SELECT * FROM {_STATE}")
+                self._inv_deleted = 0
+            self.compacted_to = to
+            return
         if self.plan.linear:
             return
         for i in self.inputs.values():
@@ -384,6 +502,10 @@ class ViewEngine:
         self.compacted_to = to
 
     def arrangement_rows(self) -> dict[str, int]:
+        """Rows held per input: its arrangement's, or the fast path's state rows (one per live group)."""
+        if self.invertible is not None:
+            n = self.con.execute(f"SELECT count(*) FROM {_STATE}").fetchall()[0][0]
+            return {self.invertible.input: int(n)}
         return {n: int(self.con.execute(f"SELECT count(*) FROM {_q(_ARR + n)}").fetchall()[0][0]) for n in self.inputs}
 
 
