@@ -108,6 +108,10 @@ def main() -> int:
             f"(min {min(ratios):.3f}, max {max(ratios):.3f}); incremental median {statistics.median(incs) * 1000:.0f} ms, "
             f"recompute median {statistics.median(fulls) * 1000:.0f} ms; load {load_s:.1f} s"
         )
+    import resource
+
+    print(f"peak RSS of this process (inputs, snapshots and engines together): "
+          f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
     return 0
 
 
