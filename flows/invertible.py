@@ -346,8 +346,11 @@ def _classify(plan: Any, schemas: Any, names: list[str]) -> Invertible:
         if i not in summed:
             sum_types.append(None)
             continue
-        if not (arg_t in _INTEGERS or arg_t in ("FLOAT", "DOUBLE") or arg_t.startswith("DECIMAL")):
-            raise _Refused(f"sum/avg of {arg_t}")
+        # SUBTLE: only exact types. A float sum kept by adding and subtracting drifts, and
+        # once a NaN or an infinity was added, retracting it cannot take it out again:
+        # float arguments take the generic path, which recomputes from the rows.
+        if not (arg_t in _INTEGERS or arg_t.startswith("DECIMAL")):
+            raise _Refused(f"sum/avg of {arg_t} (only integers and decimals are summed exactly)")
         sum_types.append(sum_t)
     where_sql = _expr_sql(_unqualify(where, alias)) if where is not None else None
     return Invertible(name, keys, where_sql, arg_sql, tuple(sum_types), not grouped, out)

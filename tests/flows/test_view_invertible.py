@@ -24,12 +24,12 @@ SCHEMAS = {"a": A}
 
 QUERIES = [
     "SELECT g, count(*) AS n, count(x) AS nx, sum(x) AS s, avg(x) AS m FROM a GROUP BY g",
-    "SELECT k, sum(d) AS sd, avg(d) AS ad, count(d) AS cd FROM a GROUP BY k",
+    "SELECT k, count(d) AS cd, count(*) AS n FROM a GROUP BY k",
     "SELECT g, sum(x) AS s FROM a WHERE x > 1 OR x IS NULL GROUP BY ALL",
     "SELECT g, count(*) AS n, sum(x) AS s FROM a GROUP BY g HAVING count(*) > 1 AND sum(x) IS NOT NULL",
     "SELECT g || 'x' AS gx, sum(x) / count(*) AS r, sum(x * 2 + k) AS t, count(*) FROM a GROUP BY g",
     "SELECT count(*) AS n, sum(x) AS s, avg(x) AS m, count(x) AS c FROM a",
-    "SELECT sum(d) AS s, count(*) AS n FROM a WHERE k > 1",
+    "SELECT sum(x) AS s, count(*) AS n FROM a WHERE k > 1",
     "SELECT x % 3 AS m, count(*) AS n, sum(k) AS s FROM a GROUP BY 1",
     "SELECT x % 3 + 1 AS m1, g, avg(k) AS a FROM a GROUP BY x % 3, g HAVING avg(k) >= 1",
     "SELECT t.g, sum(t.x) AS s FROM a AS t GROUP BY t.g",
@@ -123,6 +123,8 @@ def test_generic_path_can_be_forced():
 
 
 NOT_INVERTIBLE = [
+    # float sums drift when kept by adding and subtracting, and a NaN once added cannot be retracted
+    "SELECT k, sum(d) AS sd, avg(d) AS ad, count(d) AS cd FROM a GROUP BY k",
     "SELECT g, max(x) AS m FROM a GROUP BY g",
     "SELECT g, sum(DISTINCT x) AS s FROM a GROUP BY g",
     "SELECT g, count(x) FILTER (WHERE x > 1) AS n FROM a GROUP BY g",
@@ -149,17 +151,17 @@ def test_what_does_not_qualify(sql):
 
 def test_sum_types_follow_duckdb():
     """The state and the output keep DuckDB's own result types (HUGEINT sums, DECIMAL(38, s), DOUBLE)."""
-    s = pa.schema([("k", pa.int32()), ("i", pa.int32()), ("b", pa.int64()), ("dec", pa.decimal128(10, 2)), ("f", pa.float32())])
-    sql = "SELECT k, sum(i) AS si, sum(b) AS sb, sum(dec) AS sd, sum(f) AS sf, avg(dec) AS ad, avg(b) AS ab FROM t GROUP BY k"
+    s = pa.schema([("k", pa.int32()), ("i", pa.int32()), ("b", pa.int64()), ("dec", pa.decimal128(10, 2))])
+    sql = "SELECT k, sum(i) AS si, sum(b) AS sb, sum(dec) AS sd, avg(dec) AS ad, avg(b) AS ab FROM t GROUP BY k"
     p = plan_view(sql, {"t": s})
     e = ViewEngine(p, {"t": s})
     try:
         assert e.invertible is not None
-        assert e.invertible.sum_types == ("HUGEINT", "HUGEINT", "DECIMAL(38,2)", "DOUBLE")
+        assert e.invertible.sum_types == ("HUGEINT", "HUGEINT", "DECIMAL(38,2)")
         big = 2**62
         rows = pa.table({"k": pa.array([1, 1, 1], pa.int32()), "i": pa.array([2**31 - 1] * 3, pa.int32()),
                          "b": pa.array([big, big, big]), "dec": pa.array([1, 2, None], pa.decimal128(10, 2)),
-                         "f": pa.array([0.5, 0.25, None], pa.float32()), "_time": [1, 1, 1], "_diff": [1, 2, 1]})
+                         "_time": [1, 1, 1], "_diff": [1, 2, 1]})
         out = e.step({"t": rows})
         con = duckdb.connect()
         con.register("t", pa.table({c: pa.concat_arrays([rows[c].combine_chunks(), rows[c].combine_chunks()[1:2]])
@@ -218,5 +220,23 @@ def test_compact_rewrites_the_state_and_keeps_it():
         out.append(e.step({"a": table(A, rows2)}))
         for t in (1, 2, 3):
             assert norm(accumulated(out, e.schema.names, t)) == norm(_reference(sql, rows1 + rows2, t))
+    finally:
+        e.close()
+
+
+def test_a_retracted_nan_leaves_a_float_sum():
+    """Float sums are recomputed (generic path): a NaN inserted then retracted is gone again.
+    Kept as running sums, NaN - NaN stays NaN for ever."""
+    s = pa.schema([("k", pa.int64()), ("f", pa.float64())])
+    p = plan_view("SELECT k, sum(f) AS s FROM t GROUP BY k", {"t": s})
+    e = ViewEngine(p, {"t": s})
+    try:
+        assert e.invertible is None
+        ins = pa.table({"k": [1, 1], "f": [1.5, float("nan")], "_time": [1, 1], "_diff": [1, 1]})
+        out = [e.step({"t": ins})]
+        out.append(e.step({"t": pa.table({"k": [1], "f": [float("nan")], "_time": [2], "_diff": [-1]})}))
+        con = duckdb.connect()
+        con.register("o", pa.concat_tables(out))
+        assert con.execute("SELECT k, s, sum(_diff) FROM o GROUP BY ALL HAVING sum(_diff) <> 0").fetchall() == [(1, 1.5, 1)]
     finally:
         e.close()
