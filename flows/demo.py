@@ -120,7 +120,7 @@ def run_demo(data: str, *, ticks: int = TICKS, seed: int = SEED, consensus: str 
         table = con.sql(TOP_BIDS).to_arrow_table()
         bands = con.sql("SELECT * FROM bids_per_band ORDER BY top DESC").to_arrow_table()
         counts = con.sql("SELECT (SELECT count(*) FROM auctions), (SELECT count(*) FROM bids), (SELECT count(*) FROM users)").fetchall()[0]
-    for title, tbl in (("view top_bids: the top bid per auction (joined with users at query time)", table),
+    for title, tbl in (("view top_bids: the top bid per auction", table),
                        ("view bids_per_band", bands)):
         t = Table(title=title)
         for c in tbl.schema.names:
