@@ -142,7 +142,7 @@ def test_view_equals_recompute_at_every_time(plan, batches):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("plan", PLANS, ids=[p.sql[:60] for p in PLANS])
-@settings(max_examples=150, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(batches=streams())
 def test_view_equals_recompute_at_every_time_long(plan, batches):
     check(plan, batches)

@@ -112,7 +112,7 @@ def test_fast_path_equals_recompute_at_every_time(sql, batches):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sql", QUERIES, ids=[q[:60] for q in QUERIES])
-@settings(max_examples=200, **SETTINGS)
+@settings(max_examples=40, **SETTINGS)
 @given(batches=streams())
 def test_fast_path_equals_recompute_at_every_time_long(sql, batches):
     check(sql, batches)

@@ -334,4 +334,4 @@ class HoldsModelSlow(HoldsModel):
 
 
 TestHoldsModelSlow = pytest.mark.slow(HoldsModelSlow.TestCase)
-TestHoldsModelSlow.settings = settings(max_examples=300, stateful_step_count=60, **_SETTINGS)
+TestHoldsModelSlow.settings = settings(max_examples=100, stateful_step_count=50, **_SETTINGS)
