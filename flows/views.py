@@ -609,7 +609,7 @@ class _ViewLogic(StatefulBatchLogic[Any, Any, None]):
 def view(
     step_id: str,
     inputs: Mapping[str, Any],
-    plan: PlanLike,
+    sql: str | PlanLike,
     *,
     schemas: Mapping[str, pa.Schema],
     preload: Callable[[ViewEngine], None] | None = None,
@@ -619,7 +619,8 @@ def view(
     """The incremental view operator: `inputs` (input name -> stream of `UpdateBatch`/`Progress`)
     in, the view's corrections out (`UpdateBatch` per frontier advance, then `Progress`).
 
-    `plan` is `flows.sqlplan.plan_view(sql, schemas)`. A resumed view passes
+    `sql` is the view's SQL over the input names (or its `flows.sqlplan.plan_view`
+    plan); `schemas` gives each input's row schema. A resumed view passes
     `preload` (fills the engine's arrangements from the inputs' snapshots at
     its committed frontier minus one, with no output) and `start` (that
     frontier); a new one passes neither and starts from the SQL over empty
@@ -628,7 +629,9 @@ def view(
     import bytewax.operators as op
 
     from .operators import one_key
+    from .sqlplan import plan_view
 
+    plan: PlanLike = plan_view(sql, schemas) if isinstance(sql, str) else sql
     if set(inputs) != set(plan.inputs):
         raise InvalidInput(f"view {step_id!r}: streams for {sorted(inputs)}, but the SQL reads {sorted(plan.inputs)}")
 
