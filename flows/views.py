@@ -50,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from bytewax.operators import StatefulBatchLogic
 
-from storage import Frontier, Progress, UpdateBatch
+from storage import Frontier, Progress, UpdateBatch, consolidate_sql, overflow_checked
 from storage.errors import InvalidInput
 
 from .invertible import Invertible
@@ -135,6 +135,7 @@ class ViewEngine:
     ):
         self.plan = plan
         self.sql = plan.sql
+        self.where = f"view over {', '.join(plan.inputs)}"  # names the data in a DiffOverflow
         missing = [n for n in plan.inputs if n not in schemas]
         if missing:
             raise InvalidInput(f"view: no schema for input(s) {missing}")
@@ -278,11 +279,11 @@ class ViewEngine:
         where = time_cond
         if restrict and i.keys:
             where += f" AND hash({', '.join(i.keys)}) IN (SELECT h FROM {_KEYS})"
-        cols = i.cols
-        inner = f"SELECT {cols}{', ' if cols else ''}sum({DIFF})::BIGINT AS __n FROM {_q(_ARR + i.name)} WHERE {where}"
-        inner += f" GROUP BY ALL HAVING sum({DIFF}) > 0" if cols else f" HAVING sum({DIFF}) > 0"
-        sel = cols if cols else "NULL AS __none"
-        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_q(i.name)} AS SELECT {sel} FROM ({inner}) AS s, range(s.__n)")
+        inner = consolidate_sql(
+            f"(SELECT * FROM {_q(_ARR + i.name)} WHERE {where})", i.schema.names, drop_time=True, where=self.where
+        )
+        sel = i.cols if i.cols else "NULL AS __none"
+        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_q(i.name)} AS SELECT {sel} FROM ({inner}) AS s, range(s.{DIFF})")
 
     def _affected(self, t: int, deltas: Mapping[str, pa.Table]) -> None:
         """Fill `__sf_keys` with the hashes of the keys the deltas at time `t` touch."""
@@ -350,11 +351,8 @@ class ViewEngine:
             return terms[0]
         self.con.register("__sf_terms", pa.concat_tables(terms))
         try:
-            cols = ", ".join(_q(c) for c in self.schema.names)
-            out = self.con.sql(
-                f"SELECT {cols}, {TIME}, sum({DIFF})::BIGINT AS {DIFF} FROM __sf_terms "
-                f"GROUP BY ALL HAVING sum({DIFF}) <> 0"
-            ).to_arrow_table()
+            with overflow_checked():
+                out = self.con.sql(consolidate_sql("__sf_terms", self.schema.names, where=self.where)).to_arrow_table()
         finally:
             self.con.unregister("__sf_terms")
         return out.cast(self.empty().schema)
@@ -363,14 +361,13 @@ class ViewEngine:
         """The consolidated difference of the queries `new` and `old` (default: the tables `__sf_new`, `__sf_old`)."""
         cols = ", ".join(_q(n) for n in self.schema.names)
         sel = f"{cols}, " if cols else ""
-        q = (
-            f"SELECT {sel}{t}::BIGINT AS {TIME}, sum(__d)::BIGINT AS {DIFF} FROM ("
-            f"SELECT *, 1 AS __d FROM ({new}) UNION ALL SELECT *, -1 AS __d FROM ({old}))"
-            f" GROUP BY ALL HAVING sum(__d) <> 0"
-        )
-        if not cols:
-            q = q.replace("GROUP BY ALL ", "")
-        out = self.con.sql(q).to_arrow_table()
+
+        def side(q: str) -> str:
+            return f"(SELECT {sel}{t}::BIGINT AS {TIME}, 1::BIGINT AS {DIFF} FROM ({q}))"
+
+        with overflow_checked():
+            q = consolidate_sql(side(new), self.schema.names, minus=side(old), where=self.where)
+            out = self.con.sql(q).to_arrow_table()
         return out.cast(self.empty().schema) if out.schema != self.empty().schema else out
 
     def _linear(self, deltas: Mapping[str, pa.Table], times: list[int]) -> pa.Table:
@@ -487,14 +484,12 @@ class ViewEngine:
             if i.rows_since_compaction <= max(1000, i.rows_at_compaction // 2):
                 continue
             arr = _q(_ARR + i.name)
-            cols = i.cols
-            sel = f"{cols}, " if cols else ""
-            grp = "GROUP BY ALL " if cols else f"GROUP BY greatest({TIME}, {to}) "
             tmp = _q(_ARR + i.name + "__c")
-            self.con.execute(
-                f"CREATE OR REPLACE TABLE {tmp} AS SELECT {sel}greatest({TIME}, {to})::BIGINT AS {TIME}, "
-                f"sum({DIFF})::BIGINT AS {DIFF} FROM {arr} {grp}HAVING sum({DIFF}) <> 0"
-            )
+            with overflow_checked():
+                self.con.execute(
+                    f"CREATE OR REPLACE TABLE {tmp} AS "
+                    + consolidate_sql(arr, i.schema.names, since=to, where=self.where)
+                )
             self.con.execute(f"DROP TABLE {arr}")
             self.con.execute(f"ALTER TABLE {tmp} RENAME TO {_q(_ARR + i.name)}")
             n = self.con.execute(f"SELECT count(*) FROM {arr}").fetchall()[0][0]
