@@ -74,25 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     d.add_argument("--seed", type=int, default=1, help="load generator seed (default: %(default)s)")
 
-    r = sub.add_parser(
-        "run",
-        parents=[common],
-        help="run a flow file",
-        description="Run a flow defined in a Python file (see examples/). Batch mode exits when the "
-        "sources are exhausted; continuous mode runs until SIGINT/SIGTERM, then flushes and exits 0.",
+    # What `run` and `view` share: how a flow runs.
+    running = argparse.ArgumentParser(add_help=False)
+    running.add_argument("--mode", choices=["batch", "continuous"], default="batch", help="default: %(default)s")
+    running.add_argument(
+        "-w", "--workers", type=int, default=1, help="bytewax worker threads per process (default: 1)"
     )
-    r.add_argument("flow", metavar="FLOW.py", help="a Python file that defines the flow")
-    r.add_argument(
-        "--mode", choices=["batch", "continuous"], default="batch", help="default: %(default)s"
-    )
-    r.add_argument(
-        "-w",
-        "--workers",
-        type=int,
-        default=1,
-        help="bytewax worker threads per process (default: 1)",
-    )
-    r.add_argument(
+    running.add_argument(
         "-p",
         "--processes",
         type=int,
@@ -101,22 +89,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytewax processes on this machine, talking over 127.0.0.1 (default: 1). This process is "
         "process 0: it creates the collections and does the housekeeping; the others only run the flow",
     )
-    # A child of a multi-process run (`-p N` starts them; not for direct use: process 0 must build first).
-    r.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
-    r.add_argument("--addresses", default=None, help=argparse.SUPPRESS)
-    r.add_argument("--summary-file", default=None, help=argparse.SUPPRESS)
-    r.add_argument(
+    running.add_argument(
         "--tick",
         type=float,
         default=1.0,
         metavar="SECONDS",
         help="continuous mode: tick idle uppers forward this often (default: %(default)s)",
     )
-    r.add_argument("--no-progress", action="store_true", help="no live progress line")
+    running.add_argument("--no-progress", action="store_true", help="no live progress line")
+
+    r = sub.add_parser(
+        "run",
+        parents=[common, running],
+        help="run a flow file",
+        description="Run a flow defined in a Python file (see examples/). Batch mode exits when the "
+        "sources are exhausted; continuous mode runs until SIGINT/SIGTERM, then flushes and exits 0.",
+    )
+    r.add_argument("flow", metavar="FLOW.py", help="a Python file that defines the flow")
+    # A child of a multi-process run (`-p N` starts them; not for direct use: process 0 must build first).
+    r.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
+    r.add_argument("--addresses", default=None, help=argparse.SUPPRESS)
+    r.add_argument("--summary-file", default=None, help=argparse.SUPPRESS)
 
     v = sub.add_parser(
         "view",
-        parents=[common],
+        parents=[common, running],
         help="maintain an incremental SQL view over collections",
         description="Maintain collection NAME as the SQL over other collections, incrementally: each "
         "change of an input costs work in proportion to the keys it touches, not to the inputs' size. "
@@ -131,14 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("name", nargs="?", help="the view's collection name")
     v.add_argument("sql", nargs="?", help="a DuckDB SELECT over collections")
-    v.add_argument("--mode", choices=["batch", "continuous"], default="batch", help="default: %(default)s")
-    v.add_argument("-w", "--workers", type=int, default=1, help="bytewax worker threads per process (default: 1)")
-    v.add_argument("-p", "--processes", type=int, default=1, metavar="N", help="bytewax processes (default: 1)")
-    v.add_argument("--tick", type=float, default=1.0, metavar="SECONDS", help="continuous mode: idle tick (default: %(default)s)")
     v.add_argument("--replace", action="store_true", help="NAME exists with other SQL: drop it and rebuild it from the inputs")
     v.add_argument("--list", action="store_true", help="list the views and their definitions, then exit")
     v.add_argument("--drop", action="store_true", help="drop view NAME (its collection and its holds on its inputs)")
-    v.add_argument("--no-progress", action="store_true", help="no live progress line")
 
     q = sub.add_parser(
         "query",
@@ -915,7 +907,7 @@ def _no_rust_panic_text(debug: bool) -> Iterator[None]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import storage
-    from flows.cluster import RunSpec, run_child, run_processes
+    from flows.cluster import RunSpec, run_child
 
     if args.workers < 1:
         raise storage.errors.InvalidInput(f"--workers must be >= 1, got {args.workers}")
@@ -941,17 +933,26 @@ def cmd_run(args: argparse.Namespace) -> int:
             summary_file=args.summary_file,
         )
         return 0
+    summary = _run_spec(args, spec)
+    if args.processes == 1:
+        print(f"{args.mode} run of {args.flow}: {summary}")
+    else:
+        print(f"{args.mode} run of {args.flow} ({args.processes} processes x {args.workers} workers): {summary}")
+    return 0
+
+
+def _run_spec(args: argparse.Namespace, spec: Any) -> Any:
+    """Run `spec` as `run` and `view` do: one process, or `-p N` local processes; the live
+    progress line in continuous mode on a terminal. Returns the summary."""
+    from flows.cluster import run_processes
+
     client = _storage_open(args)
     show = not args.no_progress and sys.stderr.isatty() and args.mode == "continuous"
     progress = _ProgressLine if show else None
     if args.processes == 1:
         with _no_rust_panic_text(args.debug):
-            summary = spec.run(client, progress=progress)
-        print(f"{args.mode} run of {args.flow}: {summary}")
-        return 0
-    total = run_processes(spec, client, processes=args.processes, progress=progress)
-    print(f"{args.mode} run of {args.flow} ({args.processes} processes x {args.workers} workers): {total}")
-    return 0
+            return spec.run(client, progress=progress)
+    return run_processes(spec, client, processes=args.processes, progress=progress)
 
 
 class _ProgressLine:
@@ -1010,7 +1011,7 @@ def _one_line(msg: str) -> str:
 
 def cmd_view(args: argparse.Namespace) -> int:
     import storage
-    from flows.cluster import RunSpec, run_processes
+    from flows.cluster import RunSpec
 
     if args.list:
         client = _open(args)
@@ -1050,14 +1051,7 @@ def cmd_view(args: argparse.Namespace) -> int:
     os.environ["SHARDFLOW_VIEW_REPLACE"] = "1" if args.replace else "0"
     flow = os.path.join(os.path.dirname(os.path.abspath(__file__)), "view_flow.py")
     spec = RunSpec(flow, args.data, args.mode, args.workers, args.tick, args.consensus, args.debug)
-    client = _storage_open(args)
-    show = not args.no_progress and sys.stderr.isatty() and args.mode == "continuous"
-    progress = _ProgressLine if show else None
-    if args.processes == 1:
-        with _no_rust_panic_text(args.debug):
-            summary = spec.run(client, progress=progress)
-    else:
-        summary = run_processes(spec, client, processes=args.processes, progress=progress)
+    summary = _run_spec(args, spec)
     print(f"{args.mode} view {args.name}: {summary}")
     return 0
 

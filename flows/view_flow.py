@@ -8,6 +8,7 @@ processes of a `-p N` run build the same flow.
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from bytewax.dataflow import Dataflow
@@ -20,6 +21,7 @@ def build(ctx: Any) -> Dataflow:
     sql = os.environ.get("SHARDFLOW_VIEW_SQL")
     if not name or not sql:
         raise InvalidInput("flows/view_flow.py is run by `shardflow view NAME SQL`, not directly")
-    flow = Dataflow(f"view_{name}")
+    # The collection name is checked by the controller; the flow id only needs to be one bytewax takes.
+    flow = Dataflow("view_" + re.sub(r"[^A-Za-z0-9_]", "_", name))
     ctx.view(flow, name, sql, replace=os.environ.get("SHARDFLOW_VIEW_REPLACE") == "1" and ctx.process_id == 0)
     return flow

@@ -138,3 +138,21 @@ def test_view_with_two_workers_and_two_processes(data: str) -> None:
     same(data, "w2", BY_TENS)
     sf("view", "p2", BY_TENS, "--data", data, "-p", "2")
     same(data, "p2", BY_TENS)
+
+
+def test_two_copies_of_one_view_converge(data: str) -> None:
+    """Started together (a user running the same command twice): both exit 0, the view is exact."""
+    counter_continuous(data, 2)
+    procs = [subprocess.Popen([*SHARDFLOW, "view", "by_tens", BY_TENS, "--data", data], cwd=ROOT, env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, (out, err[-3000:])
+    same(data, "by_tens", BY_TENS)
+
+
+@pytest.mark.parametrize(("name", "says"), [("Bad-Name", "Bad-Name"), ("system.x", "is invalid"), ("counter", "not a view")])
+def test_bad_view_names_are_one_line(data: str, name: str, says: str) -> None:
+    p = sf("view", name, BY_TENS, "--data", data, ok=False)
+    assert p.returncode == 1 and says in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
