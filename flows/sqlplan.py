@@ -893,6 +893,8 @@ def plan_view(sql: str, schemas: Mapping[str, pa.Schema]) -> Plan:
     keys: dict[str, tuple[str, ...]] | None = None
     if node.get("type") == "SELECT_NODE" and not (node.get("cte_map") or {}).get("map"):
         keys = _Keys(walk, node).keys()
+    if keys is not None:
+        keys = _hash_consistent(keys, schemas)
     return Plan(
         sql=sql,
         inputs=tuple(walk.inputs),
@@ -900,3 +902,61 @@ def plan_view(sql: str, schemas: Mapping[str, pa.Schema]) -> Plan:
         keys=keys,
         constructs=frozenset(walk.constructs),
     )
+
+
+_INTEGER_TYPES = frozenset(
+    {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"}
+)
+
+
+def _hash_consistent(keys: dict[str, tuple[str, ...]], schemas: Mapping[str, pa.Schema]) -> dict[str, tuple[str, ...]] | None:
+    """Keys whose DuckDB `hash` agrees wherever the query's equality does, or None.
+
+    The engine finds the rows a change touches by `hash(key)`: rows of two inputs
+    that a join equates must hash alike. DuckDB hashes every integer type alike,
+    but not a BIGINT and the equal DOUBLE, two DECIMAL widths, or a DATE and a
+    TIMESTAMP: such key positions are cast to their common type. Keys that no
+    common type fits, or that compare under a collation (equal strings with
+    different hashes), give None (the view is then recomputed whole: slow, exact).
+
+    Example:
+        >>> s = {"a": pa.schema([("k", pa.int32())]), "b": pa.schema([("k", pa.float64())])}
+        >>> _hash_consistent({"a": ("k",), "b": ("k",)}, s)
+        {'a': ('CAST((k) AS DOUBLE)',), 'b': ('k',)}
+    """
+    names = [n for n, k in keys.items() if k]
+    if not names:
+        return keys
+    width = {len(keys[n]) for n in names}
+    if len(width) != 1:
+        return None
+    lower = {k.lower(): v for k, v in schemas.items()}
+    con = duckdb.connect()
+    try:
+        for n in names:
+            con.register(n, lower[n].empty_table())
+        out = {n: list(k) for n, k in keys.items()}
+        for j in range(width.pop()):
+            exprs = {n: keys[n][j] for n in names}
+            types = {}
+            for n, e in exprs.items():
+                if "collate" in e.lower():
+                    return None
+                types[n] = str(con.execute(f"SELECT typeof(any_value(({e}))) FROM \"{n}\"").fetchall()[0][0])
+                if "COLLATE" in types[n].upper():
+                    return None
+            if len(set(types.values())) == 1 or set(types.values()) <= _INTEGER_TYPES:
+                continue
+            vals = ", ".join(f"NULL::{t}" for t in types.values())
+            try:
+                common = str(con.execute(f"SELECT typeof([{vals}][1])").fetchall()[0][0])
+            except duckdb.Error:
+                return None
+            for n, t in types.items():
+                if t != common:
+                    out[n][j] = f"CAST(({exprs[n]}) AS {common})"
+        return {n: tuple(k) for n, k in out.items()}
+    except (duckdb.Error, KeyError):
+        return None
+    finally:
+        con.close()

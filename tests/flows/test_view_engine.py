@@ -10,6 +10,7 @@ written out here (key expressions included), so this tests the engine alone;
 
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass
 
 import duckdb
@@ -188,3 +189,59 @@ def test_planned_view_equals_recompute(sql, batches):
 
     p = plan_view(sql, SCHEMAS)
     check(Plan(p.sql, p.inputs, p.linear, dict(p.keys) if p.keys is not None else None, p.constructs), batches)
+
+
+KEY_TYPES = [
+    (pa.int64(), pa.float64(), [1, 2], [1.0, 2.0]),
+    (pa.int32(), pa.int64(), [1, 2], [1, 2]),
+    (pa.decimal128(10, 2), pa.decimal128(12, 3), ["1.5", "2.5"], ["1.5", "2.5"]),
+    (pa.date32(), pa.timestamp("us"), ["2020-01-01", "2020-01-02"], ["2020-01-01", "2020-01-02"]),
+]
+
+
+@pytest.mark.parametrize("ta,tb,ka,kb", KEY_TYPES, ids=[f"{a}-{b}" for a, b, _, _ in KEY_TYPES])
+@pytest.mark.parametrize("sql", [
+    "SELECT a.k, count(*) AS n FROM a JOIN b ON a.k = b.k GROUP BY a.k",
+    "SELECT a.v, b.w FROM a LEFT JOIN b ON a.k = b.k",
+    "SELECT a.v, b.w FROM a JOIN b ON a.k = b.k",
+])
+def test_join_keys_of_different_types_find_each_other(ta, tb, ka, kb, sql):
+    """Regression: the engine finds touched rows by hash(key), and DuckDB hashes a BIGINT and the
+    equal DOUBLE (or two DECIMAL widths, or a DATE and a TIMESTAMP) differently: the join's
+    matches were silently missed until plan_view cast the keys to a common type."""
+    from flows.sqlplan import plan_view
+
+    sa = pa.schema([("k", ta), ("v", pa.int64())])
+    sb = pa.schema([("k", tb), ("w", pa.int64())])
+    s = {"a": sa, "b": sb}
+    e = ViewEngine(plan_view(sql, s), s)
+
+    def tb_(schema, keys, vals, time, diff):
+        t = schema.field("k").type
+        k = pa.array([datetime.date.fromisoformat(x) for x in keys]) if t == pa.date32() else pa.array(keys)
+        if isinstance(keys[0], str) and t != pa.date32():
+            k = k.cast(t)  # decimals and timestamps from their text
+        n = len(keys)
+        return pa.table({"k": k.cast(t), schema.names[1]: pa.array(vals, pa.int64()),
+                         "_time": pa.array([time] * n, pa.int64()), "_diff": pa.array([diff] * n, pa.int64())})
+
+    try:
+        out = [e.baseline(0)]
+        out.append(e.step({"b": tb_(sb, kb, [10, 20], 1, 1)}))
+        out.append(e.step({"a": tb_(sa, [ka[0], ka[1], ka[1]], [5, 6, 7], 2, 1)}))
+        out.append(e.step({"b": tb_(sb, [kb[1]], [20], 3, -1)}))
+        got = accumulated(out, e.schema.names, 3)
+        con = duckdb.connect()
+        con.register("a", tb_(sa, [ka[0], ka[1], ka[1]], [5, 6, 7], 2, 1).select(["k", "v"]))
+        con.register("b", tb_(sb, [kb[0]], [10], 1, 1).select(["k", "w"]))
+        assert got == sorted(map(tuple, con.execute(sql).fetchall()), key=repr)
+    finally:
+        e.close()
+
+
+def test_collated_keys_are_not_hashed():
+    from flows.sqlplan import plan_view
+
+    p = plan_view("SELECT k COLLATE nocase AS k, count(*) AS n FROM a GROUP BY k COLLATE nocase",
+                  {"a": pa.schema([("k", pa.string())])})
+    assert p.keys is None
