@@ -1,21 +1,27 @@
 """Invertible aggregates: a grouped view whose output delta is a function of the input delta.
 
 A single-input `GROUP BY` (or global aggregate) whose aggregates are all
-`count(*)`, `count(e)`, `sum(e)` and `avg(e)` can be maintained without the
-input's rows: per group, the engine keeps
+`count(*)`, `count(e)`, `sum(e)`, `avg(e)`, `min(e)` and `max(e)` can be
+maintained from per-group state instead of recomputing groups from their rows.
+Per group, the engine keeps
 
 * `__sf_c`: the group's row count (the sum of `_diff`),
 * per aggregate argument `e`: `__sf_n<i>`, its non-NULL count
   (`sum(CASE WHEN e IS NOT NULL THEN _diff ELSE 0 END)`), and, when a `sum` or
   `avg` reads it, `__sf_s<i>`, its weighted sum `sum(CAST(e AS T) * _diff)`
   where `T` is the type DuckDB's own `sum(e)` returns (HUGEINT for integers,
-  DECIMAL(38, s) for decimals, DOUBLE for floats).
+  DECIMAL(38, s) for decimals, DOUBLE for floats);
+* per `max(e)` / `min(e)`: `__sf_hi<i>` / `__sf_lo<i>`, the extreme. An insertion
+  moves it with `greatest`/`least`; a retraction of a value at or beyond it
+  marks the group dirty, and only dirty groups are recomputed, from the input's
+  rows (the engine keeps an arrangement for views with min/max). With random
+  retractions that is about one group in group-size per retraction.
 
 A delta adds into these; the aggregates come back out of them with SQL's NULL
 rules: `count(*)` is `__sf_c`, `count(e)` is `__sf_n<i>`, `sum(e)` is
 `__sf_s<i>` when `__sf_n<i> > 0` else NULL, `avg(e)` is
 `__sf_s<i>::DOUBLE / __sf_n<i>` likewise (DuckDB's avg of every accepted type
-is a DOUBLE).
+is a DOUBLE), `max(e)` is `__sf_hi<i>` likewise.
 
 `invertible(plan, schemas, names)` decides whether a plan qualifies and, if
 so, rewrites the query's AST (DuckDB's `json_serialize_sql`): each aggregate
@@ -41,7 +47,9 @@ from .sqlplan import _aggregates, _colrefs, _dicts, _expr_sql, _Keys, _scalar, _
 __all__ = ["Invertible", "invertible"]
 
 PREFIX = "__sf_"
-_ALLOWED = frozenset({"count_star", "count", "sum", "avg"})
+_ALLOWED = frozenset({"count_star", "count", "sum", "avg", "min", "max"})
+#: min/max keep the group's extreme in the state; `hi` for max, `lo` for min.
+_EXTREMES = {"max": "hi", "min": "lo"}
 #: Argument types whose sum/avg the state reproduces (DuckDB's sum of these: HUGEINT, DOUBLE or DECIMAL).
 _INTEGERS = frozenset(
     {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT"}
@@ -60,6 +68,10 @@ class Invertible:
     sum_types: tuple[str | None, ...]  # per argument: the DuckDB type of its weighted sum (None: counted only)
     global_: bool  # no GROUP BY: exactly one output row, always
     node: dict[str, Any]  # the rewritten SELECT over the state (FROM is set by `output_sql`)
+    #: (argument index, "hi" | "lo") per min/max kept; these need the input's rows (an arrangement)
+    #: to recompute a group whose extreme was retracted.
+    extremes: tuple[tuple[int, str], ...] = ()
+    arg_types: tuple[str, ...] = ()  # per argument: its DuckDB type
     _sql: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -145,17 +157,44 @@ class Invertible:
             if t is not None:
                 cols.append(f"{PREFIX}s{i}")
             cols.append(f"{PREFIX}n{i}")
+        cols += [f"{PREFIX}{side}{i}" for i, side in self.extremes]
         return cols
 
-    def partial_sql(self, source: str) -> str:
-        """Partial sums per group of the updates in `source` (a FROM item with the input's columns and `_diff`)."""
+    def extreme_sql(self, i: int, side: str, *, diff: str | None = None) -> str:
+        """The aggregate of argument `i` for extreme `side`, over rows whose `_diff` satisfies `diff` (all rows if None)."""
+        a = self.args[i]
+        e = f"({a})" if diff is None else f"CASE WHEN _diff {diff} THEN ({a}) END"
+        return f"{'max' if side == 'hi' else 'min'}({e})::{self.arg_types[i]}"
+
+    def partial_sql(self, source: str, *, retracted: bool = False) -> str:
+        """Partial sums per group of the updates in `source` (a FROM item with the input's columns and `_diff`).
+
+        Extremes are over the inserted rows (`_diff > 0`); with `retracted`, each also has
+        `__sf_r<side><i>`: the extreme over the retracted rows (`_diff < 0`), which says
+        whether the group's extreme may have gone away."""
         sel = [f"({k}) AS {PREFIX}g{j}" for j, k in enumerate(self.keys)]
         sel.append(f"sum(_diff)::BIGINT AS {PREFIX}c")
         for i, (a, t) in enumerate(zip(self.args, self.sum_types, strict=True)):
             if t is not None:
                 sel.append(f"sum(CAST(({a}) AS {t}) * _diff)::{t} AS {PREFIX}s{i}")
             sel.append(f"sum(CASE WHEN ({a}) IS NOT NULL THEN _diff ELSE 0 END)::BIGINT AS {PREFIX}n{i}")
+        for i, side in self.extremes:
+            sel.append(f"{self.extreme_sql(i, side, diff='> 0')} AS {PREFIX}{side}{i}")
+            if retracted:
+                sel.append(f"{self.extreme_sql(i, side, diff='< 0')} AS {PREFIX}r{side}{i}")
         q = f"SELECT {', '.join(sel)} FROM {source}"
+        if self.where is not None:
+            q += f" WHERE ({self.where})"
+        if self.keys:
+            q += " GROUP BY " + ", ".join(str(j + 1) for j in range(len(self.keys)))
+        return q
+
+    def recompute_sql(self, rows: str) -> str:
+        """Each group's extremes from its rows (`rows`: a FROM item with the input's columns, each row
+        present once per unit of its positive count; the groups to recompute, already restricted)."""
+        sel = [f"({k}) AS {PREFIX}g{j}" for j, k in enumerate(self.keys)]
+        sel += [f"{self.extreme_sql(i, side)} AS {PREFIX}{side}{i}" for i, side in self.extremes]
+        q = f"SELECT {', '.join(sel)} FROM {rows}"
         if self.where is not None:
             q += f" WHERE ({self.where})"
         if self.keys:
@@ -218,7 +257,9 @@ def invertible(plan: Any, schemas: Any, names: list[str]) -> Invertible | None:
         (('k',), ('v',), ('HUGEINT',))
         >>> inv.output_sql("st")
         'SELECT __sf_g0 AS k, (CASE  WHEN ((__sf_n0 > 0)) THEN (__sf_s0) ELSE NULL END / __sf_c) AS m FROM st'
-        >>> invertible(sqlplan.plan_view("SELECT k, max(v) AS m FROM t GROUP BY k", s), s, ["k", "m"]) is None
+        >>> invertible(sqlplan.plan_view("SELECT k, max(v) AS m FROM t GROUP BY k", s), s, ["k", "m"]).extremes
+        ((0, 'hi'),)
+        >>> invertible(sqlplan.plan_view("SELECT k, arg_max(k, v) AS m FROM t GROUP BY k", s), s, ["k", "m"]) is None
         True
     """
     try:
@@ -276,6 +317,7 @@ def _classify(plan: Any, schemas: Any, names: list[str]) -> Invertible:
     group_norms = [_norm(g) for g in groups]
     args: list[dict[str, Any]] = []  # distinct aggregate arguments
     summed: set[int] = set()
+    extremes: list[tuple[int, str]] = []
 
     def arg_index(a: dict[str, Any], needs_sum: bool) -> int:
         n = _norm(a)
@@ -312,8 +354,13 @@ def _classify(plan: Any, schemas: Any, names: list[str]) -> Invertible:
             arg = a[0]
             if any(is_agg(d) for d in _dicts(arg)):
                 raise _Refused("nested aggregate")
-            i = arg_index(arg, fn != "count")
+            i = arg_index(arg, fn in ("sum", "avg"))
             n, s = f"{PREFIX}n{i}", f"{PREFIX}s{i}"
+            if fn in _EXTREMES:
+                side = _EXTREMES[fn]
+                if (i, side) not in extremes:
+                    extremes.append((i, side))
+                return _template(f"CASE WHEN {n} > 0 THEN {PREFIX}{side}{i} END")
             if fn == "count":
                 return _template(n)
             if fn == "sum":
@@ -353,7 +400,10 @@ def _classify(plan: Any, schemas: Any, names: list[str]) -> Invertible:
             raise _Refused(f"sum/avg of {arg_t} (only integers and decimals are summed exactly)")
         sum_types.append(sum_t)
     where_sql = _expr_sql(_unqualify(where, alias)) if where is not None else None
-    return Invertible(name, keys, where_sql, arg_sql, tuple(sum_types), not grouped, out)
+    arg_types = tuple(t for t, _ in types[len(keys) :])
+    return Invertible(
+        name, keys, where_sql, arg_sql, tuple(sum_types), not grouped, out, tuple(extremes), arg_types
+    )
 
 
 def _types(schema: pa.Schema, name: str, keys: tuple[str, ...], args: tuple[str, ...]) -> list[tuple[str, str]]:

@@ -24,12 +24,14 @@ The method (corrections against DuckDB-backed state):
    arrangements: the correction is the SQL over the positive part of the
    delta minus the SQL over its negative part.
 5. **Invertible aggregates** (`flows.invertible`): a single-input GROUP BY
-   (or global aggregate) whose aggregates are all count/sum/avg keeps no
-   arrangement, only a state table of per-group partial sums (row count,
-   weighted sums, non-NULL counts). At each time the delta's partial sums
-   are added in; the correction is the select list (and HAVING) over the
-   touched groups' state after the addition minus before it. Work per time
-   is proportional to the delta, not to the groups' rows.
+   (or global aggregate) whose aggregates are all count/sum/avg/min/max keeps
+   a state table of per-group partial sums (row count, weighted sums, non-NULL
+   counts, extremes). At each time the delta's partial sums are added in; the
+   correction is the select list (and HAVING) over the touched groups' state
+   after the addition minus before it. Work per time is proportional to the
+   delta, not to the groups' rows. Without min/max there is no arrangement at
+   all; with them, a group whose extreme was retracted is recomputed from the
+   arrangement (only those groups).
 6. **Anything else** with no usable key is recomputed whole at each time:
    correct, and as slow as that sounds (`plan_view` says when).
 
@@ -208,9 +210,11 @@ class ViewEngine:
         if self.invertible is not None:
             if name not in self.inputs:
                 raise InvalidInput(f"view: {name!r} is not an input of this view (inputs: {list(self.inputs)})")
+            if self.invertible.extremes:
+                self._insert(self.inputs[name], snapshot, time)
             self.con.register("__sf_in", snapshot)
             try:
-                self._inv_merge("__sf_in")
+                self._inv_merge("__sf_in", time)
             finally:
                 self.con.unregister("__sf_in")
             return
@@ -396,7 +400,8 @@ class ViewEngine:
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS {inv.partial_sql(arr)} LIMIT 0")
         cols = inv.state_columns()
         if inv.global_:
-            self.con.execute(f"INSERT INTO {_STATE} VALUES ({', '.join('0' for _ in cols)})")
+            zero = ", ".join("NULL" if c.startswith(("__sf_hi", "__sf_lo")) else "0" for c in cols)
+            self.con.execute(f"INSERT INTO {_STATE} VALUES ({zero})")
         keys = [c for c in cols if c.startswith("__sf_g")]
         vals = [c for c in cols if c not in keys]
         # __sf_m: per touched group, its state before (__sf_o*) and after the merge.
@@ -412,30 +417,53 @@ class ViewEngine:
         # Different groups give different rows: a group's old and new row need no consolidation with others.
         self._inv_distinct = inv.distinct_groups
 
-    def _inv_merge(self, source: str) -> None:
-        """Add the partial sums of the updates in `source` into the state (filling `__sf_m`)."""
+    def _inv_merge(self, source: str, at: int) -> None:
+        """Add the partial sums of the updates in `source` (at time `at`) into the state (filling `__sf_m`).
+
+        A min/max whose group lost a row at or beyond its extreme cannot be updated from
+        the partial sums: that group is marked dirty and its extremes are recomputed from
+        the arrangement (the input's rows at `at`), restricted to the dirty groups."""
         inv = self.invertible
         assert inv is not None
         keys, vals = self._inv_cols
-        part = f"({inv.partial_sql(source)})"
+        part = f"({inv.partial_sql(source, retracted=bool(inv.extremes))})"
         new = []
+        dirty = []
         for c in vals:
             add = f"coalesce(s.{c}, 0) + coalesce(p.{c}, 0)"
-            if c.startswith("__sf_s"):
+            if c.startswith(("__sf_hi", "__sf_lo")):
+                side, i = c[5:7], int(c[7:])
+                n = f"__sf_n{i}"
+                worse = ">=" if side == "hi" else "<="
+                d = f"(p.__sf_r{side}{i} IS NOT NULL AND (s.{c} IS NULL OR p.__sf_r{side}{i} {worse} s.{c}))"
+                dirty.append(d)
+                pick = "greatest" if side == "hi" else "least"
+                new.append(
+                    f"CAST(CASE WHEN coalesce(s.{n}, 0) + coalesce(p.{n}, 0) = 0 OR {d} THEN NULL "
+                    f"ELSE {pick}(s.{c}, p.{c}) END AS {inv.arg_types[i]}) AS {c}"
+                )
+            elif c.startswith("__sf_s"):
                 n = "__sf_n" + c[6:]
                 t = inv.sum_types[int(c[6:])]
                 # a sum whose values all went away restarts from an exact 0 (no floating-point residue)
                 new.append(f"CAST(CASE WHEN coalesce(s.{n}, 0) + coalesce(p.{n}, 0) = 0 THEN 0 ELSE {add} END AS {t}) AS {c}")
             else:
                 new.append(f"CAST({add} AS BIGINT) AS {c}")
-        olds = [f"coalesce(s.{c}, 0) AS __sf_o{c[5:]}" for c in vals]
+        olds = [
+            f"s.{c} AS __sf_o{c[5:]}" if c.startswith(("__sf_hi", "__sf_lo")) else f"coalesce(s.{c}, 0) AS __sf_o{c[5:]}"
+            for c in vals
+        ]
         sel = ", ".join([*(f"p.{k}" for k in keys), *olds, *new])
+        if dirty:
+            sel += f", ({' OR '.join(dirty)}) AS __sf_dirty"
         if keys:
             on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM p.{k}" for k in keys)
             src = f"{part} AS p LEFT JOIN {_STATE} AS s ON {on}"
         else:
             src = f"{part} AS p, {_STATE} AS s"
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_m AS SELECT {sel} FROM {src}")
+        if dirty:
+            self._inv_recompute(at)
         cols = ", ".join([*keys, *vals])
         if keys:
             on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM m.{k}" for k in keys)
@@ -445,15 +473,40 @@ class ViewEngine:
         else:
             self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS SELECT {cols} FROM __sf_m")
 
+    def _inv_recompute(self, at: int) -> None:
+        """Set the extremes of `__sf_m`'s dirty groups from the arrangement's rows at time `at`."""
+        inv = self.invertible
+        assert inv is not None
+        if not self.con.execute("SELECT count(*) FROM __sf_m WHERE __sf_dirty").fetchall()[0][0]:
+            return
+        i = self.inputs[inv.input]
+        keys, _vals = self._inv_cols
+        where = f"{TIME} <= {int(at)}"
+        if keys:
+            where += f" AND hash({', '.join(inv.keys)}) IN (SELECT hash({', '.join(keys)}) FROM __sf_m WHERE __sf_dirty)"
+        rows = consolidate_sql(
+            f"(SELECT * FROM {_q(_ARR + i.name)} WHERE {where})", i.schema.names, drop_time=True, where=self.where
+        )
+        ext = [f"__sf_{side}{j}" for j, side in inv.extremes]
+        sets = ", ".join(f"{c} = r.{c}" for c in ext)
+        on = " AND ".join([*(f"m.{k} IS NOT DISTINCT FROM r.{k}" for k in keys), "m.__sf_dirty"])
+        with overflow_checked():
+            self.con.execute(
+                f"UPDATE __sf_m AS m SET {sets} FROM ({inv.recompute_sql(f'(SELECT * FROM ({rows}) WHERE {DIFF} > 0)')}) AS r "
+                f"WHERE {on}"
+            )
+
     def _inv_step(self, deltas: Mapping[str, pa.Table], times: list[int]) -> pa.Table:
         inv = self.invertible
         assert inv is not None
         d = deltas[inv.input]
+        if inv.extremes and d.num_rows:
+            self._insert(self.inputs[inv.input], d, None)
         self.con.register("__sf_in", d)
         outs = []
         try:
             for t in times:
-                self._inv_merge(f"(SELECT * FROM __sf_in WHERE {TIME} = {int(t)})")
+                self._inv_merge(f"(SELECT * FROM __sf_in WHERE {TIME} = {int(t)})", t)
                 if self._inv_distinct:
                     out = self.con.sql(inv.change_sql("__sf_m", t)).to_arrow_table()
                     outs.append(out.cast(self.empty().schema) if out.schema != self.empty().schema else out)
@@ -470,14 +523,15 @@ class ViewEngine:
         evaluates below `to` again). Cheap to call often: it works only when an
         arrangement has grown by half since its last compaction."""
         if self.invertible is not None:
-            # No arrangements; the state is always consolidated, but its deleted rows stay in the
-            # table until it is rewritten: rewrite it when they outnumber the live ones.
-            live = self.arrangement_rows()[self.invertible.input]
+            # The state is always consolidated, but its deleted rows stay in the table until it
+            # is rewritten: rewrite it when they outnumber the live ones.
+            live = self.con.execute(f"SELECT count(*) FROM {_STATE}").fetchall()[0][0]
             if self._inv_deleted > max(10000, live):
                 self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_STATE} AS SELECT * FROM {_STATE}")
                 self._inv_deleted = 0
-            self.compacted_to = to
-            return
+            if not self.invertible.extremes:  # no arrangement: min/max keep one
+                self.compacted_to = to
+                return
         if self.plan.linear:
             return
         for i in self.inputs.values():
@@ -498,7 +552,7 @@ class ViewEngine:
 
     def arrangement_rows(self) -> dict[str, int]:
         """Rows held per input: its arrangement's, or the fast path's state rows (one per live group)."""
-        if self.invertible is not None:
+        if self.invertible is not None and not self.invertible.extremes:
             n = self.con.execute(f"SELECT count(*) FROM {_STATE}").fetchall()[0][0]
             return {self.invertible.input: int(n)}
         return {n: int(self.con.execute(f"SELECT count(*) FROM {_q(_ARR + n)}").fetchall()[0][0]) for n in self.inputs}
