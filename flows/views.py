@@ -569,6 +569,9 @@ class _Partitioner:
         try:
             q = f"SELECT (hash({', '.join(self.keys[name])}) % {self.n})::INTEGER AS p FROM __sf_part"
             p = con.sql(q).to_arrow_table().column(0)
+        except duckdb.Error as e:
+            msg = f"view: cannot partition input {name!r} by hash({', '.join(self.keys[name])}): {str(e).splitlines()[0]}"
+            raise InvalidInput(msg) from None
         finally:
             con.unregister("__sf_part")
         assert len(p) == table.num_rows
