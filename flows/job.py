@@ -134,6 +134,7 @@ class FlowContext:
             "continuous" (run until `connectors.base.STOP`).
         tick: seconds between idle progress ticks in continuous mode.
         workers: bytewax workers per process.
+        processes: processes of the run (`-p`); the dataflow has `workers * processes` workers.
         stats: counters the sinks wired by `persist`/`append` update.
         process_id: this process in a multi-process run (0 when single-process).
             Only process 0 writes through the controller: it creates the
@@ -152,6 +153,7 @@ class FlowContext:
     stats: JobStats = field(default_factory=JobStats)
     shards: dict[str, str] = field(default_factory=dict)
     process_id: int = 0
+    processes: int = 1
     #: collection -> the committed offsets `resume_offsets` handed to a source (append_sink's CAS expects them).
     resumed: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: since holds `persist` takes before it reads a resume point (expired when the run ends).
@@ -295,6 +297,12 @@ class FlowContext:
         as_of: int | None = None
         if resumed:
             start = min(int(resumed.get(f"{n}/0", 0)) for n in plan.inputs)
+            # SUBTLE: with several partitions the offsets (partition 0's) can be ahead of the
+            # committed upper (another partition behind): resume no later than that upper,
+            # below which the view's shard is complete. (The sink drops what it already has.)
+            committed = self.resume_as_of(name)
+            if committed is not None:
+                start = min(start, committed)
             if start < 1:
                 raise InvalidInput(f"view {name!r}: its committed offsets {resumed} do not cover every input {list(plan.inputs)}")
             resume = {f"{n}/0": start for n in plan.inputs}
@@ -321,7 +329,10 @@ class FlowContext:
             ))
             for n, shard in ins.items()
         }
-        corrections = views_mod.view(f"{name}_view", streams, plan, schemas=in_schemas, preload=preload, start=start)
+        corrections = views_mod.view(
+            f"{name}_view", streams, plan, schemas=in_schemas, preload=preload, start=start,
+            partitions=self.workers * self.processes,
+        )
         return self.persist(f"{name}_sink", corrections, name)
 
     def append(
@@ -496,7 +507,9 @@ def _run_flow(
     stem = os.path.splitext(os.path.basename(os.fspath(path)))[0]
     role = "job:" + (re.sub(r"[^A-Za-z0-9_.-]", "_", stem)[:90] or "flow")
     ctl = open_controller(client, read_only=not primary, role=role)
-    ctx = FlowContext(client, ctl, mode, tick, workers, process_id=process_id or 0)
+    ctx = FlowContext(
+        client, ctl, mode, tick, workers, process_id=process_id or 0, processes=len(addresses) if addresses else 1
+    )
     housekeeper = _Housekeeper(ctx, interval=tick if mode == "continuous" else None, primary=primary)
     try:
         if configure is not None:

@@ -25,7 +25,7 @@ from storage.errors import InvalidInput
 
 from .sqlplan import check_linear
 
-__all__ = ["FrontierTracker", "OffsetQueue", "consolidate", "sql", "Item", "one_key"]
+__all__ = ["FrontierTracker", "OffsetQueue", "consolidate", "sql", "Item", "one_key", "worker_keys"]
 
 Item = UpdateBatch | Progress
 ALL = "ALL"
@@ -34,6 +34,75 @@ ALL = "ALL"
 def one_key(step_id: str, up: Stream[Any]) -> Stream[tuple[str, Any]]:
     """Key every item with the same key, so one worker sees them all, in per-sender order."""
     return op.key_on(step_id, up, lambda _x: ALL)
+
+
+_M64 = (1 << 64) - 1
+
+
+def _siphash13(data: bytes) -> int:
+    """SipHash-1-3 with keys (0, 0): Rust's `DefaultHasher`, which bytewax routes keys by."""
+
+    def rotl(x: int, b: int) -> int:
+        return ((x << b) | (x >> (64 - b))) & _M64
+
+    v0, v1, v2, v3 = 0x736F6D6570736575, 0x646F72616E646F6D, 0x6C7967656E657261, 0x7465646279746573
+
+    def rnd() -> None:
+        nonlocal v0, v1, v2, v3
+        v0 = (v0 + v1) & _M64
+        v1 = rotl(v1, 13) ^ v0
+        v0 = rotl(v0, 32)
+        v2 = (v2 + v3) & _M64
+        v3 = rotl(v3, 16) ^ v2
+        v0 = (v0 + v3) & _M64
+        v3 = rotl(v3, 21) ^ v0
+        v2 = (v2 + v1) & _M64
+        v1 = rotl(v1, 17) ^ v2
+        v2 = rotl(v2, 32)
+
+    n = len(data)
+    end = n - n % 8
+    for i in range(0, end, 8):
+        m = int.from_bytes(data[i : i + 8], "little")
+        v3 ^= m
+        rnd()
+        v0 ^= m
+    m = ((n & 0xFF) << 56) | int.from_bytes(data[end:], "little")
+    v3 ^= m
+    rnd()
+    v0 ^= m
+    v2 ^= 0xFF
+    rnd()
+    rnd()
+    rnd()
+    return v0 ^ v1 ^ v2 ^ v3
+
+
+def worker_of(key: str, workers: int) -> int:
+    """The worker (0..workers-1, over all processes) bytewax routes state key `key` to.
+
+    bytewax's stateful operators send a key to worker `DefaultHasher(key) % workers`
+    (Rust hashes a `String` as its bytes then 0xff). Only load balance depends on
+    this matching bytewax: a wrong guess moves work between workers, never results.
+    """
+    return _siphash13(key.encode() + b"\xff") % workers
+
+
+def worker_keys(n: int) -> tuple[str, ...]:
+    """`n` state keys, the i-th routed to worker i of an `n`-worker dataflow: keying
+    partition i by `worker_keys(n)[i]` gives every worker exactly one partition.
+
+    Example:
+        >>> [worker_of(k, 3) for k in worker_keys(3)]
+        [0, 1, 2]
+    """
+    out = []
+    for i in range(n):
+        salt = 0
+        while worker_of(k := f"{i}.{salt}", n) != i:
+            salt += 1
+        out.append(k)
+    return tuple(out)
 
 
 class FrontierTracker:

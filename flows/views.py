@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -575,37 +576,143 @@ def _duck_type(con: duckdb.DuckDBPyConnection, t: pa.DataType) -> str:
 # the operator
 # --------------------------------------------------------------------------------------------
 
+#: Per view partition `(step_id, i)`: the input rows its engine was given (`rows`: deltas,
+#: `loaded`: snapshot rows at a resume) and the thread (bytewax worker) it ran on. Debugging
+#: and tests: it shows how a view's work is split.
+partition_stats: dict[tuple[str, int], dict[str, int]] = {}
+
+
+def partition_count(plan: PlanLike, workers: int) -> int:
+    """How many partitions a view runs in on `workers` workers.
+
+    `workers` when every input has a non-constant key (`plan.keys[input]`): the
+    output for one key hash is then computed from the inputs' rows with that hash
+    alone. Otherwise 1: no key (`plan.keys is None`: recomputed whole; also every
+    linear query), or a constant key `()` (a global aggregate needs all its rows).
+    """
+    keys = plan.keys
+    if workers <= 1 or keys is None or not all(keys.get(n) for n in plan.inputs):
+        return 1
+    return workers
+
+
+class _Partitioner:
+    """Splits an input's updates by `hash(<its key expressions>) % n`, computed in DuckDB.
+
+    `plan_view` makes the keys hash-consistent across inputs (rows a join equates
+    hash alike), so partition `i` of every input together give the view's output
+    for the keys of partition `i`, and the partitions' outputs are disjoint.
+    """
+
+    def __init__(self, keys: Mapping[str, tuple[str, ...]] | None, n: int):
+        self.keys = keys
+        self.n = n
+        self._local = threading.local()  # one DuckDB connection per worker thread
+
+    def _con(self) -> duckdb.DuckDBPyConnection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = self._local.con = duckdb.connect()
+        return con
+
+    def of(self, name: str, table: pa.Table) -> pa.Array:
+        """Each row's partition (int32), in row order."""
+        assert self.keys is not None
+        con = self._con()
+        con.register("__sf_part", table)
+        try:
+            q = f"SELECT (hash({', '.join(self.keys[name])}) % {self.n})::INTEGER AS p FROM __sf_part"
+            p = con.sql(q).to_arrow_table().column(0)
+        except duckdb.Error as e:
+            msg = f"view: cannot partition input {name!r} by hash({', '.join(self.keys[name])}): {str(e).splitlines()[0]}"
+            raise InvalidInput(msg) from None
+        finally:
+            con.unregister("__sf_part")
+        assert len(p) == table.num_rows
+        return p
+
+    def split(self, name: str, table: pa.Table) -> list[pa.Table]:
+        if self.n == 1 or not table.num_rows:
+            return [table] + [table.slice(0, 0)] * (self.n - 1)
+        p = self.of(name, table)
+        return [table.filter(pc.equal(p, i)) for i in range(self.n)]
+
+    def only(self, name: str, table: pa.Table, i: int) -> pa.Table:
+        if self.n == 1 or not table.num_rows:
+            return table
+        return table.filter(pc.equal(self.of(name, table), i))
+
+
+class _PartitionLoader:
+    """What `preload` is given for one partition's engine: `load` keeps that partition's rows."""
+
+    def __init__(self, engine: ViewEngine, part: _Partitioner, i: int, stats: dict[str, int]):
+        self.engine = engine
+        self.part = part
+        self.i = i
+        self.stats = stats
+
+    def load(self, name: str, snapshot: pa.Table, time: int) -> None:
+        mine = self.part.only(name, snapshot, self.i)
+        self.stats["loaded"] += mine.num_rows
+        self.engine.load(name, mine, time)
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self.engine, attr)
+
 
 class _ViewLogic(StatefulBatchLogic[Any, Any, None]):
-    """Buffers each input's updates until every input's frontier passed them, then asks
-    the engine for the view's corrections over the whole ready range.
+    """One partition of a view: buffers each input's updates until every input's frontier
+    passed them, then asks its engine for the view's corrections over the whole ready range.
 
     One consistent time: the view's frontier is the minimum over its inputs'
     frontiers, so a correction at `t` reflects every input's updates up to `t`.
+    Items arrive as `(partition, input, item, tmax)`; the engine is built on the first.
     """
 
-    def __init__(self, step_id: str, make_engine: Callable[[], ViewEngine], start: int | None, fresh: bool):
+    def __init__(
+        self,
+        step_id: str,
+        make_engine: Callable[[int], ViewEngine],
+        inputs: Iterable[str],
+        start: int | None,
+        fresh: bool,
+        names: tuple[str, ...],
+    ):
         from .operators import FrontierTracker, OffsetQueue
 
         self.step_id = step_id
-        self.engine = make_engine()
-        self.trackers = {n: FrontierTracker() for n in self.engine.inputs}
-        self.pending: dict[str, list[pa.Table]] = {n: [] for n in self.engine.inputs}
+        self.make_engine = make_engine
+        self.engine: ViewEngine | None = None
+        self.trackers = {n: FrontierTracker() for n in inputs}
+        self.pending: dict[str, list[pa.Table]] = {n: [] for n in self.trackers}
         self.offsets = OffsetQueue()
         self.emitted: Frontier | None = None if start is None else Frontier(start)
         self.fresh = fresh
+        self.names = names  # the partitions' names in their Progress (one partition: none)
+        self.index = 0
+        self.stats: dict[str, int] = {}
 
-    def on_batch(self, values: list[tuple[str, Any]]) -> tuple[Iterable[Any], bool]:
-        from .operators import check_item, tmax_of
+    def on_batch(self, values: list[tuple[int, str, Any, int]]) -> tuple[Iterable[Any], bool]:
+        from .operators import check_item
 
-        for name, v in values:
+        for i, name, v, tmax in values:
+            if self.engine is None:
+                self.index = i
+                key = (self.step_id, i)
+                self.stats = partition_stats[key] = {"rows": 0, "loaded": 0, "thread": threading.get_ident()}
+                self.engine = self.make_engine(i)
+                # Only one partition starts a new view from the SQL over empty inputs: a global
+                # aggregate's row must appear once (a keyed view's baseline is empty anyway).
+                self.fresh = self.fresh and i == 0
             check_item(self.step_id, v)
             if isinstance(v, Progress):
                 self.trackers[name].observe(v)
                 continue
             if v.table.num_rows:
                 self.pending[name].append(v.table)
-            self.offsets.push(v.offsets, tmax_of(v.table))
+                self.stats["rows"] += v.table.num_rows
+            self.offsets.push(v.offsets, tmax)
         fs = [t.frontier() for t in self.trackers.values()]
         if any(f is None for f in fs):
             return [], StatefulBatchLogic.RETAIN
@@ -615,6 +722,8 @@ class _ViewLogic(StatefulBatchLogic[Any, Any, None]):
         return self._flush(f), StatefulBatchLogic.RETAIN
 
     def _flush(self, upper: Frontier) -> list[Any]:
+        engine = self.engine
+        assert engine is not None
         lower = self.emitted if self.emitted is not None else Frontier.MIN
         ready: dict[str, pa.Table] = {}
         for n, tables in self.pending.items():
@@ -633,22 +742,27 @@ class _ViewLogic(StatefulBatchLogic[Any, Any, None]):
             first = lower.time or 0
             if ready:
                 first = min([first, *(pc.min(t.column(TIME)).as_py() for t in ready.values() if t.num_rows)])
-            outs.append(self.engine.baseline(first))
+            outs.append(engine.baseline(first))
             self.fresh = False
-        outs.append(self.engine.step(ready))
+        outs.append(engine.step(ready))
         if upper.time is not None and upper.time > 0:
-            self.engine.compact(upper.time - 1)
+            engine.compact(upper.time - 1)
         table = pa.concat_tables(outs) if len(outs) > 1 else outs[0]
         offsets = self.offsets.pop(upper)
         self.emitted = upper
         out: list[Any] = []
         if table.num_rows or offsets:
             out.append(UpdateBatch(table, lower, upper, offsets or None))
-        out.append(Progress(upper))
+        if len(self.names) > 1:
+            # Each partition speaks for itself: downstream the frontier is the minimum over them.
+            out.append(Progress(upper, self.names[self.index], self.names))
+        else:
+            out.append(Progress(upper))
         return out
 
     def on_eof(self) -> tuple[Iterable[Any], bool]:
-        self.engine.close()
+        if self.engine is not None:
+            self.engine.close()
         return [], StatefulBatchLogic.DISCARD
 
     def snapshot(self) -> None:
@@ -661,9 +775,10 @@ def view(
     sql: str | PlanLike,
     *,
     schemas: Mapping[str, pa.Schema],
-    preload: Callable[[ViewEngine], None] | None = None,
+    preload: Callable[[Any], None] | None = None,
     start: int | None = None,
     path: str | None = None,
+    partitions: int = 1,
 ) -> Any:
     """The incremental view operator: `inputs` (input name -> stream of `UpdateBatch`/`Progress`)
     in, the view's corrections out (`UpdateBatch` per frontier advance, then `Progress`).
@@ -671,37 +786,68 @@ def view(
     `sql` is the view's SQL over the input names (or its `flows.sqlplan.plan_view`
     plan); `schemas` gives each input's row schema. A resumed view passes
     `preload` (fills the engine's arrangements from the inputs' snapshots at
-    its committed frontier minus one, with no output) and `start` (that
-    frontier); a new one passes neither and starts from the SQL over empty
-    inputs. Runs on one worker (one key); DuckDB uses its own threads.
+    its committed frontier minus one, with no output: it calls `engine.load`)
+    and `start` (that frontier); a new one passes neither and starts from the
+    SQL over empty inputs.
+
+    `partitions` (the dataflow's worker count: `FlowContext.view` passes it):
+    a view whose every input has a key (`partition_count`) runs as that many
+    partitions, each with its own engine over the rows whose `hash(key) %
+    partitions` is its index (updates split in DuckDB, snapshots filtered the
+    same way at `preload`); partition `i` is keyed so that bytewax runs it on
+    worker `i`. `Progress` reaches every partition; each emits its own
+    corrections and `Progress` naming itself, so downstream the view's frontier
+    is the minimum over the partitions. Source offsets travel with partition 0
+    (the sink's resume point is its committed upper, so a partition that is
+    behind is never skipped: see `FlowContext.view`). Any other view runs as one
+    partition, on one worker; DuckDB uses its own threads either way.
     """
     import bytewax.operators as op
 
-    from .operators import one_key
+    from .operators import tmax_of, worker_keys
     from .sqlplan import plan_view
 
     plan: PlanLike = plan_view(sql, schemas) if isinstance(sql, str) else sql
     if set(inputs) != set(plan.inputs):
         raise InvalidInput(f"view {step_id!r}: streams for {sorted(inputs)}, but the SQL reads {sorted(plan.inputs)}")
+    n = partition_count(plan, partitions)
+    keys = worker_keys(n) if n > 1 else ("ALL",)
+    names = tuple(f"{step_id}/{i}" for i in range(n)) if n > 1 else ()
+    part = _Partitioner(plan.keys, n)
 
-    def make_engine() -> ViewEngine:
-        e = ViewEngine(plan, schemas, path=path)
+    def make_engine(i: int) -> ViewEngine:
+        e = ViewEngine(plan, schemas, path=None if path is None else (path if n == 1 else f"{path}.{i}"))
         if preload is not None:
-            preload(e)
+            preload(e if n == 1 else _PartitionLoader(e, part, i, partition_stats[(step_id, i)]))
         return e
 
-    def tagger(n: str) -> Callable[[Any], tuple[str, Any]]:
-        return lambda x: (n, x)
+    def splitter(name: str) -> Callable[[Any], list[tuple[str, tuple[int, str, Any, int]]]]:
+        def split(x: Any) -> list[tuple[str, tuple[int, str, Any, int]]]:
+            if isinstance(x, Progress):
+                return [(k, (i, name, x, -1)) for i, k in enumerate(keys)]
+            if not isinstance(x, UpdateBatch):
+                from .operators import check_item
 
-    tagged = [op.map(f"{step_id}_tag_{n}", s, tagger(n)) for n, s in inputs.items()]
-    merged = op.merge(f"{step_id}_merge", *tagged) if len(tagged) > 1 else tagged[0]
-    keyed = one_key(f"{step_id}_key", merged)
+                check_item(step_id, x)
+            tmax = tmax_of(x.table)
+            out = []
+            for i, t in enumerate(part.split(name, x.table)):
+                offs = x.offsets if i == 0 else None
+                if t.num_rows or offs:
+                    out.append((keys[i], (i, name, UpdateBatch(t, x.lower, x.upper, offs), tmax)))
+            return out
+
+        return split
+
+    split = [op.flat_map(f"{step_id}_split_{n_}", s, splitter(n_)) for n_, s in inputs.items()]
+    merged = op.merge(f"{step_id}_merge", *split) if len(split) > 1 else split[0]
 
     def builder(_resume: Any) -> _ViewLogic:
-        return _ViewLogic(step_id, make_engine, start, fresh=preload is None)
+        return _ViewLogic(step_id, make_engine, plan.inputs, start, preload is None, names)
 
-    out = op.stateful_batch(f"{step_id}_maintain", keyed, builder)
+    out = op.stateful_batch(f"{step_id}_maintain", merged, builder)
     return op.key_rm(f"{step_id}_unkey", out)
+
 
 
 def output_schema(plan: PlanLike, schemas: Mapping[str, pa.Schema]) -> pa.Schema:
