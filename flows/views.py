@@ -61,8 +61,11 @@ from .invertible import invertible as find_invertible
 
 TIME, DIFF = "_time", "_diff"
 _ARR = "__sf_arr_"  # arrangement table prefix
-_KEYS = "__sf_keys"  # the affected key hashes of one evaluation
+_KEYS = "__sf_keys"  # the affected key hashes of one step: (_time, src, h)
+_DELTA = "__sf_d_"  # a step's delta of an input, registered
 _STATE = "__sf_state"  # the invertible fast path's per-group partial sums
+_H = "__sf_h"  # an arrangement row's key hash
+_MAX_TERMS = 64  # evaluations (a time, a sign) per statement
 
 
 class PlanLike(Protocol):
@@ -157,8 +160,10 @@ class ViewEngine:
             k = None if keys is None else keys.get(n)
             self.inputs[n] = _Input(n, schemas[n], None if k is None else tuple(k))
             cols = ", ".join(f"{_q(f.name)} {_duck_type(self.con, f.type)}" for f in schemas[n])
+            # A keyed input's rows carry their key's hash (`__sf_h`), computed once on insert.
+            h = f", {_H} UBIGINT" if self.inputs[n].keys else ""
             self.con.execute(
-                f"CREATE OR REPLACE TABLE {_q(_ARR + n)} ({cols}{', ' if cols else ''}{TIME} BIGINT, {DIFF} BIGINT)"
+                f"CREATE OR REPLACE TABLE {_q(_ARR + n)} ({cols}{', ' if cols else ''}{TIME} BIGINT, {DIFF} BIGINT{h})"
             )
         # Restricting by key works only if every input has one (a constant key restricts nothing).
         self.keyed = keys is not None and all(self.inputs[n].keys is not None for n in plan.inputs)
@@ -180,10 +185,8 @@ class ViewEngine:
     # ------------------------------------------------------------------ set-up
 
     def _output_schema(self) -> pa.Schema:
-        for i in self.inputs.values():
-            self._define(i, "false", restrict=False)
         try:
-            t = self.con.sql(self.sql).to_arrow_table()
+            t = self.con.sql(self._over({n: self._rows(i, "false") for n, i in self.inputs.items()})).to_arrow_table()
         except duckdb.Error as e:
             raise InvalidInput(f"view: {str(e).splitlines()[0]}") from None
         names = t.schema.names
@@ -213,6 +216,7 @@ class ViewEngine:
                 raise InvalidInput(f"view: {name!r} is not an input of this view (inputs: {list(self.inputs)})")
             if self.invertible.extremes:
                 self._insert(self.inputs[name], snapshot, time)
+                self._loaded(name, snapshot.num_rows)
             self.con.register("__sf_in", snapshot)
             try:
                 self._inv_merge("__sf_in", time)
@@ -220,6 +224,13 @@ class ViewEngine:
                 self.con.unregister("__sf_in")
             return
         self._insert(self.inputs[name], snapshot, time)
+        self._loaded(name, snapshot.num_rows)
+
+    def _loaded(self, name: str, n: int) -> None:
+        """A consolidated snapshot of `n` rows went in: it counts as compacted rows, not new ones."""
+        i = self.inputs[name]
+        i.rows_since_compaction -= n
+        i.rows_at_compaction += n
 
     def step(self, deltas: Mapping[str, pa.Table]) -> pa.Table:
         """Apply each input's updates (row columns, `_time`, `_diff`); return the view's corrections.
@@ -236,18 +247,27 @@ class ViewEngine:
                 times.update(pc.unique(t.column(TIME)).to_pylist())
         if not times:
             return self.empty()
-        if self.plan.linear:
-            return self._linear(deltas, sorted(times))
         if self.invertible is not None:
             return self._inv_step(deltas, sorted(times))
-        for n, t in deltas.items():
-            if t.num_rows:
+        live = {n: t for n, t in deltas.items() if t.num_rows}
+        if not self.plan.linear:
+            for n, t in live.items():
                 self._insert(self.inputs[n], t, None)
-        if self.bilinear:
-            outs = [self._delta_rules(t, deltas) for t in sorted(times)]
-        else:
-            outs = [self._at(t, deltas) for t in sorted(times)]
-        return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
+        for n, t in live.items():
+            self.con.register(_q(_DELTA + n)[1:-1], t)
+        try:
+            if self.plan.linear:
+                terms = self._linear_terms(live, sorted(times))
+            else:
+                self._affected(live)
+                if self.bilinear:
+                    terms = self._delta_rule_terms(live, sorted(times))
+                else:
+                    terms = self._recompute_terms(sorted(times))
+            return self._consolidated(terms)
+        finally:
+            for n in live:
+                self.con.unregister(_q(_DELTA + n)[1:-1])
 
     def baseline(self, t: int) -> pa.Table:
         """The SQL over the arrangements as they are (all of it), as insertions at time `t`.
@@ -256,11 +276,8 @@ class ViewEngine:
         a global aggregate, which has its one row (`count(*)` = 0) from the start.
         """
         if self.invertible is not None:
-            self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_new AS {self.invertible.output_sql(_STATE)}")
-        else:
-            self._run("true", False, "__sf_new")
-        self.con.execute("CREATE OR REPLACE TEMP TABLE __sf_old AS SELECT * FROM __sf_new LIMIT 0")
-        return self._difference(t)
+            return self._consolidated([(t, 1, f"({self.invertible.output_sql(_STATE)})")])
+        return self._consolidated([(t, 1, self._over({n: self._rows(i, "true") for n, i in self.inputs.items()}))])
 
     def empty(self) -> pa.Table:
         return self.schema.append(pa.field(TIME, pa.int64())).append(pa.field(DIFF, pa.int64())).empty_table()
@@ -272,126 +289,117 @@ class ViewEngine:
         try:
             tsel = TIME if time is None else str(int(time))
             sel = ", ".join([*(_q(c) for c in cols), f"{tsel}::BIGINT", f"{DIFF}::BIGINT"])
+            if i.keys:
+                sel += f", hash({', '.join(i.keys)})"
             self.con.execute(f"INSERT INTO {_q(_ARR + i.name)} SELECT {sel} FROM __sf_in")
         finally:
             self.con.unregister("__sf_in")
         i.rows_since_compaction += t.num_rows
 
     # ------------------------------------------------------------------ evaluation
+    #
+    # Every evaluation is one term `(time, sign, query)`: the view's SQL, verbatim, inside a
+    # WITH that binds each input's name to some rows (the arrangement at a time, restricted
+    # to some keys; or a delta). All of a step's terms go into one statement, consolidated:
+    # the per-statement cost of DuckDB is paid once per step, not once per time.
 
-    def _define(self, i: _Input, time_cond: str, *, restrict: bool) -> None:
-        """(Re)define the view named like input `i`: its rows at a time (`time_cond`), repeated by count."""
-        where = time_cond
-        if restrict and i.keys:
-            where += f" AND hash({', '.join(i.keys)}) IN (SELECT h FROM {_KEYS})"
+    def _rows(self, i: _Input, cond: str, *, keys: str | None = None) -> str:
+        """Input `i`'s rows in its arrangement where `cond` (on `_time`), each repeated by its count;
+        only the keys whose hashes `keys` (a subquery) gives, if set."""
+        where = cond
+        if keys is not None and i.keys:
+            where += f" AND {_H} IN ({keys})"
         inner = consolidate_sql(
             f"(SELECT * FROM {_q(_ARR + i.name)} WHERE {where})", i.schema.names, drop_time=True, where=self.where
         )
         sel = i.cols if i.cols else "NULL AS __none"
-        self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_q(i.name)} AS SELECT {sel} FROM ({inner}) AS s, range(s.{DIFF})")
+        return f"SELECT {sel} FROM ({inner}) AS s, range(s.{DIFF})"
 
-    def _affected(self, t: int, deltas: Mapping[str, pa.Table]) -> None:
-        """Fill `__sf_keys` with the hashes of the keys the deltas at time `t` touch."""
-        parts = []
-        for n, d in deltas.items():
-            i = self.inputs[n]
-            if not d.num_rows or not i.keys:
-                continue
-            self.con.register(f"__sf_d_{n}", d)
-            parts.append(f"SELECT hash({', '.join(i.keys)}) AS h FROM __sf_d_{n} WHERE {TIME} = {t}")
-        q = " UNION ".join(parts) if parts else "SELECT NULL::UBIGINT AS h WHERE false"
+    def _delta_rows(self, i: _Input, t: int, sign: int) -> str:
+        """The positive (`sign` 1) or negative (-1) part of input `i`'s delta at `t`, as rows."""
+        sel = i.cols if i.cols else "NULL AS __none"
+        cond = f"{DIFF} > 0" if sign > 0 else f"{DIFF} < 0"
+        return f"SELECT {sel} FROM (SELECT * FROM {_q(_DELTA + i.name)} WHERE {TIME} = {t} AND {cond}) AS s, range(abs(s.{DIFF}))"
+
+    def _over(self, rows: Mapping[str, str]) -> str:
+        """The view's SQL with each input's name bound to `rows[name]` (a query)."""
+        ctes = ", ".join(f"{_q(n)} AS ({q})" for n, q in rows.items())
+        return f"(WITH {ctes} SELECT * FROM ({self.sql}))"
+
+    def _affected(self, deltas: Mapping[str, pa.Table]) -> None:
+        """Fill `__sf_keys (_time, src, h)`: per time and input, the hashes of the keys its delta touches."""
+        parts = [
+            f"SELECT DISTINCT {TIME}, '{n}' AS src, hash({', '.join(self.inputs[n].keys or ())}) AS h FROM {_q(_DELTA + n)}"
+            for n in deltas if self.inputs[n].keys
+        ]
+        q = " UNION ALL ".join(parts) if parts else f"SELECT NULL::BIGINT AS {TIME}, NULL AS src, NULL::UBIGINT AS h WHERE false"
         self.con.execute(f"CREATE OR REPLACE TEMP TABLE {_KEYS} AS {q}")
-        for n in deltas:
-            try:
-                self.con.unregister(f"__sf_d_{n}")
-            except Exception:  # noqa: BLE001 - not registered (no rows)
-                pass
 
-    def _run(self, time_cond: str, restrict: bool, into: str) -> None:
-        for i in self.inputs.values():
-            self._define(i, time_cond, restrict=restrict)
-        self.con.execute(f"CREATE OR REPLACE TEMP TABLE {into} AS {self.sql}")
+    def _recompute_terms(self, times: list[int]) -> list[tuple[int, int, str]]:
+        """At each time, the SQL over the arrangements at `t` minus just before `t`, restricted to the
+        keys the deltas at `t` touch (unrestricted when the view has no key)."""
+        terms = []
+        for t in times:
+            keys = f"SELECT h FROM {_KEYS} WHERE {TIME} = {t}" if self.keyed else None
+            for sign, cond in ((1, f"{TIME} <= {t}"), (-1, f"{TIME} < {t}")):
+                terms.append((t, sign, self._over({n: self._rows(i, cond, keys=keys) for n, i in self.inputs.items()})))
+        return terms
 
-    def _at(self, t: int, deltas: Mapping[str, pa.Table]) -> pa.Table:
-        restrict = self.keyed
-        if restrict:
-            self._affected(t, deltas)
-        self._run(f"{TIME} <= {t}", restrict, "__sf_new")
-        self._run(f"{TIME} < {t}", restrict, "__sf_old")
-        return self._difference(t)
-
-    def _delta_rules(self, t: int, deltas: Mapping[str, pa.Table]) -> pa.Table:
-        """The change at `t` of an inner-join view: for each input i whose delta has rows at `t`,
+    def _delta_rule_terms(self, deltas: Mapping[str, pa.Table], times: list[int]) -> list[tuple[int, int, str]]:
+        """The change at each `t` of an inner-join view: for each input i whose delta has rows at `t`,
         the SQL over (delta of i) with the inputs before i at `t` and those after i just
         before `t` (so no pair of deltas is counted twice), each restricted to the keys
         of i's delta; positive and negative parts of the delta separately."""
         names = list(self.inputs)
-        terms: list[pa.Table] = []
-        for pos, n in enumerate(names):
-            d = deltas.get(n)
-            if d is None or not d.num_rows:
-                continue
-            self._affected(t, {n: d})
-            for other_pos, m in enumerate(names):
-                if m != n:
-                    cond = f"{TIME} <= {t}" if other_pos < pos else f"{TIME} < {t}"
-                    self._define(self.inputs[m], cond, restrict=True)
-            i = self.inputs[n]
-            self.con.register("__sf_in", d)
-            try:
-                for into, cond in (("__sf_new", f"{DIFF} > 0"), ("__sf_old", f"{DIFF} < 0")):
-                    sel = i.cols if i.cols else "NULL AS __none"
-                    self.con.execute(
-                        f"CREATE OR REPLACE TEMP TABLE {_q(_ARR + n + '__d')} AS SELECT {sel} FROM "
-                        f"(SELECT * FROM __sf_in WHERE {TIME} = {t} AND {cond}) AS s, range(abs(s.{DIFF}))"
-                    )
-                    self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_q(n)} AS SELECT * FROM {_q(_ARR + n + '__d')}")
-                    self.con.execute(f"CREATE OR REPLACE TEMP TABLE {into} AS {self.sql}")
-            finally:
-                self.con.unregister("__sf_in")
-            terms.append(self._difference(t))
-        if not terms:
-            return self.empty()
-        if len(terms) == 1:
-            return terms[0]
-        self.con.register("__sf_terms", pa.concat_tables(terms))
-        try:
-            with overflow_checked():
-                out = self.con.sql(consolidate_sql("__sf_terms", self.schema.names, where=self.where)).to_arrow_table()
-        finally:
-            self.con.unregister("__sf_terms")
-        return out.cast(self.empty().schema)
+        times_of = {
+            n: set(pc.unique(d.column(TIME)).to_pylist()) for n, d in deltas.items()
+        }  # fmt: skip
+        terms = []
+        for t in times:
+            for pos, n in enumerate(names):
+                if t not in times_of.get(n, ()):
+                    continue
+                keys = f"SELECT h FROM {_KEYS} WHERE {TIME} = {t} AND src = '{n}'"
+                for sign in (1, -1):
+                    rows = {}
+                    for other_pos, m in enumerate(names):
+                        if m == n:
+                            rows[m] = self._delta_rows(self.inputs[m], t, sign)
+                        else:
+                            cond = f"{TIME} <= {t}" if other_pos < pos else f"{TIME} < {t}"
+                            rows[m] = self._rows(self.inputs[m], cond, keys=keys)
+                    terms.append((t, sign, self._over(rows)))
+        return terms
 
-    def _difference(self, t: int, new: str = "SELECT * FROM __sf_new", old: str = "SELECT * FROM __sf_old") -> pa.Table:
-        """The consolidated difference of the queries `new` and `old` (default: the tables `__sf_new`, `__sf_old`)."""
+    def _linear_terms(self, deltas: Mapping[str, pa.Table], times: list[int]) -> list[tuple[int, int, str]]:
+        """A linear view's change at `t`: the SQL over the deltas' positive parts minus over their negative parts."""
+        terms = []
+        for t in times:
+            for sign in (1, -1):
+                rows = {
+                    n: self._delta_rows(i, t, sign) if n in deltas else self._rows(i, "false")
+                    for n, i in self.inputs.items()
+                }
+                terms.append((t, sign, self._over(rows)))
+        return terms
+
+    def _consolidated(self, terms: list[tuple[int, int, str]]) -> pa.Table:
+        """The terms' rows, each at its time with its sign, consolidated: the corrections."""
         cols = ", ".join(_q(n) for n in self.schema.names)
         sel = f"{cols}, " if cols else ""
-
-        def side(q: str) -> str:
-            return f"(SELECT {sel}{t}::BIGINT AS {TIME}, 1::BIGINT AS {DIFF} FROM ({q}))"
-
-        with overflow_checked():
-            q = consolidate_sql(side(new), self.schema.names, minus=side(old), where=self.where)
-            out = self.con.sql(q).to_arrow_table()
-        return out.cast(self.empty().schema) if out.schema != self.empty().schema else out
-
-    def _linear(self, deltas: Mapping[str, pa.Table], times: list[int]) -> pa.Table:
         outs = []
-        for t in times:
-            for sign, cond in ((1, f"{DIFF} > 0"), (-1, f"{DIFF} < 0")):
-                for n, i in self.inputs.items():
-                    d = deltas.get(n)
-                    self.con.register("__sf_in", d if d is not None and d.num_rows else _with_td(i.schema))
-                    sel = i.cols if i.cols else "NULL AS __none"
-                    self.con.execute(
-                        f"CREATE OR REPLACE TEMP TABLE {_q(_ARR + n + '__d')} AS SELECT {sel} FROM "
-                        f"(SELECT * FROM __sf_in WHERE {TIME} = {t} AND {cond}) AS s, range(abs(s.{DIFF}))"
-                    )
-                    self.con.unregister("__sf_in")
-                    self.con.execute(f"CREATE OR REPLACE TEMP VIEW {_q(n)} AS SELECT * FROM {_q(_ARR + n + '__d')}")
-                self.con.execute(f"CREATE OR REPLACE TEMP TABLE {'__sf_new' if sign > 0 else '__sf_old'} AS {self.sql}")
-            outs.append(self._difference(t))
-        return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
+        for k in range(0, len(terms), _MAX_TERMS):
+            parts = [
+                f"(SELECT {sel}{int(t)}::BIGINT AS {TIME}, {int(sign)}::BIGINT AS {DIFF} FROM {q})"
+                for t, sign, q in terms[k : k + _MAX_TERMS]
+            ]
+            with overflow_checked():
+                q = consolidate_sql("(" + " UNION ALL ".join(parts) + ")", self.schema.names, where=self.where)
+                outs.append(self.con.sql(q).to_arrow_table())
+        if not outs:
+            return self.empty()
+        out = pa.concat_tables(outs) if len(outs) > 1 else outs[0]
+        return out.cast(self.empty().schema) if out.schema != self.empty().schema else out
 
     # ------------------------------------------------------------------ invertible aggregates
 
@@ -484,7 +492,7 @@ class ViewEngine:
         keys, _vals = self._inv_cols
         where = f"{TIME} <= {int(at)}"
         if keys:
-            where += f" AND hash({', '.join(inv.keys)}) IN (SELECT hash({', '.join(keys)}) FROM __sf_m WHERE __sf_dirty)"
+            where += f" AND {_H} IN (SELECT hash({', '.join(keys)}) FROM __sf_m WHERE __sf_dirty)"
         rows = consolidate_sql(
             f"(SELECT * FROM {_q(_ARR + i.name)} WHERE {where})", i.schema.names, drop_time=True, where=self.where
         )
@@ -512,7 +520,9 @@ class ViewEngine:
                     out = self.con.sql(inv.change_sql("__sf_m", t)).to_arrow_table()
                     outs.append(out.cast(self.empty().schema) if out.schema != self.empty().schema else out)
                 else:
-                    outs.append(self._difference(t, inv.output_sql("__sf_inv_new"), inv.output_sql("__sf_inv_old")))
+                    outs.append(self._consolidated([
+                        (t, 1, f"({inv.output_sql('__sf_inv_new')})"), (t, -1, f"({inv.output_sql('__sf_inv_old')})")
+                    ]))
         finally:
             self.con.unregister("__sf_in")
         return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
@@ -540,11 +550,11 @@ class ViewEngine:
                 continue
             arr = _q(_ARR + i.name)
             tmp = _q(_ARR + i.name + "__c")
+            q = consolidate_sql(arr, i.schema.names, since=to, where=self.where)
+            if i.keys:
+                q = f"SELECT *, hash({', '.join(i.keys)}) AS {_H} FROM ({q})"
             with overflow_checked():
-                self.con.execute(
-                    f"CREATE OR REPLACE TABLE {tmp} AS "
-                    + consolidate_sql(arr, i.schema.names, since=to, where=self.where)
-                )
+                self.con.execute(f"CREATE OR REPLACE TABLE {tmp} AS {q}")
             self.con.execute(f"DROP TABLE {arr}")
             self.con.execute(f"ALTER TABLE {tmp} RENAME TO {_q(_ARR + i.name)}")
             n = self.con.execute(f"SELECT count(*) FROM {arr}").fetchall()[0][0]
