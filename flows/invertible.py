@@ -87,19 +87,20 @@ class Invertible:
             return False  # would collide with the correction query's own columns
         return all((f"{PREFIX}g{j}",) in bare for j in range(len(self.keys)))
 
-    def change_sql(self, source: str, time: int) -> str:
+    def change_sql(self, source: str, time: int | None) -> str:
         """The correction at `time` from `source` (`__sf_m`: per touched group its state before, as
         `__sf_o*`, and after), without consolidating across groups (only when `distinct_groups`):
-        a group's old row is retracted and its new row inserted unless the two are equal."""
+        a group's old row is retracted and its new row inserted unless the two are equal.
+        `time` None: each row of `source` has its own time, `__sf_t`."""
         assert self.distinct_groups
         names = [e["alias"] for e in self.node["select_list"]]
-        key = "change:" + source
+        key = f"change:{time is None}:{source}"
         if key not in self._sql:
-            self._sql[key] = self._change_select(source)
+            self._sql[key] = self._change_select(source, timed=time is None)
         x = self._sql[key]
         q = [_quote(n) for n in names]
         same = " AND ".join(f"{n} IS NOT DISTINCT FROM {PREFIX}old{i}" for i, n in enumerate(q)) or "true"
-        t = int(time)
+        t = f"{PREFIX}t" if time is None else int(time)
         new = ", ".join(q)
         old = ", ".join(f"{PREFIX}old{i} AS {n}" for i, n in enumerate(q))
         return (
@@ -110,7 +111,7 @@ class Invertible:
             f"WHERE {PREFIX}oldok AND NOT ({PREFIX}newok AND {same})"
         )
 
-    def _change_select(self, source: str) -> str:
+    def _change_select(self, source: str, *, timed: bool = False) -> str:
         """Per row of `source`, the output row after (named as the view's columns) and before
         (`__sf_old<i>`), and whether each exists (`__sf_newok`, `__sf_oldok`: live and passing HAVING)."""
         names = [e["alias"] for e in self.node["select_list"]]
@@ -147,6 +148,8 @@ class Invertible:
         inner["select_list"][2] = dict(oks[1], alias=f"{PREFIX}oldok")
         node["from_table"]["subquery"]["node"] = inner
         node["select_list"] += [_template(f"{PREFIX}newok"), _template(f"{PREFIX}oldok")]
+        if timed:
+            node["select_list"].append(_template(f"{PREFIX}t"))
         doc = {"error": False, "statements": [{"node": node, "named_param_map": []}]}
         x: str = _scalar("SELECT json_deserialize_sql(?)", [json.dumps(doc)])
         return x
@@ -166,12 +169,13 @@ class Invertible:
         e = f"({a})" if diff is None else f"CASE WHEN _diff {diff} THEN ({a}) END"
         return f"{'max' if side == 'hi' else 'min'}({e})::{self.arg_types[i]}"
 
-    def partial_sql(self, source: str, *, retracted: bool = False) -> str:
+    def partial_sql(self, source: str, *, retracted: bool = False, by_time: bool = False) -> str:
         """Partial sums per group of the updates in `source` (a FROM item with the input's columns and `_diff`).
 
         Extremes are over the inserted rows (`_diff > 0`); with `retracted`, each also has
         `__sf_r<side><i>`: the extreme over the retracted rows (`_diff < 0`), which says
-        whether the group's extreme may have gone away."""
+        whether the group's extreme may have gone away. `by_time`: per group and `_time`
+        (as `__sf_t`, the last column)."""
         sel = [f"({k}) AS {PREFIX}g{j}" for j, k in enumerate(self.keys)]
         sel.append(f"sum(_diff)::BIGINT AS {PREFIX}c")
         for i, (a, t) in enumerate(zip(self.args, self.sum_types, strict=True)):
@@ -182,11 +186,14 @@ class Invertible:
             sel.append(f"{self.extreme_sql(i, side, diff='> 0')} AS {PREFIX}{side}{i}")
             if retracted:
                 sel.append(f"{self.extreme_sql(i, side, diff='< 0')} AS {PREFIX}r{side}{i}")
+        if by_time:
+            sel.append(f"_time AS {PREFIX}t")
         q = f"SELECT {', '.join(sel)} FROM {source}"
         if self.where is not None:
             q += f" WHERE ({self.where})"
-        if self.keys:
-            q += " GROUP BY " + ", ".join(str(j + 1) for j in range(len(self.keys)))
+        groups = [f"{PREFIX}g{j}" for j in range(len(self.keys))] + ([f"{PREFIX}t"] if by_time else [])
+        if groups:
+            q += " GROUP BY " + ", ".join(groups)
         return q
 
     def recompute_sql(self, rows: str) -> str:

@@ -514,6 +514,10 @@ class ViewEngine:
         self.con.register("__sf_in", d)
         outs = []
         try:
+            if len(times) > 1 and self._inv_distinct:
+                out = self._inv_step_all()
+                if out is not None:
+                    return out
             for t in times:
                 self._inv_merge(f"(SELECT * FROM __sf_in WHERE {TIME} = {int(t)})", t)
                 if self._inv_distinct:
@@ -526,6 +530,81 @@ class ViewEngine:
         finally:
             self.con.unregister("__sf_in")
         return pa.concat_tables(outs) if len(outs) > 1 else outs[0]
+
+    def _inv_step_all(self) -> pa.Table | None:
+        """All of `__sf_in`'s times at once: per group and time, its state after the time is its state
+        before the step plus the running sum of its partial sums (a window), and before the time,
+        that minus the time's own; extremes are running greatest/least. None (nothing changed)
+        when some group's extreme was retracted at some time: the caller goes time by time."""
+        inv = self.invertible
+        assert inv is not None
+        keys, vals = self._inv_cols
+        self.con.execute(
+            f"CREATE OR REPLACE TEMP TABLE __sf_p AS {inv.partial_sql('__sf_in', retracted=bool(inv.extremes), by_time=True)}"
+        )
+        win = f"PARTITION BY {', '.join(keys)} ORDER BY __sf_t" if keys else "ORDER BY __sf_t"
+        pwin = f"PARTITION BY {', '.join('p.' + k for k in keys)} ORDER BY p.__sf_t" if keys else "ORDER BY p.__sf_t"
+        inner = [*(f"p.{k}" for k in keys), "p.__sf_t"]
+        outer = [*keys, "__sf_t"]
+        dirty = []
+        for c in vals:
+            if c.startswith(("__sf_hi", "__sf_lo")):
+                side, i = c[5:7], int(c[7:])
+                pick = "greatest" if side == "hi" else "least"
+                agg = "max" if side == "hi" else "min"
+                inner += [
+                    f"{pick}(s.{c}, {agg}(p.{c}) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)) AS __sf_a{c[5:]}",
+                    f"{pick}(s.{c}, {agg}(p.{c}) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)) AS __sf_b{c[5:]}",
+                    f"p.__sf_r{side}{i} AS __sf_x{c[5:]}",
+                ]
+            else:
+                inner += [
+                    f"coalesce(s.{c}, 0) + sum(coalesce(p.{c}, 0)) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) "
+                    f"AS __sf_a{c[5:]}",
+                    f"coalesce(p.{c}, 0) AS __sf_d{c[5:]}",
+                ]
+        for c in vals:
+            typ = None
+            if c.startswith(("__sf_hi", "__sf_lo")):
+                side, i = c[5:7], int(c[7:])
+                worse = ">=" if side == "hi" else "<="
+                typ = inv.arg_types[i]
+                n_after, n_before = f"__sf_an{i}", f"(__sf_an{i} - __sf_dn{i})"
+                after = f"CASE WHEN {n_after} = 0 THEN NULL ELSE __sf_a{c[5:]} END"
+                before = f"CASE WHEN {n_before} = 0 THEN NULL ELSE __sf_b{c[5:]} END"
+                dirty.append(f"(__sf_x{c[5:]} IS NOT NULL AND ({before} IS NULL OR __sf_x{c[5:]} {worse} {before}))")
+            else:
+                typ = "BIGINT" if not c.startswith("__sf_s") else inv.sum_types[int(c[6:])]
+                after = f"__sf_a{c[5:]}"
+                before = f"__sf_a{c[5:]} - __sf_d{c[5:]}"
+            outer += [f"CAST({before} AS {typ}) AS __sf_o{c[5:]}", f"CAST({after} AS {typ}) AS {c}"]
+        if dirty:
+            outer.append(f"({' OR '.join(dirty)}) AS __sf_dirty")
+        if keys:
+            on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM p.{k}" for k in keys)
+            src = f"__sf_p AS p LEFT JOIN {_STATE} AS s ON {on}"
+        else:
+            src = f"__sf_p AS p, {_STATE} AS s"
+        with overflow_checked():
+            self.con.execute(
+                f"CREATE OR REPLACE TEMP TABLE __sf_mt AS SELECT {', '.join(outer)} FROM "
+                f"(SELECT {', '.join(inner)} FROM {src} WINDOW w AS ({pwin}))"
+            )
+        if dirty and self.con.execute("SELECT bool_or(__sf_dirty) FROM __sf_mt").fetchall()[0][0]:
+            return None
+        out = self.con.sql(inv.change_sql("__sf_mt", None)).to_arrow_table()
+        cols = ", ".join([*keys, *vals])
+        last = f"SELECT {cols} FROM __sf_mt QUALIFY row_number() OVER ({win} DESC) = 1"
+        if keys:
+            self.con.execute(f"CREATE OR REPLACE TEMP TABLE __sf_last AS {last}")
+            on = " AND ".join(f"s.{k} IS NOT DISTINCT FROM m.{k}" for k in keys)
+            gone = self.con.execute(f"DELETE FROM {_STATE} AS s USING __sf_last AS m WHERE {on}")
+            self._inv_deleted += int(gone.fetchall()[0][0])
+            self.con.execute(f"INSERT INTO {_STATE} ({cols}) SELECT {cols} FROM __sf_last WHERE __sf_c <> 0")
+        else:  # the one row, unless every update was filtered out (no time has partial sums)
+            self.con.execute(f"DELETE FROM {_STATE} WHERE EXISTS (SELECT 1 FROM __sf_mt)")
+            self.con.execute(f"INSERT INTO {_STATE} ({cols}) SELECT {cols} FROM ({last})")
+        return out.cast(self.empty().schema) if out.schema != self.empty().schema else out
 
     # ------------------------------------------------------------------ upkeep
 
