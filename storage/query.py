@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -49,6 +49,7 @@ from .read import (
     ReadHandle,
     _sleep_backoff,
     check_counts,
+    is_collapsed,
     parts_source_with_diffs,
     snapshot_sql,
 )
@@ -252,6 +253,49 @@ def _common_as_of(
 
 # DuckDB's range() makes a list, and lists hold at most 2^32 elements.
 _UNNEST_MAX = 2**32
+INT64_MAX = 2**63 - 1
+
+#: Off: every view consolidates (the general path). Tests compare the two.
+FAST_PATHS = True
+
+
+def view_plan(batches: Sequence[st.BatchMeta], diffs: tuple[int, int] | None, t: int) -> tuple[str, bool]:
+    """How a collection's view at `t` is computed from the updates of `batches` (those with parts
+    and `lower <= t`), and whether it needs the `_time <= t` filter. Pure: no IO.
+
+    The kinds, each exact (the same multiset as consolidating) and each only where no
+    `DiffOverflow` can be missed; the caller has already run the negative-count check:
+    - `scan`: one row per update. Every `_diff` is 1 (Parquet statistics), so a row's
+      count is its number of updates. Or: one collapsed batch (`read.is_collapsed`: each
+      row at most once, at a time `<= t`) whose max `_diff` is 1: its min is >= 1
+      because, each row being one update, the negative-count check has proved none is
+      negative, and a consolidated batch holds no zero.
+    - `unnest`: each update repeated `_diff` times, no GROUP BY. Every `_diff` is
+      >= 0 and the sum of all of them cannot pass int64 (updates x max `_diff`), so no
+      row's sum can overflow; or one collapsed batch (no sums at all). Needs `_diff <
+      2^32` (a DuckDB list holds at most that many elements).
+    - `consolidate`: the GROUP BY (`snapshot_sql`), overflow-checked.
+    The time filter is left out when every batch ends at or before `t + 1`: an
+    update's time lies in its batch's `[lower, upper)` (compaction advances times to
+    at most `upper - 1`).
+    """
+    needs_filter = any(b.upper.is_empty or b.upper.time > t + 1 for b in batches)  # type: ignore[operator]
+    if not FAST_PATHS or diffs is None or not batches:
+        return "consolidate", True
+    lo, hi = diffs
+    collapsed = len(batches) == 1 and is_collapsed(batches[0], t)
+    if collapsed:
+        if hi == 1:
+            return "scan", False
+        if hi < _UNNEST_MAX:
+            return "unnest", False
+        return "consolidate", True
+    if lo >= 1 and hi == 1:
+        return "scan", needs_filter
+    rows = sum(b.rows for b in batches)
+    if lo >= 0 and hi < _UNNEST_MAX and rows * hi <= INT64_MAX:
+        return "unnest", needs_filter
+    return "consolidate", True
 
 
 def _create_views(
@@ -270,8 +314,11 @@ def _create_views(
     hidden = _hidden(f"{schema}.{base}" if schema else base)
     since = s.since.time if s.since.time is not None else MAX_TIME
     con.execute("INSERT INTO __since VALUES (?, ?, ?)", [hidden, since, -1 if t is None else t])
-    ps = parts_source_with_diffs(reader.client, s, [b for b in s.batches if b.parts], con, f"__parts_{hidden}")
-    diffs = ps.diffs
+    # Only the batches that start at or before t: later ones hold no update at a time <= t,
+    # which is all the views and changes() (whose `to` is at most t) may show. Their parts
+    # are not verified or opened, and the _diff statistics below are those of what is read.
+    batches = [b for b in s.batches if b.parts and (t is None or b.lower.less_equal(t))]
+    ps = parts_source_with_diffs(reader.client, s, batches, con, f"__parts_{hidden}")
     con.execute(f"CREATE VIEW {qident(hidden)} AS SELECT * FROM {ps.src}")
     names = s.schema.names
     cols = ", ".join(qident(c) for c in names)
@@ -280,18 +327,21 @@ def _create_views(
     else:
         # Validate before any filter of the query's: see the module doc.
         check_counts(con, s, ps, t, f"collection {name}")
-        if names and diffs is not None and diffs[0] >= 1 and diffs[1] == 1:
-            # Every update is +1: the snapshot is the updates up to t, one row each. No GROUP BY
-            # (DESIGN.md §3 Query: a plain scan where Parquet statistics show every _diff is 1).
-            body = f"SELECT {cols} FROM {qident(hidden)} WHERE {TIME} <= {t}"
-        elif names and diffs is not None and diffs[0] >= 0 and diffs[1] < _UNNEST_MAX:
-            # No retraction at all: repeating each update by its diff gives the same multiset
-            # as consolidating first, without the GROUP BY. (A larger diff goes the checked
-            # way below, so that a count past int64 is named as DiffOverflow.)
-            body = (f"SELECT {cols} FROM (SELECT {cols}, unnest(range({DIFF})) AS __n "
-                    f"FROM {qident(hidden)} WHERE {TIME} <= {t})")
+        kind, filt = view_plan(batches, ps.diffs, t) if names else ("consolidate", True)
+        where = f" AND {TIME} <= {t}" if filt else ""
+        src = qident(hidden)
+        if kind == "scan":
+            # DESIGN.md §3 Query: a plain scan; DuckDB pushes the query's projections and
+            # filters into the Parquet reader.
+            body = f"SELECT {cols} FROM {src}" + (f" WHERE {TIME} <= {t}" if filt else "")
+        elif kind == "unnest":
+            # Rows of count 1 (usually most) are a plain scan; only the others are repeated
+            # (`range` makes a list per row). DuckDB pushes a query's filter into both branches.
+            body = (f"SELECT {cols} FROM {src} WHERE {DIFF} = 1{where} UNION ALL "
+                    f"SELECT {cols} FROM (SELECT {cols}, unnest(range({DIFF})) AS __n FROM {src} "
+                    f"WHERE {DIFF} > 1{where})")
         else:
-            agg = snapshot_sql(s, qident(hidden), t)
+            agg = snapshot_sql(s, src, t)
             # INVARIANT: check_counts above proved every _diff here is > 0.
             body = f"SELECT * EXCLUDE ({DIFF}, __n) FROM (SELECT *, unnest(range({DIFF})) AS __n FROM ({agg}))"
     con.execute(f"CREATE VIEW {_qualified(schema, base)} AS {body}")
