@@ -44,16 +44,18 @@ from . import connections
 from . import state as st
 from .errors import InvalidInput, NotYetReadable, ReadBeforeSince
 from .frontier import MAX_TIME
+from .parts import PartsSource
 from .read import (
     DEFAULT_TIMEOUT_S,
     ReadHandle,
     _sleep_backoff,
     check_counts,
     is_collapsed,
+    negative_count_error,
     parts_source_with_diffs,
     snapshot_sql,
 )
-from .updates import DIFF, TIME, qident
+from .updates import DIFF, TIME, overflow_checked, qident
 
 NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
@@ -325,11 +327,14 @@ def _create_views(
     if t is None:
         body = f"SELECT {cols} FROM {qident(hidden)} WHERE false"
     else:
-        # Validate before any filter of the query's: see the module doc.
-        check_counts(con, s, ps, t, f"collection {name}")
         kind, filt = view_plan(batches, ps.diffs, t) if names else ("consolidate", True)
-        where = f" AND {TIME} <= {t}" if filt else ""
         src = qident(hidden)
+        if kind == "consolidate" and names and FAST_PATHS and _splittable(batches, ps.diffs):
+            kind, filt = _split(con, s, ps, batches, src, hidden, t, f"collection {name}")
+        if kind != "split":
+            # Validate before any filter of the query's: see the module doc.
+            check_counts(con, s, ps, t, f"collection {name}")
+        where = f" AND {TIME} <= {t}" if filt else ""
         if kind == "scan":
             # DESIGN.md §3 Query: a plain scan; DuckDB pushes the query's projections and
             # filters into the Parquet reader.
@@ -340,8 +345,70 @@ def _create_views(
             body = (f"SELECT {cols} FROM {src} WHERE {DIFF} = 1{where} UNION ALL "
                     f"SELECT {cols} FROM (SELECT {cols}, unnest(range({DIFF})) AS __n FROM {src} "
                     f"WHERE {DIFF} > 1{where})")
+        elif kind == "split":
+            # Rows with no retraction at <= t: each update repeated by its diff (>= 0), an
+            # anti-join against the few rows that have one; those few were consolidated
+            # and checked at connect (`_split`).
+            on = " AND ".join(f"p.{c} IS NOT DISTINCT FROM n.{c}" for c in map(qident, names))
+            pcols = ", ".join(f"p.{c}" for c in map(qident, names))
+            neg, cons = qident(f"__neg_{hidden}"), qident(f"__cons_{hidden}")
+            body = (f"SELECT {pcols} FROM {src} AS p ANTI JOIN {neg} AS n ON {on} WHERE p.{DIFF} = 1{where}")
+            if ps.diffs is not None and ps.diffs[1] > 1:
+                body = (f"SELECT {cols} FROM (SELECT {pcols}, unnest(range(p.{DIFF})) AS __n FROM {src} AS p "
+                        f"ANTI JOIN {neg} AS n ON {on} WHERE p.{DIFF} >= 1{where})")
+            body += f" UNION ALL SELECT {cols} FROM (SELECT {cols}, unnest(range({DIFF})) AS __n FROM {cons})"
         else:
             agg = snapshot_sql(s, src, t)
             # INVARIANT: check_counts above proved every _diff here is > 0.
             body = f"SELECT * EXCLUDE ({DIFF}, __n) FROM (SELECT *, unnest(range({DIFF})) AS __n FROM ({agg}))"
     con.execute(f"CREATE VIEW {_qualified(schema, base)} AS {body}")
+
+
+#: `split` when the updates with a negative diff at <= as_of are at most this share of all.
+SPLIT_MAX_SHARE = 0.05
+
+
+def _splittable(batches: Sequence[st.BatchMeta], diffs: tuple[int, int] | None) -> bool:
+    """Statistics allow `_split`: every diff below 2^32 (unnest) and no sum of the rows
+    without a retraction can pass int64 (updates x max diff)."""
+    if diffs is None:
+        return False
+    hi = max(diffs[1], 1)
+    return hi < _UNNEST_MAX and sum(b.rows for b in batches) * hi <= INT64_MAX
+
+
+def _split(
+    con: duckdb.DuckDBPyConnection, s: st.ShardState, ps: PartsSource, batches: Sequence[st.BatchMeta],
+    src: str, hidden: str, t: int, what: str,
+) -> tuple[str, bool]:
+    """Where retractions at <= t are few, consolidate only the rows that have one.
+
+    A row with no negative update at <= t has a count that is the sum of non-negative
+    diffs: repeating each of its updates by its diff is exact without grouping (and
+    cannot overflow: `_splittable`). Only the rows with a negative update (`N`, a small
+    table) are consolidated, here, overflow-checked, and their counts checked: only
+    they can be negative, so this is the whole negative-count check, before any filter
+    of the query's. Returns the plan: `unnest` (no negative update at <= t at all),
+    `split`, or `consolidate` (too many retractions: a GROUP BY of everything is then
+    cheaper than the anti-join; `check_counts` follows).
+    """
+    cand = ps.neg or src
+    filt = any(b.upper.is_empty or b.upper.time > t + 1 for b in batches)  # type: ignore[operator]
+    negs = int(con.sql(f"SELECT count(*) FROM {cand} WHERE {DIFF} < 0 AND {TIME} <= {t}").fetchall()[0][0])
+    if negs == 0:
+        return "unnest", filt
+    if negs > SPLIT_MAX_SHARE * sum(b.rows for b in batches):
+        return "consolidate", True
+    names = s.schema.names
+    cols = ", ".join(qident(c) for c in names)
+    on = " AND ".join(f"p.{c} IS NOT DISTINCT FROM n.{c}" for c in map(qident, names))
+    neg, cons = qident(f"__neg_{hidden}"), qident(f"__cons_{hidden}")
+    con.execute(f"CREATE TEMP TABLE {neg} AS SELECT DISTINCT {cols} FROM {cand} WHERE {DIFF} < 0 AND {TIME} <= {t}")
+    rows = f"(SELECT p.* FROM {src} AS p SEMI JOIN {neg} AS n ON {on})"
+    with overflow_checked():
+        con.execute(f"CREATE TEMP TABLE {cons} AS {snapshot_sql(s, rows, t, what=what)}")
+    bad = con.sql(f"SELECT {cols}, {t}::BIGINT AS {TIME}, {DIFF} FROM {cons} WHERE {DIFF} < 0 LIMIT 1")
+    row = bad.to_arrow_table().to_pylist()
+    if row:
+        raise negative_count_error(what, row[0])
+    return "split", filt
