@@ -329,9 +329,12 @@ def _create_views(
     else:
         kind, filt = view_plan(batches, ps.diffs, t) if names else ("consolidate", True)
         src = qident(hidden)
+        checked = False
         if kind == "consolidate" and names and FAST_PATHS and _splittable(batches, ps.diffs):
             kind, filt = _split(con, s, ps, batches, src, hidden, t, f"collection {name}")
-        if kind != "split":
+            # `split` checked the rows with a retraction; `unnest` here: there is none at <= t.
+            checked = kind != "consolidate"
+        if not checked:
             # Validate before any filter of the query's: see the module doc.
             check_counts(con, s, ps, t, f"collection {name}")
         where = f" AND {TIME} <= {t}" if filt else ""
