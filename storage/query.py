@@ -266,7 +266,9 @@ def view_plan(batches: Sequence[st.BatchMeta], diffs: tuple[int, int] | None, t:
     and `lower <= t`), and whether it needs the `_time <= t` filter. Pure: no IO.
 
     The kinds, each exact (the same multiset as consolidating) and each only where no
-    `DiffOverflow` can be missed; the caller has already run the negative-count check:
+    `DiffOverflow` can be missed; the caller runs the negative-count check before any
+    query (`check_counts`, or `_split`'s, which also handles what is `consolidate` here
+    when retractions are few):
     - `scan`: one row per update. Every `_diff` is 1 (Parquet statistics), so a row's
       count is its number of updates. Or: one collapsed batch (`read.is_collapsed`: each
       row at most once, at a time `<= t`) whose max `_diff` is 1: its min is >= 1
