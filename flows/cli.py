@@ -243,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="compact collections now",
         description="Merge each collection's batches now: by size tiers (what the background compactor "
-        "does), or with --full into one consolidated batch (one rewrite of the whole collection; times "
-        "below its since are advanced to since, so queries at or after since read it without consolidating).",
+        "does), or with --full into one consolidated batch (one rewrite of the whole collection: updates "
+        "at or before its since are advanced to since and summed per row, the cheapest state to query).",
     )
     c.add_argument("name", nargs="?", help="one collection (default: all)")
     c.add_argument("--full", action="store_true", help="merge every batch of each collection into one")
