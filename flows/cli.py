@@ -6,7 +6,8 @@
     shardflow tail NAME                 print updates as they commit (like SUBSCRIBE)
     shardflow inspect [NAME]            shards, since, upper, batches, sizes, lag
     shardflow holds list|release        who holds each collection's history readable; release one
-    shardflow compact|gc [NAME]         maintenance on demand
+    shardflow compact [--full] [NAME]   merge batches now (--full: into one consolidated batch)
+    shardflow gc [NAME]                 delete unreferenced parts and old state versions
     shardflow fsck [NAME]               check each collection reads back (parts, sha256, UTF-8, counts)
 
 Errors print one line and exit non-zero; `--debug` shows the traceback.
@@ -237,8 +238,16 @@ def build_parser() -> argparse.ArgumentParser:
         "holder", metavar="HOLDER", help="the holder id, as `shardflow holds list` prints it"
     )
 
-    c = sub.add_parser("compact", parents=[common], help="compact collections now")
+    c = sub.add_parser(
+        "compact",
+        parents=[common],
+        help="compact collections now",
+        description="Merge each collection's batches now: by size tiers (what the background compactor "
+        "does), or with --full into one consolidated batch (one rewrite of the whole collection: updates "
+        "at or before its since are advanced to since and summed per row, the cheapest state to query).",
+    )
     c.add_argument("name", nargs="?", help="one collection (default: all)")
+    c.add_argument("--full", action="store_true", help="merge every batch of each collection into one")
     g = sub.add_parser(
         "gc", parents=[common], help="delete unreferenced parts and old state versions"
     )
@@ -399,30 +408,28 @@ def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
     import storage
+    from storage.controller import read_catalog
 
     client = _open(args)
-    ctl = _controller(client)
-    try:
-        cat = _referenced(_catalog(ctl), args.sql)
-        if not args.sql.strip():
-            raise storage.errors.InvalidInput("query: empty SQL")
-        # Only the collections the SQL mentions are opened: an unrelated collection
-        # (a broken part, a since past this as_of) cannot break this query.
-        with storage.query.connect(client, cat, as_of=args.as_of, timeout=args.timeout) as con:
-            try:
-                table = con.sql(args.sql).to_arrow_table()
-            except duckdb.CatalogException as e:
-                # DuckDB names the missing table; say which collections there are.
-                known = (
-                    ", ".join(sorted(n for n in _catalog(ctl) if not n.startswith("system.")))
-                    or "none"
-                )
-                raise storage.errors.IdentifierMissing(
-                    f"query: {str(e).splitlines()[0]} (collections: {known})"
-                ) from e
-            _emit(table, args.format, args.output)
-    finally:
-        ctl.close()
+    # The catalog straight from consensus: a query reads, so it needs no controller
+    # (opening one sets up every collection and its introspection: most of a small
+    # query's time).
+    catalog = read_catalog(client)
+    cat = _referenced(catalog, args.sql)
+    if not args.sql.strip():
+        raise storage.errors.InvalidInput("query: empty SQL")
+    # Only the collections the SQL mentions are opened: an unrelated collection
+    # (a broken part, a since past this as_of) cannot break this query.
+    with storage.query.connect(client, cat, as_of=args.as_of, timeout=args.timeout) as con:
+        try:
+            table = con.sql(args.sql).to_arrow_table()
+        except duckdb.CatalogException as e:
+            # DuckDB names the missing table; say which collections there are.
+            known = ", ".join(sorted(n for n in catalog if not n.startswith("system."))) or "none"
+            raise storage.errors.IdentifierMissing(
+                f"query: {str(e).splitlines()[0]} (collections: {known})"
+            ) from e
+        _emit(table, args.format, args.output)
     return 0
 
 
@@ -750,10 +757,25 @@ def _each(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]]]:
 
 def cmd_compact(args: argparse.Namespace) -> int:
     client, items = _each(args)
-    for name, shard in items:
-        before = len(client.state(shard).batches)
-        client.compact(shard)
-        print(f"{name}: {before} -> {len(client.state(shard).batches)} batches")
+    if not args.full:
+        for name, shard in items:
+            before = len(client.state(shard).batches)
+            client.compact(shard)
+            print(f"{name}: {before} -> {len(client.state(shard).batches)} batches")
+        return 0
+    for i, (name, shard) in enumerate(items, 1):
+        s = client.state(shard)
+        rows, size = sum(b.rows for b in s.batches), sum(b.bytes for b in s.batches)
+        # Progress on stderr (a full merge of a large collection takes a while); the result on stdout.
+        print(f"[{i}/{len(items)}] {name}: merging {len(s.batches)} batches ({rows:,} updates, "
+              f"{size / 1e6:.1f} MB) ...", file=sys.stderr, flush=True)
+        t0 = time.monotonic()
+        r = client.compact(shard, full=True)
+        s = client.state(shard)
+        note = "" if r.merges_lost == 0 else f"; a concurrent merge won {r.merges_lost}: run it again"
+        print(f"{name}: {r.batches_before} -> {len(s.batches)} batches, {rows:,} -> {sum(b.rows for b in s.batches):,} "
+              f"updates, {size / 1e6:.1f} -> {sum(b.bytes for b in s.batches) / 1e6:.1f} MB, since {s.since.time}, "
+              f"{time.monotonic() - t0:.1f}s{note}")
     return 0
 
 

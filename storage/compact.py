@@ -58,6 +58,7 @@ class MergePlan:
 
     inputs: tuple[st.BatchMeta, ...]
     since: Frontier
+    full: bool = False  # a major compaction: a lone batch with parts is rewritten too, unless settled
 
     @property
     def lower(self) -> Frontier:
@@ -73,8 +74,24 @@ class MergePlan:
 
     @property
     def rewrites(self) -> bool:
-        """False when at most one input has parts: the output keeps those parts as they are."""
-        return sum(1 for b in self.inputs if b.parts) > 1
+        """False when at most one input has parts: the output keeps those parts as they are.
+
+        Except in a full compaction, which promises one consolidated batch advanced to
+        since: it rewrites a lone batch too, unless that batch is already `settled`.
+        """
+        data = [b for b in self.inputs if b.parts]
+        if len(data) > 1:
+            return True
+        return self.full and len(data) == 1 and not settled(data[0], self.since, self.upper)
+
+
+def settled(b: st.BatchMeta, since: Frontier, upper: Frontier) -> bool:
+    """True iff rewriting `b` alone as a batch ending at `upper` under `since` would change nothing:
+    it is consolidated and its times were already advanced as far as `advance_time` would."""
+    if not b.consolidated:
+        return False
+    adv = advance_time(since, upper)
+    return adv is None or b.since.is_empty or b.since.time >= adv  # type: ignore[operator]
 
 
 @dataclass
@@ -113,11 +130,12 @@ def plan_compaction(state: st.ShardState, *, fanout: int = FANOUT, full: bool = 
     """The merges that bring `state`'s batches back into size tiers. Pure: no IO, no clock.
 
     With `full=True`, one merge of every batch (a major compaction: one rewrite
-    of the whole shard, e.g. before heavy reading; on demand only).
+    of the whole shard, e.g. before heavy reading; on demand only), a lone
+    batch included unless it is already consolidated and advanced to since.
 
     Returns non-overlapping runs of adjacent batches (oldest first), each of at
-    least two batches; empty when nothing is to be done or the shard is a
-    tombstone. Running every plan and planning again eventually returns `[]`.
+    least two batches (or the lone batch of a full compaction); empty when nothing
+    is to be done or the shard is a tombstone. Running every plan and planning again eventually returns `[]`.
 
     Example:
         >>> import pyarrow as pa
@@ -133,10 +151,13 @@ def plan_compaction(state: st.ShardState, *, fanout: int = FANOUT, full: bool = 
     """
     if fanout < 2:
         raise InvalidInput(f"compaction fanout must be >= 2, got {fanout}")
-    if state.is_tombstone or len(state.batches) < 2:
+    if state.is_tombstone or not state.batches:
         return []
     if full:
-        return [MergePlan(state.batches, state.since)]
+        plan = MergePlan(state.batches, state.since, full=True)
+        return [plan] if len(state.batches) >= 2 or plan.rewrites else []
+    if len(state.batches) < 2:
+        return []
     # Each group: [tier, rows, first index, last index (inclusive)].
     groups: list[list[int]] = []
     for i, b in enumerate(state.batches):

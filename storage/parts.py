@@ -40,10 +40,10 @@ from typing import Any, Protocol
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import state as st
+from ._compute import pc
 from .blob import Blob
 from .errors import CorruptPart
 from .frontier import Frontier

@@ -11,10 +11,10 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import connections
 from . import state as st
+from ._compute import pc
 from .errors import LeaseExpired, NegativeCount, NotYetReadable, ReadBeforeSince, Tombstone
 from .frontier import Frontier
 from .machine import Machine

@@ -15,8 +15,8 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from ._compute import pc
 from .connections import thread_connection
 from .errors import DiffOverflow, InvalidInput, SchemaMismatch
 from .frontier import Frontier

@@ -18,9 +18,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from . import state as st
+from ._compute import pc
 from .consensus import CasOp, VersionedData
 from .errors import (
     InvalidBounds,

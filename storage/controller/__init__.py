@@ -59,28 +59,55 @@ Example:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from .catalog import CATALOG_KEY, DATA_SOURCES, CollectionDesc, CollectionMeta, validate_name
-from .collection_mgmt import Append, Delete, MonotonicAppender, Replace
-from .controller import StorageController
-from .holds import ReadHold
-from .introspection import FRONTIERS, SHARD_MAPPING, SINK_STATUS, SOURCE_STATUS, STATISTICS
-from .policy import (
-    DEFAULT_POLICY,
-    LagWriteFrontier,
-    LagWritesBy,
-    Multiple,
-    MutableAntichain,
-    ReadPolicy,
-    StepBack,
-    ValidFrom,
-    lag_writes_by,
-    step_back,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import storage
+
+    from .catalog import CATALOG_KEY, DATA_SOURCES, CollectionDesc, CollectionMeta, validate_name
+    from .collection_mgmt import Append, Delete, MonotonicAppender, Replace
+    from .controller import StorageController
+    from .holds import ReadHold
+    from .introspection import FRONTIERS, SHARD_MAPPING, SINK_STATUS, SOURCE_STATUS, STATISTICS
+    from .policy import (
+        DEFAULT_POLICY,
+        LagWriteFrontier,
+        LagWritesBy,
+        Multiple,
+        MutableAntichain,
+        ReadPolicy,
+        StepBack,
+        ValidFrom,
+        lag_writes_by,
+        step_back,
+    )
+
+# The names below are imported on first use (PEP 562): `read_catalog` (what `shardflow
+# query` needs) loads the catalog module alone, not the controller and its collections.
+_LAZY = {
+    **dict.fromkeys(["CATALOG_KEY", "DATA_SOURCES", "CollectionDesc", "CollectionMeta", "validate_name"], "catalog"),
+    **dict.fromkeys(["Append", "Delete", "MonotonicAppender", "Replace"], "collection_mgmt"),
+    "StorageController": "controller",
+    "ReadHold": "holds",
+    **dict.fromkeys(["FRONTIERS", "SHARD_MAPPING", "SINK_STATUS", "SOURCE_STATUS", "STATISTICS"], "introspection"),
+    **dict.fromkeys(["DEFAULT_POLICY", "LagWriteFrontier", "LagWritesBy", "Multiple", "MutableAntichain",
+                     "ReadPolicy", "StepBack", "ValidFrom", "lag_writes_by", "step_back"], "policy"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
 
 __all__ = [
     "CATALOG_KEY",
