@@ -156,6 +156,9 @@ class FlowContext:
     resumed: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: since holds `persist` takes before it reads a resume point (expired when the run ends).
     holds: list[Any] = field(default_factory=list)
+    #: collection -> the `Committed` stream of the sink `persist` wired into it in this flow
+    #: (`view` follows it instead of reading the collection with a `ShardSource`).
+    committed: dict[str, Stream[Committed]] = field(default_factory=dict)
 
     @property
     def continuous(self) -> bool:
@@ -243,6 +246,7 @@ class FlowContext:
         self.holds.append(hold)
         out = persist_sink(step_id, up, self.client, shard, as_of=self.resume_as_of(name), hold=hold)
         op.inspect(f"{step_id}_stats", out, lambda _s, c: self.stats.on_commit(name, c))
+        self.committed.setdefault(name, out)
         return out
 
     def view(self, flow: Dataflow, name: str, sql: str, *, replace: bool = False) -> Stream[Committed]:
@@ -258,6 +262,14 @@ class FlowContext:
 
         In batch mode the view catches up to the inputs' uppers at start; in
         continuous mode it follows them until stopped.
+
+        An input this same flow writes with `persist` (called before `view`) is
+        read from that sink's `Committed` stream instead (`flows.follow`): the
+        view sees exactly what became durable, in order, as it commits, and in
+        batch mode everything the flow ingested, not only what was there at
+        start. On a rerun it first reads the input's updates from its own
+        committed frontier to the input's upper (what a crash left between
+        them), then follows the live commits.
         """
         from connectors.shard import ShardSource
 
@@ -289,6 +301,7 @@ class FlowContext:
         self.shards[name] = str(self.controller.collection(name).shard_id)
         resumed = self.resume_offsets(name)
         ins = {n: self.shard(n) for n in plan.inputs}
+        same_flow = {n for n in plan.inputs if n in self.committed}
         in_schemas = {n: schemas[n] for n in plan.inputs}
         preload = None
         start: int | None = None
@@ -308,15 +321,23 @@ class FlowContext:
             states = [self.client.state(s) for s in ins.values()]
             low = min(s.upper.time for s in states if s.upper.time is not None) if states else 0
             as_of = max([max(low - 1, 0), *(s.since.time or 0 for s in states)])
-            if self.mode == "batch" and any(s.upper.time is not None and s.upper.time <= as_of for s in states):
-                empty = [n for n, s in zip(ins, states, strict=True) if s.upper.time is not None and s.upper.time <= as_of]
+            # An input this flow writes is read as it commits: it may well be empty now.
+            empty = [
+                n for n, s in zip(ins, states, strict=True)
+                if n not in same_flow and s.upper.time is not None and s.upper.time <= as_of
+            ]
+            if self.mode == "batch" and empty:
                 raise InvalidInput(
                     f"view {name!r}: input(s) {empty} have nothing readable at time {as_of} yet (upper "
                     f"{[str(self.client.state(ins[n]).upper) for n in empty]}); write to them first, or run "
                     "the view in continuous mode"
                 )
+        from .follow import follow_committed
+
         streams = {
-            n: op.input(f"{name}_in_{n}", flow, ShardSource(
+            n: follow_committed(
+                f"{name}_follow_{n}", self.committed[n], self.client, shard, name=n, as_of=as_of, resume=start
+            ) if n in same_flow else op.input(f"{name}_in_{n}", flow, ShardSource(
                 self.client, shard, as_of=as_of, mode=self.mode, name=n, resume=resume
             ))
             for n, shard in ins.items()
