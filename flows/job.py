@@ -336,7 +336,8 @@ class FlowContext:
 
         streams = {
             n: follow_committed(
-                f"{name}_follow_{n}", self.committed[n], self.client, shard, name=n, as_of=as_of, resume=start
+                f"{name}_follow_{n}", self.committed[n], self.client, shard, name=n, as_of=as_of, resume=start,
+                at_end=self.mode == "batch",
             ) if n in same_flow else op.input(f"{name}_in_{n}", flow, ShardSource(
                 self.client, shard, as_of=as_of, mode=self.mode, name=n, resume=resume
             ))
