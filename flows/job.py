@@ -64,6 +64,12 @@ Mode = Literal["batch", "continuous"]
 
 log = logging.getLogger("flows.job")
 
+#: Rows per chunk when a resumed view rebuilds its arrangements from its inputs' snapshots.
+PRELOAD_ROWS = 1_000_000
+#: DuckDB's memory limit for a view's arrangements (`$SHARDFLOW_VIEW_MEMORY`; past it DuckDB spills
+#: to the arrangements' file): a view over a 10M-row input stays under 1 GiB RSS.
+VIEW_MEMORY_LIMIT = os.environ.get("SHARDFLOW_VIEW_MEMORY", "512MB")
+
 
 def open_controller(client: Client, *, read_only: bool = False, role: str = "job") -> StorageController:
     """The storage controller for `client` (no background thread: the job drives nothing).
@@ -304,34 +310,42 @@ class FlowContext:
         same_flow = {n for n in plan.inputs if n in self.committed}
         in_schemas = {n: schemas[n] for n in plan.inputs}
         preload = None
-        start: int | None = None
+        start: int | None = None  # the inputs' resume frontier
         as_of: int | None = None
+        fresh = True
         if resumed:
+            fresh = False
             start = min(int(resumed.get(f"{n}/0", 0)) for n in plan.inputs)
             if start < 1:
                 raise InvalidInput(f"view {name!r}: its committed offsets {resumed} do not cover every input {list(plan.inputs)}")
-            resume = {f"{n}/0": start for n in plan.inputs}
-
-            def preload(engine: Any, start: int = start) -> None:
-                for n, shard in ins.items():
-                    with self.client.open_leased_reader(shard, heartbeat=False) as r:
-                        engine.load(n, r.snapshot(start - 1), start - 1)
         else:
-            resume = {}
             states = [self.client.state(s) for s in ins.values()]
             low = min(s.upper.time for s in states if s.upper.time is not None) if states else 0
             as_of = max([max(low - 1, 0), *(s.since.time or 0 for s in states)])
             # An input this flow writes is read as it commits: it may well be empty now.
-            empty = [
-                n for n, s in zip(ins, states, strict=True)
-                if n not in same_flow and s.upper.time is not None and s.upper.time <= as_of
-            ]
+            unreadable = [n for n, s in zip(ins, states, strict=True) if s.upper.time is not None and s.upper.time <= as_of]
+            empty = [n for n in unreadable if n not in same_flow]
             if self.mode == "batch" and empty:
                 raise InvalidInput(
                     f"view {name!r}: input(s) {empty} have nothing readable at time {as_of} yet (upper "
                     f"{[str(self.client.state(ins[n]).upper) for n in empty]}); write to them first, or run "
                     "the view in continuous mode"
                 )
+            if not unreadable:
+                # Every input is readable at as_of: start like a resumed view (its arrangements
+                # loaded from the snapshots at as_of, in chunks), and emit the SQL over them at
+                # as_of as the view's first contents. The inputs then go on from as_of + 1.
+                start = as_of + 1
+        if start is not None:
+            def preload(engine: Any, start: int = start) -> None:
+                # In chunks of PRELOAD_ROWS: the snapshot of a 10M-row input is never one
+                # Arrow table in this process (`load` adds: chunks sum to the snapshot).
+                for n, shard in ins.items():
+                    with self.client.open_leased_reader(shard, heartbeat=False) as r, \
+                            r.snapshot_reader(start - 1, batch_size=PRELOAD_ROWS) as chunks:
+                        for b in chunks:
+                            engine.load(n, pa.Table.from_batches([b]), start - 1)
+        resume = {f"{n}/0": start for n in plan.inputs} if start is not None else {}
         from .follow import follow_committed
 
         streams = {
@@ -343,7 +357,11 @@ class FlowContext:
             ))
             for n, shard in ins.items()
         }
-        corrections = views_mod.view(f"{name}_view", streams, plan, schemas=in_schemas, preload=preload, start=start)
+        corrections = views_mod.view(
+            f"{name}_view", streams, plan, schemas=in_schemas, preload=preload,
+            start=as_of if fresh and start is not None else start, fresh=fresh, memory_limit=VIEW_MEMORY_LIMIT,
+            offsets=resume if fresh else None,
+        )
         return self.persist(f"{name}_sink", corrections, name)
 
     def append(

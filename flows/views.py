@@ -610,6 +610,9 @@ def view(
     preload: Callable[[ViewEngine], None] | None = None,
     start: int | None = None,
     path: str | None = None,
+    fresh: bool | None = None,
+    memory_limit: str | None = None,
+    offsets: Mapping[str, Any] | None = None,
 ) -> Any:
     """The incremental view operator: `inputs` (input name -> stream of `UpdateBatch`/`Progress`)
     in, the view's corrections out (`UpdateBatch` per frontier advance, then `Progress`).
@@ -620,6 +623,12 @@ def view(
     its committed frontier minus one, with no output) and `start` (that
     frontier); a new one passes neither and starts from the SQL over empty
     inputs. Runs on one worker (one key); DuckDB uses its own threads.
+
+    `fresh=True` with a `preload` starts a new view from loaded snapshots: its
+    first output is the SQL over them, at `start` (the snapshots' time), and
+    the inputs go on after it; `offsets` (each input's partition key -> that
+    frontier) are then committed with it, as a snapshot's offsets would be.
+    `memory_limit` is the engine's (`ViewEngine`).
     """
     import bytewax.operators as op
 
@@ -631,7 +640,7 @@ def view(
         raise InvalidInput(f"view {step_id!r}: streams for {sorted(inputs)}, but the SQL reads {sorted(plan.inputs)}")
 
     def make_engine() -> ViewEngine:
-        e = ViewEngine(plan, schemas, path=path)
+        e = ViewEngine(plan, schemas, path=path, memory_limit=memory_limit)
         if preload is not None:
             preload(e)
         return e
@@ -644,7 +653,9 @@ def view(
     keyed = one_key(f"{step_id}_key", merged)
 
     def builder(_resume: Any) -> _ViewLogic:
-        return _ViewLogic(step_id, make_engine, start, fresh=preload is None)
+        logic = _ViewLogic(step_id, make_engine, start, fresh=preload is None if fresh is None else fresh)
+        logic.offsets.push(offsets, -1)  # covered by the first output
+        return logic
 
     out = op.stateful_batch(f"{step_id}_maintain", keyed, builder)
     return op.key_rm(f"{step_id}_unkey", out)
