@@ -81,6 +81,8 @@ class _FollowLogic(StatefulBatchLogic[Any, Any, None]):
         u = upper.time
         assert u is not None
         if self.frontier is None:
+            if self.as_of is None and u == 0:
+                return out  # nothing written yet
             as_of = self.as_of if self.as_of is not None else u - 1
             if u <= as_of:
                 return out  # nothing readable at as_of yet: the next commit wakes us

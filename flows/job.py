@@ -68,7 +68,7 @@ log = logging.getLogger("flows.job")
 PRELOAD_ROWS = 1_000_000
 #: DuckDB's memory limit for a view's arrangements (`$SHARDFLOW_VIEW_MEMORY`; past it DuckDB spills
 #: to the arrangements' file): a view over a 10M-row input stays under 1 GiB RSS.
-VIEW_MEMORY_LIMIT = os.environ.get("SHARDFLOW_VIEW_MEMORY", "512MB")
+VIEW_MEMORY_LIMIT = os.environ.get("SHARDFLOW_VIEW_MEMORY", "256MB")
 
 
 def open_controller(client: Client, *, read_only: bool = False, role: str = "job") -> StorageController:
@@ -348,9 +348,18 @@ class FlowContext:
         resume = {f"{n}/0": start for n in plan.inputs} if start is not None else {}
         from .follow import follow_committed
 
+        # A new view over one input this batch run writes starts where that input ends up:
+        # the follower takes its snapshot at the input's upper - 1 when the run's appends
+        # are done (as a new view over an existing input starts at its latest time), so the
+        # view evaluates once, not once per time the run appended.
+        follow_as_of = None if (
+            fresh and start is None and self.mode == "batch" and list(plan.inputs) == list(same_flow)
+            and len(plan.inputs) == 1
+        ) else as_of
+
         streams = {
             n: follow_committed(
-                f"{name}_follow_{n}", self.committed[n], self.client, shard, name=n, as_of=as_of, resume=start,
+                f"{name}_follow_{n}", self.committed[n], self.client, shard, name=n, as_of=follow_as_of, resume=start,
                 at_end=self.mode == "batch",
             ) if n in same_flow else op.input(f"{name}_in_{n}", flow, ShardSource(
                 self.client, shard, as_of=as_of, mode=self.mode, name=n, resume=resume
