@@ -108,7 +108,7 @@ def main() -> int:
              f"+ (SELECT count(*) FROM (SELECT * FROM read_parquet('{out}') EXCEPT ALL SELECT * FROM orders_by_customer)) AS diff"],
             cwd=ROOT, env=env, capture_output=True, text=True, check=True,
         ).stdout.strip().splitlines()
-        n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}')").fetchone()
+        n = duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}')").fetchall()[0]
         same = q[-1:] == ['0'] and n is not None
         ratios = [b / s for b, s in zip(secs["duckdb"], secs["shardflow"], strict=True)]
         for side in sides:
