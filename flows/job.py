@@ -165,6 +165,12 @@ class FlowContext:
     #: collection -> the `Committed` stream of the sink `persist` wired into it in this flow
     #: (`view` follows it instead of reading the collection with a `ShardSource`).
     committed: dict[str, Stream[Committed]] = field(default_factory=dict)
+    #: the collections this flow writes (`collection`, `persist`, `append`, `view`): the ones
+    #: its housekeeper compacts. `shards` also holds the ones it only reads.
+    written: set[str] = field(default_factory=set)
+
+    def written_shards(self) -> list[str]:
+        return [sh for n, sh in self.shards.items() if n in self.written]
 
     @property
     def continuous(self) -> bool:
@@ -200,6 +206,7 @@ class FlowContext:
                 "collections (process 0 does; start it first)"
             ) from e
         self.shards[name] = str(self.controller.collection(name).shard_id)
+        self.written.add(name)
         return self.shards[name]
 
     def _existing(self, name: str) -> Any:
@@ -244,6 +251,7 @@ class FlowContext:
     def persist(self, step_id: str, up: Stream[Any], name: str, *, schema: pa.Schema | None = None) -> Stream[Committed]:
         """`persist_sink` into collection `name`, resuming at its committed offsets; counted in `stats`."""
         shard = self.collection(name, schema) if schema is not None else self.shard(name)
+        self.written.add(name)
         # SUBTLE: hold since *before* reading the resume point: otherwise another copy's read
         # policy can move since past it in between, and the sink can never correct from it.
         # The committer takes over with its own heartbeated reader and expires this one; in
@@ -378,6 +386,7 @@ class FlowContext:
     ) -> Stream[Committed]:
         """`append_sink` into collection `name`; counted in `stats`."""
         shard = self.collection(name, schema) if schema is not None else self.shard(name)
+        self.written.add(name)
         out = append_sink(
             step_id, up, self.client, shard, batch_duration=batch_duration, resume_offsets=self.resumed.get(name)
         )
@@ -663,7 +672,7 @@ class _Housekeeper:
     def tick(self) -> None:
         # Sinks commit through the shard machine directly, which does not wake the
         # client's background compactor: ask it here (cheap; it coalesces requests).
-        for shard in self.ctx.shards.values() if self.primary else ():
+        for shard in self.ctx.written_shards() if self.primary else ():
             try:
                 self.ctx.client.compactor.request(shard)
             except Exception:  # noqa: BLE001 - compaction is an optimization
@@ -721,7 +730,7 @@ class _Housekeeper:
                 self._give_up("the storage controller's last tick", e)
         if self.interval:
             return
-        for shard in self.ctx.shards.values() if self.primary else ():
+        for shard in self.ctx.written_shards() if self.primary else ():
             try:
                 self.ctx.client.compact(shard)
             except Exception:  # noqa: BLE001 - maintenance; the next run retries
