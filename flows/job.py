@@ -64,6 +64,12 @@ Mode = Literal["batch", "continuous"]
 
 log = logging.getLogger("flows.job")
 
+#: Rows per chunk when a resumed view rebuilds its arrangements from its inputs' snapshots.
+PRELOAD_ROWS = 1_000_000
+#: DuckDB's memory limit for a view's arrangements (`$SHARDFLOW_VIEW_MEMORY`; past it DuckDB spills
+#: to the arrangements' file): a view over a 10M-row input stays under 1 GiB RSS.
+VIEW_MEMORY_LIMIT = os.environ.get("SHARDFLOW_VIEW_MEMORY", "256MB")
+
 
 def open_controller(client: Client, *, read_only: bool = False, role: str = "job") -> StorageController:
     """The storage controller for `client` (no background thread: the job drives nothing).
@@ -158,6 +164,15 @@ class FlowContext:
     resumed: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: since holds `persist` takes before it reads a resume point (expired when the run ends).
     holds: list[Any] = field(default_factory=list)
+    #: collection -> the `Committed` stream of the sink `persist` wired into it in this flow
+    #: (`view` follows it instead of reading the collection with a `ShardSource`).
+    committed: dict[str, Stream[Committed]] = field(default_factory=dict)
+    #: the collections this flow writes (`collection`, `persist`, `append`, `view`): the ones
+    #: its housekeeper compacts. `shards` also holds the ones it only reads.
+    written: set[str] = field(default_factory=set)
+
+    def written_shards(self) -> list[str]:
+        return [sh for n, sh in self.shards.items() if n in self.written]
 
     @property
     def continuous(self) -> bool:
@@ -193,6 +208,7 @@ class FlowContext:
                 "collections (process 0 does; start it first)"
             ) from e
         self.shards[name] = str(self.controller.collection(name).shard_id)
+        self.written.add(name)
         return self.shards[name]
 
     def _existing(self, name: str) -> Any:
@@ -237,6 +253,7 @@ class FlowContext:
     def persist(self, step_id: str, up: Stream[Any], name: str, *, schema: pa.Schema | None = None) -> Stream[Committed]:
         """`persist_sink` into collection `name`, resuming at its committed offsets; counted in `stats`."""
         shard = self.collection(name, schema) if schema is not None else self.shard(name)
+        self.written.add(name)
         # SUBTLE: hold since *before* reading the resume point: otherwise another copy's read
         # policy can move since past it in between, and the sink can never correct from it.
         # The committer takes over with its own heartbeated reader and expires this one; in
@@ -245,6 +262,7 @@ class FlowContext:
         self.holds.append(hold)
         out = persist_sink(step_id, up, self.client, shard, as_of=self.resume_as_of(name), hold=hold)
         op.inspect(f"{step_id}_stats", out, lambda _s, c: self.stats.on_commit(name, c))
+        self.committed.setdefault(name, out)
         return out
 
     def view(self, flow: Dataflow, name: str, sql: str, *, replace: bool = False) -> Stream[Committed]:
@@ -260,6 +278,14 @@ class FlowContext:
 
         In batch mode the view catches up to the inputs' uppers at start; in
         continuous mode it follows them until stopped.
+
+        An input this same flow writes with `persist` (called before `view`) is
+        read from that sink's `Committed` stream instead (`flows.follow`): the
+        view sees exactly what became durable, in order, as it commits, and in
+        batch mode everything the flow ingested, not only what was there at
+        start. On a rerun it first reads the input's updates from its own
+        committed frontier to the input's upper (what a crash left between
+        them), then follows the live commits.
         """
         from connectors.shard import ShardSource
 
@@ -291,11 +317,14 @@ class FlowContext:
         self.shards[name] = str(self.controller.collection(name).shard_id)
         resumed = self.resume_offsets(name)
         ins = {n: self.shard(n) for n in plan.inputs}
+        same_flow = {n for n in plan.inputs if n in self.committed}
         in_schemas = {n: schemas[n] for n in plan.inputs}
         preload = None
-        start: int | None = None
+        start: int | None = None  # the inputs' resume frontier
         as_of: int | None = None
+        fresh = True
         if resumed:
+            fresh = False
             start = min(int(resumed.get(f"{n}/0", 0)) for n in plan.inputs)
             # SUBTLE: with several partitions the offsets (partition 0's) can be ahead of the
             # committed upper (another partition behind): resume no later than that upper,
@@ -305,33 +334,58 @@ class FlowContext:
                 start = min(start, committed)
             if start < 1:
                 raise InvalidInput(f"view {name!r}: its committed offsets {resumed} do not cover every input {list(plan.inputs)}")
-            resume = {f"{n}/0": start for n in plan.inputs}
-
-            def preload(engine: Any, start: int = start) -> None:
-                for n, shard in ins.items():
-                    with self.client.open_leased_reader(shard, heartbeat=False) as r:
-                        engine.load(n, r.snapshot(start - 1), start - 1)
         else:
-            resume = {}
             states = [self.client.state(s) for s in ins.values()]
             low = min(s.upper.time for s in states if s.upper.time is not None) if states else 0
             as_of = max([max(low - 1, 0), *(s.since.time or 0 for s in states)])
-            if self.mode == "batch" and any(s.upper.time is not None and s.upper.time <= as_of for s in states):
-                empty = [n for n, s in zip(ins, states, strict=True) if s.upper.time is not None and s.upper.time <= as_of]
+            # An input this flow writes is read as it commits: it may well be empty now.
+            unreadable = [n for n, s in zip(ins, states, strict=True) if s.upper.time is not None and s.upper.time <= as_of]
+            empty = [n for n in unreadable if n not in same_flow]
+            if self.mode == "batch" and empty:
                 raise InvalidInput(
                     f"view {name!r}: input(s) {empty} have nothing readable at time {as_of} yet (upper "
                     f"{[str(self.client.state(ins[n]).upper) for n in empty]}); write to them first, or run "
                     "the view in continuous mode"
                 )
+            if not unreadable:
+                # Every input is readable at as_of: start like a resumed view (its arrangements
+                # loaded from the snapshots at as_of, in chunks), and emit the SQL over them at
+                # as_of as the view's first contents. The inputs then go on from as_of + 1.
+                start = as_of + 1
+        if start is not None:
+            def preload(engine: Any, start: int = start) -> None:
+                # In chunks of PRELOAD_ROWS: the snapshot of a 10M-row input is never one
+                # Arrow table in this process (`load` adds: chunks sum to the snapshot).
+                for n, shard in ins.items():
+                    with self.client.open_leased_reader(shard, heartbeat=False) as r, \
+                            r.snapshot_reader(start - 1, batch_size=PRELOAD_ROWS) as chunks:
+                        for b in chunks:
+                            engine.load(n, pa.Table.from_batches([b]), start - 1)
+        resume = {f"{n}/0": start for n in plan.inputs} if start is not None else {}
+        from .follow import follow_committed
+
+        # A new view over one input this batch run writes starts where that input ends up:
+        # the follower takes its snapshot at the input's upper - 1 when the run's appends
+        # are done (as a new view over an existing input starts at its latest time), so the
+        # view evaluates once, not once per time the run appended.
+        follow_as_of = None if (
+            fresh and start is None and self.mode == "batch" and list(plan.inputs) == list(same_flow)
+            and len(plan.inputs) == 1
+        ) else as_of
+
         streams = {
-            n: op.input(f"{name}_in_{n}", flow, ShardSource(
+            n: follow_committed(
+                f"{name}_follow_{n}", self.committed[n], self.client, shard, name=n, as_of=follow_as_of, resume=start,
+                at_end=self.mode == "batch",
+            ) if n in same_flow else op.input(f"{name}_in_{n}", flow, ShardSource(
                 self.client, shard, as_of=as_of, mode=self.mode, name=n, resume=resume
             ))
             for n, shard in ins.items()
         }
         corrections = views_mod.view(
-            f"{name}_view", streams, plan, schemas=in_schemas, preload=preload, start=start,
-            partitions=self.workers * self.processes,
+            f"{name}_view", streams, plan, schemas=in_schemas, preload=preload,
+            start=as_of if fresh and start is not None else start, fresh=fresh, memory_limit=VIEW_MEMORY_LIMIT,
+            offsets=resume if fresh else None, partitions=self.workers * self.processes,
         )
         return self.persist(f"{name}_sink", corrections, name)
 
@@ -340,6 +394,7 @@ class FlowContext:
     ) -> Stream[Committed]:
         """`append_sink` into collection `name`; counted in `stats`."""
         shard = self.collection(name, schema) if schema is not None else self.shard(name)
+        self.written.add(name)
         out = append_sink(
             step_id, up, self.client, shard, batch_duration=batch_duration, resume_offsets=self.resumed.get(name)
         )
@@ -627,7 +682,7 @@ class _Housekeeper:
     def tick(self) -> None:
         # Sinks commit through the shard machine directly, which does not wake the
         # client's background compactor: ask it here (cheap; it coalesces requests).
-        for shard in self.ctx.shards.values() if self.primary else ():
+        for shard in self.ctx.written_shards() if self.primary else ():
             try:
                 self.ctx.client.compactor.request(shard)
             except Exception:  # noqa: BLE001 - compaction is an optimization
@@ -685,7 +740,7 @@ class _Housekeeper:
                 self._give_up("the storage controller's last tick", e)
         if self.interval:
             return
-        for shard in self.ctx.shards.values() if self.primary else ():
+        for shard in self.ctx.written_shards() if self.primary else ():
             try:
                 self.ctx.client.compact(shard)
             except Exception:  # noqa: BLE001 - maintenance; the next run retries

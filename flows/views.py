@@ -767,6 +767,7 @@ class _ViewLogic(StatefulBatchLogic[Any, Any, None]):
         start: int | None,
         fresh: bool,
         names: tuple[str, ...],
+        offsets: Mapping[str, Any] | None = None,
     ):
         from .operators import FrontierTracker, OffsetQueue
 
@@ -779,6 +780,7 @@ class _ViewLogic(StatefulBatchLogic[Any, Any, None]):
         self.emitted: Frontier | None = None if start is None else Frontier(start)
         self.fresh = fresh
         self.names = names  # the partitions' names in their Progress (one partition: none)
+        self.initial_offsets = offsets  # a new view's snapshot offsets, committed with partition 0's first output
         self.index = 0
         self.stats: dict[str, int] = {}
 
@@ -791,9 +793,11 @@ class _ViewLogic(StatefulBatchLogic[Any, Any, None]):
                 key = (self.step_id, i)
                 self.stats = partition_stats[key] = {"rows": 0, "loaded": 0, "thread": threading.get_ident()}
                 self.engine = self.make_engine(i)
-                # Only one partition starts a new view from the SQL over empty inputs: a global
-                # aggregate's row must appear once (a keyed view's baseline is empty anyway).
-                self.fresh = self.fresh and i == 0
+                # A new view starts from the SQL over its inputs as loaded (or empty). Partitions
+                # hold disjoint keys, so each emits its own part; a global aggregate (its row must
+                # appear once) is never partitioned.
+                if i == 0:
+                    self.offsets.push(self.initial_offsets, -1)  # covered by the first output
             check_item(self.step_id, v)
             if isinstance(v, Progress):
                 self.trackers[name].observe(v)
@@ -868,6 +872,9 @@ def view(
     start: int | None = None,
     path: str | None = None,
     partitions: int = 1,
+    fresh: bool | None = None,
+    memory_limit: str | None = None,
+    offsets: Mapping[str, Any] | None = None,
 ) -> Any:
     """The incremental view operator: `inputs` (input name -> stream of `UpdateBatch`/`Progress`)
     in, the view's corrections out (`UpdateBatch` per frontier advance, then `Progress`).
@@ -878,6 +885,12 @@ def view(
     its committed frontier minus one, with no output: it calls `engine.load`)
     and `start` (that frontier); a new one passes neither and starts from the
     SQL over empty inputs.
+
+    `fresh=True` with a `preload` starts a new view from loaded snapshots: its
+    first output is the SQL over them, at `start` (the snapshots' time), and
+    the inputs go on after it; `offsets` (each input's partition key -> that
+    frontier) are then committed with it, as a snapshot's offsets would be.
+    `memory_limit` is the engine's (`ViewEngine`).
 
     `partitions` (the dataflow's worker count: `FlowContext.view` passes it):
     a view whose every input has a key (`partition_count`) runs as that many
@@ -905,7 +918,9 @@ def view(
     part = _Partitioner(plan.keys, n)
 
     def make_engine(i: int) -> ViewEngine:
-        e = ViewEngine(plan, schemas, path=None if path is None else (path if n == 1 else f"{path}.{i}"))
+        e = ViewEngine(
+            plan, schemas, path=None if path is None else (path if n == 1 else f"{path}.{i}"), memory_limit=memory_limit
+        )
         if preload is not None:
             preload(e if n == 1 else _PartitionLoader(e, part, i, partition_stats[(step_id, i)]))
         return e
@@ -932,7 +947,8 @@ def view(
     merged = op.merge(f"{step_id}_merge", *split) if len(split) > 1 else split[0]
 
     def builder(_resume: Any) -> _ViewLogic:
-        return _ViewLogic(step_id, make_engine, plan.inputs, start, preload is None, names)
+        fresh_ = preload is None if fresh is None else fresh
+        return _ViewLogic(step_id, make_engine, plan.inputs, start, fresh_, names, offsets)
 
     out = op.stateful_batch(f"{step_id}_maintain", merged, builder)
     return op.key_rm(f"{step_id}_unkey", out)
