@@ -361,6 +361,13 @@ class FlowContext:
                             r.snapshot_reader(start - 1, batch_size=PRELOAD_ROWS) as chunks:
                         for b in chunks:
                             engine.load(n, pa.Table.from_batches([b]), start - 1)
+                if not fresh:
+                    # What the view holds there: the engine retracts exactly that (its SQL may
+                    # not be a function of its input: a DOUBLE sum, a tie in ORDER BY).
+                    with self.client.open_leased_reader(self.shards[name], heartbeat=False) as r, \
+                            r.snapshot_reader(start - 1, batch_size=PRELOAD_ROWS) as chunks:
+                        for b in chunks:
+                            engine.load_output(pa.Table.from_batches([b]))
         resume = {f"{n}/0": start for n in plan.inputs} if start is not None else {}
         from .follow import follow_committed
 

@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 from bytewax.operators import StatefulBatchLogic
 
 from storage import Frontier, Progress, UpdateBatch, consolidate_sql, overflow_checked
-from storage.errors import InvalidInput
+from storage.errors import InvalidInput, InvariantViolated
 
 from .invertible import Invertible
 from .invertible import invertible as find_invertible
@@ -63,6 +63,8 @@ TIME, DIFF = "_time", "_diff"
 _ARR = "__sf_arr_"  # arrangement table prefix
 _KEYS = "__sf_keys"  # the affected key hashes of one step: (_time, src, h)
 _DELTA = "__sf_d_"  # a step's delta of an input, registered
+_OUT = "__sf_out"  # the view's contents as emitted, each row with its key's hash (`_exact_step`)
+_KH = "__sf_kh"
 _STATE = "__sf_state"  # the invertible fast path's per-group partial sums
 _H = "__sf_h"  # an arrangement row's key hash
 _MAX_TERMS = 64  # evaluations (a time, a sign) per statement
@@ -181,6 +183,18 @@ class ViewEngine:
             self.invertible = find_invertible(plan, schemas, self.schema.names)
         if self.invertible is not None:
             self._inv_setup(self.invertible)
+        # The generic path's "before" side: what the view emitted (see `_exact_step`), when each
+        # output row shows which key it belongs to; else it is recomputed (`_recompute_terms`).
+        self.key_hash: str | None = None
+        if self.invertible is None and not plan.linear and not self.bilinear and self.keyed:
+            self.key_hash = _output_key_hash(plan, self.inputs, self.schema.names)
+        self._inputs_loaded = self._out_ready = False
+        if self.key_hash is not None:
+            cols = ", ".join(f"{_q(f.name)} {_duck_type(self.con, f.type)}" for f in self.schema)
+            self.con.execute(
+                f"CREATE OR REPLACE TABLE {_OUT} ({cols}{', ' if cols else ''}{_KH} UBIGINT, {DIFF} BIGINT)"
+            )
+            self._out_deleted = 0
 
     # ------------------------------------------------------------------ set-up
 
@@ -225,6 +239,27 @@ class ViewEngine:
             return
         self._insert(self.inputs[name], snapshot, time)
         self._loaded(name, snapshot.num_rows)
+        self._inputs_loaded = True
+
+    def load_output(self, snapshot: pa.Table, part: tuple[int, int] | None = None) -> None:
+        """Add the view's own contents (row columns and `_diff`: its snapshot where the inputs were
+        loaded) on a restart; with `part=(i, n)`, only the rows whose key hash is i modulo n.
+
+        The engine then retracts exactly what the view holds; without it, a resumed engine
+        recomputes what the view held instead (exact only for deterministic SQL)."""
+        if self.key_hash is None:
+            return
+        self.con.register("__sf_in", snapshot)
+        try:
+            cols = ", ".join(_q(n) for n in self.schema.names)
+            sel = f"{cols}, " if cols else ""
+            q = f"SELECT {sel}hash({self.key_hash}) AS {_KH}, {DIFF}::BIGINT FROM __sf_in"
+            if part is not None:
+                q = f"SELECT * FROM ({q}) WHERE {_KH} % {int(part[1])} = {int(part[0])}"
+            self.con.execute(f"INSERT INTO {_OUT} {q}")
+        finally:
+            self.con.unregister("__sf_in")
+        self._out_ready = True
 
     def _loaded(self, name: str, n: int) -> None:
         """A consolidated snapshot of `n` rows went in: it counts as compacted rows, not new ones."""
@@ -250,6 +285,8 @@ class ViewEngine:
         if self.invertible is not None:
             return self._inv_step(deltas, sorted(times))
         live = {n: t for n, t in deltas.items() if t.num_rows}
+        if self.key_hash is not None and self._inputs_loaded and not self._out_ready:
+            self.key_hash = None  # restarted without the view's contents: recompute the old side
         if not self.plan.linear:
             for n, t in live.items():
                 self._insert(self.inputs[n], t, None)
@@ -262,6 +299,8 @@ class ViewEngine:
                 self._affected(live)
                 if self.bilinear:
                     terms = self._delta_rule_terms(live, sorted(times))
+                elif self.key_hash is not None:
+                    return self._exact_step(sorted(times))
                 else:
                     terms = self._recompute_terms(sorted(times))
             return self._consolidated(terms)
@@ -277,6 +316,10 @@ class ViewEngine:
         """
         if self.invertible is not None:
             return self._consolidated([(t, 1, f"({self.invertible.output_sql(_STATE)})")])
+        if self.key_hash is not None:
+            q = self._over({n: self._rows(i, "true") for n, i in self.inputs.items()})
+            self.con.execute(f"INSERT INTO {_OUT} SELECT *, hash({self.key_hash}), 1 FROM {q}")
+            self._out_ready = True
         return self._consolidated([(t, 1, self._over({n: self._rows(i, "true") for n, i in self.inputs.items()}))])
 
     def empty(self) -> pa.Table:
@@ -344,6 +387,59 @@ class ViewEngine:
             for sign, cond in ((1, f"{TIME} <= {t}"), (-1, f"{TIME} < {t}")):
                 terms.append((t, sign, self._over({n: self._rows(i, cond, keys=keys) for n, i in self.inputs.items()})))
         return terms
+
+    def _exact_step(self, times: list[int]) -> pa.Table:
+        """The change at each time, with the old side exactly what the view emitted.
+
+        `__sf_n`: per time `t`, the SQL over the arrangements at `t` restricted to the keys the
+        deltas at `t` touch, each row with its key's hash (`key_hash`, over the output).
+        The old side of key `h` at `t` is its rows of `__sf_n` at the previous time of this
+        step that touched `h`, else its rows in `__sf_out` (what the view holds). So a SQL
+        whose answer is not a function of its input (a DOUBLE sum added in another order, a
+        tie in ORDER BY) still retracts exactly the rows it once emitted.
+        """
+        cols = [_q(n) for n in self.schema.names]
+        sel = "".join(f"{c}, " for c in cols)
+        nsel = "".join(f"n.{c}, " for c in cols)
+        if self.inputs and all(i.keys for i in self.inputs.values()):
+            kt = f"SELECT DISTINCT {TIME}, h FROM {_KEYS}"
+        else:  # a constant key: every time touches the one key
+            kt = f"SELECT unnest([{', '.join(str(int(t)) for t in times)}])::BIGINT AS {TIME}, hash({self.key_hash}) AS h"
+        self.con.execute(
+            f"CREATE OR REPLACE TEMP TABLE __sf_kt AS SELECT {TIME}, h, "
+            f"lag({TIME}) OVER (PARTITION BY h ORDER BY {TIME}) AS prev FROM ({kt})"
+        )
+        for k in range(0, len(times), _MAX_TERMS):
+            parts = []
+            for t in times[k : k + _MAX_TERMS]:
+                keys = f"SELECT h FROM {_KEYS} WHERE {TIME} = {t}"
+                q = self._over({n: self._rows(i, f"{TIME} <= {t}", keys=keys) for n, i in self.inputs.items()})
+                parts.append(f"(SELECT *, {int(t)}::BIGINT AS {TIME} FROM {q})")
+            new = f"SELECT *, hash({self.key_hash}) AS {_KH} FROM ({' UNION ALL '.join(parts)})"
+            verb = "CREATE OR REPLACE TEMP TABLE __sf_n AS" if k == 0 else "INSERT INTO __sf_n"
+            self.con.execute(f"{verb} {new}")
+        stray = self.con.execute(
+            f"SELECT count(*) FROM __sf_n n ANTI JOIN __sf_kt k ON n.{_KH} = k.h AND n.{TIME} = k.{TIME}"
+        ).fetchall()[0][0]
+        if stray:
+            raise InvariantViolated(
+                f"{self.where}: {stray} output row(s) carry a key the change did not touch (key hash {self.key_hash})"
+            )
+        terms = (
+            f"SELECT {sel}{TIME}, 1::BIGINT AS {DIFF} FROM __sf_n UNION ALL "
+            f"SELECT {nsel}k.{TIME}, -1::BIGINT FROM __sf_kt AS k JOIN __sf_n AS n ON n.{_KH} = k.h AND n.{TIME} = k.prev "
+            f"UNION ALL SELECT {''.join(f'o.{c}, ' for c in cols)}k.{TIME}, -o.{DIFF} FROM __sf_kt AS k "
+            f"JOIN {_OUT} AS o ON o.{_KH} = k.h WHERE k.prev IS NULL"
+        )
+        with overflow_checked():
+            out = self.con.sql(consolidate_sql(f"({terms})", self.schema.names, where=self.where)).to_arrow_table()
+        gone = self.con.execute(f"DELETE FROM {_OUT} WHERE {_KH} IN (SELECT h FROM __sf_kt)").fetchall()[0][0]
+        self._out_deleted += int(gone)
+        self.con.execute(
+            f"INSERT INTO {_OUT} SELECT {nsel}n.{_KH}, 1 FROM __sf_n AS n JOIN "
+            f"(SELECT h, max({TIME}) AS last FROM __sf_kt GROUP BY h) AS l ON n.{_KH} = l.h AND n.{TIME} = l.last"
+        )
+        return out.cast(self.empty().schema) if out.schema != self.empty().schema else out
 
     def _delta_rule_terms(self, deltas: Mapping[str, pa.Table], times: list[int]) -> list[tuple[int, int, str]]:
         """The change at each `t` of an inner-join view: for each input i whose delta has rows at `t`,
@@ -624,6 +720,13 @@ class ViewEngine:
                 return
         if self.plan.linear:
             return
+        if self.key_hash is not None and self._out_deleted > 10000:
+            live = self.con.execute(f"SELECT count(*) FROM {_OUT}").fetchall()[0][0]
+            if self._out_deleted > live:
+                self.con.execute(f"CREATE OR REPLACE TABLE {_OUT}__c AS SELECT * FROM {_OUT}")
+                self.con.execute(f"DROP TABLE {_OUT}")
+                self.con.execute(f"ALTER TABLE {_OUT}__c RENAME TO {_OUT}")
+                self._out_deleted = 0
         for i in self.inputs.values():
             if i.rows_since_compaction <= max(1000, i.rows_at_compaction // 2):
                 continue
@@ -646,6 +749,58 @@ class ViewEngine:
             n = self.con.execute(f"SELECT count(*) FROM {_STATE}").fetchall()[0][0]
             return {self.invertible.input: int(n)}
         return {n: int(self.con.execute(f"SELECT count(*) FROM {_q(_ARR + n)}").fetchall()[0][0]) for n in self.inputs}
+
+
+def _output_key_hash(plan: PlanLike, inputs: Mapping[str, _Input], names: list[str]) -> str | None:
+    """SQL over the view's output columns whose `hash` is the hash of the key an output row came from,
+    or None when the output does not show it.
+
+    One input, a top-level SELECT, and each key expression a column of the input that the
+    select list passes through unchanged (`g`, `t.g AS grp`), possibly cast to a common
+    type by `plan_view`; a constant key (a global aggregate) is `0`.
+    """
+    import re
+
+    from .sqlplan import parse
+
+    if len(plan.inputs) != 1:
+        return None
+    (name,) = plan.inputs
+    keys = inputs[name].keys
+    if keys is None:
+        return None
+    if not keys:
+        return "0::UBIGINT"
+    try:
+        node = parse(plan.sql)
+    except Exception:  # noqa: BLE001 - a plan we cannot read again: the recompute path
+        return None
+    ft = node.get("from_table") or {}
+    if node.get("type") != "SELECT_NODE" or ft.get("type") != "BASE_TABLE":
+        return None
+    qualifiers = {str(ft.get("table_name", "")).lower(), str(ft.get("alias") or "").lower()} - {""}
+    items = node.get("select_list") or []
+    if len(items) != len(names):
+        return None
+    passed: dict[str, str] = {}  # input column (lower) -> output column
+    for item, out in zip(items, names, strict=True):
+        if item.get("class") != "COLUMN_REF":
+            continue
+        cn = item["column_names"]
+        if len(cn) == 2 and cn[0].lower() not in qualifiers or len(cn) > 2:
+            continue
+        passed.setdefault(cn[-1].lower(), out)
+    parts = []
+    for k in keys:
+        m = re.fullmatch(r"CAST\(\((.+)\) AS (.+)\)", k)
+        col, cast = (m.group(1), m.group(2)) if m else (k, "")
+        if col.startswith('"') and col.endswith('"'):
+            col = col[1:-1].replace('""', '"')
+        oc = passed.get(col.lower())
+        if oc is None:
+            return None
+        parts.append(f"CAST({_q(oc)} AS {cast})" if cast else _q(oc))
+    return ", ".join(parts)
 
 
 def _with_td(schema: pa.Schema) -> pa.Table:
@@ -745,6 +900,9 @@ class _PartitionLoader:
         mine = self.part.only(name, snapshot, self.i)
         self.stats["loaded"] += mine.num_rows
         self.engine.load(name, mine, time)
+
+    def load_output(self, snapshot: pa.Table) -> None:
+        self.engine.load_output(snapshot, (self.i, self.part.n))
 
     def __getattr__(self, attr: str) -> Any:
         return getattr(self.engine, attr)
