@@ -217,6 +217,7 @@ def demo(data: str, ticks: int) -> None:
     sf("run", DEMO, "--data", data, "--no-progress", env={**ENV, "SHARDFLOW_DEMO_TICKS": str(ticks)})
 
 
+@pytest.mark.slow  # ~50 s: four views, -w 2 and -p 2, then reruns with -w 1 and -w 3 (make test-slow)
 def test_view_with_two_workers_and_two_processes_equals_duckdb(tmp_path: Path) -> None:
     data = str(tmp_path / "data")
     demo(data, 20)
