@@ -111,24 +111,32 @@ def test_refused_sql_names_the_construct(data: str, sql: str, says: str) -> None
     assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
-def test_continuous_view_survives_sigkill(data: str) -> None:
-    """The view runs continuously beside the counter flow; SIGKILLed at random moments and
-    restarted, it ends equal to the SQL over its input."""
-    rnd = random.Random(7)
+def kill_view_while_counter_runs(
+    data: str, name: str, sql: str, args: list[str], rnd: random.Random, *, kills: int, lo: float, hi: float
+) -> None:
+    """While the counter flow runs continuously, start `shardflow view name sql` (continuous, `args`)
+    `kills` times and SIGKILL it after lo..hi seconds; then stop the counter cleanly."""
     counter = subprocess.Popen([*SHARDFLOW, "run", COUNTER, "--data", data, "--mode", "continuous", "--no-progress"],
                                cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        for _ in range(3):
-            v = subprocess.Popen([*SHARDFLOW, "view", "by_tens", BY_TENS, "--data", data, "--mode", "continuous",
+        for _ in range(kills):
+            v = subprocess.Popen([*SHARDFLOW, "view", name, sql, "--data", data, "--mode", "continuous", *args,
                                   "--no-progress"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)
-            time.sleep(rnd.uniform(2.0, 5.0))
+            time.sleep(rnd.uniform(lo, hi))
             v.send_signal(signal.SIGKILL)
             v.wait()
     finally:
         counter.send_signal(signal.SIGINT)
         out, err = counter.communicate(timeout=60)
         assert counter.returncode == 0, (out, err)
+
+
+def test_continuous_view_survives_sigkill(data: str) -> None:
+    """The view runs continuously beside the counter flow; SIGKILLed at random moments and
+    restarted, it ends equal to the SQL over its input."""
+    rnd = random.Random(7)
+    kill_view_while_counter_runs(data, "by_tens", BY_TENS, [], rnd, kills=3, lo=2.0, hi=5.0)
     sf("view", "by_tens", BY_TENS, "--data", data)  # catch up to the input's final upper
     same(data, "by_tens", BY_TENS)
 

@@ -10,12 +10,8 @@ continuous mode with two workers followed by a restart with one.
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +21,7 @@ import pyarrow as pa
 import pytest
 from bytewax.dataflow import Dataflow
 from bytewax.testing import TestingSink, TestingSource, cluster_main
+from test_cli_view import COUNTER, ENV, ROOT, SHARDFLOW, kill_view_while_counter_runs
 
 from flows import views
 from flows.operators import worker_keys, worker_of
@@ -182,10 +179,6 @@ def test_resume_loads_each_partition_its_own_rows() -> None:
 # end to end
 # ------------------------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARDFLOW = [sys.executable, "-m", "flows.cli"]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
-COUNTER = str(ROOT / "examples" / "loadgen_counter.py")
 DEMO = str(ROOT / "flows" / "demo.py")
 
 VIEWS = {
@@ -239,19 +232,6 @@ def test_sigkill_with_two_workers_then_restart_with_one(tmp_path: Path) -> None:
     data = str(tmp_path / "data")
     sf("run", COUNTER, "--data", data, "--no-progress")
     rnd = random.Random(11)
-    counter = subprocess.Popen([*SHARDFLOW, "run", COUNTER, "--data", data, "--mode", "continuous", "--no-progress"],
-                               cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        for _ in range(2):
-            v = subprocess.Popen([*SHARDFLOW, "view", "by_tens", BY_TENS, "--data", data, "--mode", "continuous",
-                                  "-w", "2", "--no-progress"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-            time.sleep(rnd.uniform(3.0, 5.0))
-            v.send_signal(signal.SIGKILL)
-            v.wait()
-    finally:
-        counter.send_signal(signal.SIGINT)
-        out, err = counter.communicate(timeout=60)
-        assert counter.returncode == 0, (out, err)
+    kill_view_while_counter_runs(data, "by_tens", BY_TENS, ["-w", "2"], rnd, kills=2, lo=3.0, hi=5.0)
     sf("view", "by_tens", BY_TENS, "--data", data, "-w", "1", "--no-progress")
     assert same(data, "by_tens", BY_TENS) == 10
