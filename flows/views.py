@@ -981,8 +981,8 @@ class _ViewLogic(StatefulBatchLogic[Any, Any, None]):
             if not tables:
                 continue
             t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-            if upper.time is None:
-                ready[n], keep = t, None
+            if upper.time is None or pc.max(t.column(TIME)).as_py() < upper.time:
+                ready[n], keep = t, None  # all of it is ready: no filtering (a copy of every column)
             else:
                 below = pc.less(t.column(TIME), pa.scalar(upper.time, pa.int64()))
                 ready[n], keep = t.filter(below), t.filter(pc.invert(below))
