@@ -22,8 +22,10 @@ snapshot(a) + changes(a, b) = snapshot(b).
   moved times), and `to` must be `<= as_of` (later updates are not known yet, or
   are not part of this query); otherwise the query fails rather than answer wrong.
 
-Names are validated as `[a-z_][a-z0-9_]*`, optionally prefixed by one schema
-(`sys.frontiers`); identifiers are always quoted.
+Names are validated as `[a-z_][a-z0-9_]*` (a full match: no trailing newline), at
+most 63 characters and not starting with `__` (the connection's own tables and
+views: `__since`, `__changes_<name>`), optionally prefixed by one schema
+(`sys.frontiers`); identifiers are always quoted, and literals escaped.
 
 SUBTLE: DuckDB has a built-in catalog named `system`, which makes a schema of
 that name ambiguous in every query. Introspection collections live in schema
@@ -32,7 +34,6 @@ that name ambiguous in every query. Introspection collections live in schema
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -44,6 +45,7 @@ from . import connections
 from . import state as st
 from .errors import InvalidInput, NotYetReadable, ReadBeforeSince
 from .frontier import MAX_TIME
+from .ids import NAME_RULE, name_problem, shown_name
 from .parts import PartsSource
 from .read import (
     DEFAULT_TIMEOUT_S,
@@ -57,16 +59,17 @@ from .read import (
 )
 from .updates import DIFF, TIME, overflow_checked, qident
 
-NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
-
 
 def check_name(name: str) -> tuple[str | None, str]:
     """Split and validate `name` or `schema.name`; raise InvalidInput naming the bad part."""
     if not isinstance(name, str):
         raise InvalidInput(f"collection name must be a str, got {type(name).__name__}")
     parts = name.split(".")
-    if len(parts) > 2 or not all(NAME_RE.match(p) for p in parts):
-        raise InvalidInput(f"collection name {name!r} is not valid: use [a-z_][a-z0-9_]*, optionally schema.name")
+    why = "more than one '.'" if len(parts) > 2 else next(filter(None, map(name_problem, parts)), None)
+    if why is not None:
+        raise InvalidInput(
+            f"collection name {shown_name(name)} is not valid ({why}): use {NAME_RULE}, optionally schema.name"
+        )
     return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
 
 
