@@ -404,6 +404,17 @@ def _emit(table: Any, fmt: str, output: str | None) -> None:
 # ---------------------------------------------------------------- commands
 
 
+def _refuse_store_path(client: Any, path: str) -> None:
+    """`--output` must not land in the store (it would overwrite its files)."""
+    import storage
+
+    real = os.path.realpath(path)
+    for d in storage.query.store_dirs(client):
+        root = os.path.realpath(d)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            raise storage.errors.InvalidInput(f"--output {path}: it is inside the store ({d}); write elsewhere")
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
@@ -420,9 +431,18 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise storage.errors.InvalidInput("query: empty SQL")
     # Only the collections the SQL mentions are opened: an unrelated collection
     # (a broken part, a since past this as_of) cannot break this query.
-    with storage.query.connect(client, cat, as_of=args.as_of, timeout=args.timeout) as con:
+    if args.output:
+        _refuse_store_path(client, args.output)
+    # confine: the SQL can neither write under the data directory nor read its internals
+    # (README, Security).
+    with storage.query.connect(client, cat, as_of=args.as_of, timeout=args.timeout, confine=True) as con:
         try:
             table = con.sql(args.sql).to_arrow_table()
+        except duckdb.PermissionException as e:
+            raise storage.errors.InvalidInput(
+                f"query: {str(e).splitlines()[0]}: shardflow query keeps the data directory {args.data} out of "
+                "reach, and new files directly beside it (README: Security)"
+            ) from e
         except duckdb.CatalogException as e:
             # DuckDB names the missing table; say which collections there are.
             known = ", ".join(sorted(n for n in catalog if not n.startswith("system."))) or "none"

@@ -34,6 +34,7 @@ that name ambiguous in every query. Introspection collections live in schema
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -57,7 +58,7 @@ from .read import (
     parts_source_with_diffs,
     snapshot_sql,
 )
-from .updates import DIFF, TIME, overflow_checked, qident
+from .updates import DIFF, TIME, overflow_checked, qident, qliteral
 
 
 def check_name(name: str) -> tuple[str | None, str]:
@@ -124,6 +125,7 @@ def connect(
     as_of: int | None = None,
     *,
     timeout: float | None = None,
+    confine: bool = False,
 ) -> QueryConnection:
     """Open a DuckDB connection with one view per collection, all at ONE time.
 
@@ -146,6 +148,13 @@ def connect(
             `as_of` must be `>= since` of each, and waits up to `timeout` for
             every upper to pass it.
         timeout: seconds to wait, in total, for a readable time.
+        confine: keep the connection's SQL away from the store (what `shardflow
+            query` does). The views read their parts as Arrow datasets, not by
+            path; once they exist, DuckDB may open no file under the store's
+            directories (the client's root, the blob directory, the consensus
+            file's directory), to read or to write, and its configuration is
+            locked. Every other path that exists when the connection opens stays
+            readable and writable, as in DuckDB's own CLI; see `confine_sql`.
 
     Raises:
         InvalidInput: a bad view name.
@@ -184,7 +193,7 @@ def connect(
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {qident(sch)}")
         for name, s in states.items():
             schema, base = checked[name]
-            _create_views(con, stack, readers[name], s, name, schema, base, t)
+            _create_views(con, stack, readers[name], s, name, schema, base, t, by_path=not confine)
         # SUBTLE: below since, compaction may have advanced times (to since), so raw updates
         # there may not be where they were: changes() from a time below since would be
         # silently wrong. It is an error instead, like a snapshot before since. (With
@@ -204,11 +213,74 @@ def connect(
             f"ELSE true END FROM __since WHERE hidden = {key}) "
             f"AND {TIME} > t_from AND {TIME} <= coalesce(t_to, (SELECT as_of FROM __since WHERE hidden = {key}))"
         )
+        if confine:
+            for setting in confine_sql(store_dirs(client)):
+                con.execute(setting)
     except BaseException:
         con.close()
         stack.close()
         raise
     return QueryConnection(con, stack, {name: t for name in collections})
+
+
+def store_dirs(client: Any) -> list[str]:
+    """The directories of `client`'s store on this machine: its root, a local blob's, a SQLite consensus's."""
+    out = [client.root] if getattr(client, "root", None) else []
+    blob_root = getattr(client.blob, "root", None)
+    if isinstance(blob_root, str):
+        out.append(blob_root)
+    path = getattr(client.consensus, "path", None)
+    if isinstance(path, str):
+        out.append(os.path.dirname(os.path.abspath(path)))
+    return out
+
+
+def confine_sql(keep_out: Sequence[str]) -> list[str]:
+    """The DuckDB settings that forbid opening any file under `keep_out`, and allow every other existing path.
+
+    DuckDB has only allow-lists (`allowed_directories`, `allowed_paths`, which grant
+    reading AND writing, OVERWRITE included), so the allowed set is built by
+    walking down from `/` to each kept-out directory: every entry beside the path
+    to it is allowed, whole. Not allowed, hence: the kept-out trees; a symlink that
+    leads into one or to one of its ancestors; and a path that does not exist yet
+    directly in an ancestor of one (`COPY ... TO 'out.csv'` next to `./data`: write
+    into a subdirectory, or use `shardflow query -o`). Then `enable_external_access`
+    goes off (only the allowed paths stay open) and `lock_configuration` on, so the
+    SQL cannot undo it. DuckDB normalizes `..` before it checks.
+    """
+    outs = [os.path.realpath(p) for p in keep_out]
+
+    def under(p: str, roots: Sequence[str]) -> bool:
+        return any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+    dirs: list[str] = []
+    files: list[str] = []
+    todo = [os.sep] if outs else []
+    while todo:
+        d = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            real = os.path.realpath(e.path)
+            if under(real, outs):
+                continue  # the store, or a symlink into it
+            if any(under(o, [real]) for o in outs):
+                if not e.is_symlink():
+                    todo.append(e.path)  # an ancestor of the store: allow what is beside the path
+                continue
+            (dirs if e.is_dir() else files).append(e.path)
+
+    def lst(xs: list[str]) -> str:
+        return "[" + ", ".join(qliteral(x) for x in xs) + "]"
+
+    return [
+        f"SET allowed_directories = {lst(dirs)}",
+        f"SET allowed_paths = {lst(files)}",
+        "SET enable_external_access = false",
+        "SET lock_configuration = true",
+    ]
 
 
 def _describe(states: Mapping[str, st.ShardState]) -> str:
@@ -314,6 +386,8 @@ def _create_views(
     schema: str | None,
     base: str,
     t: int | None,
+    *,
+    by_path: bool = True,
 ) -> None:
     # SUBTLE: views are lazy; the reader pins this state version until the connection
     # closes, so gc cannot delete a part a view still reads.
@@ -325,7 +399,7 @@ def _create_views(
     # which is all the views and changes() (whose `to` is at most t) may show. Their parts
     # are not verified or opened, and the _diff statistics below are those of what is read.
     batches = [b for b in s.batches if b.parts and (t is None or b.lower.less_equal(t))]
-    ps = parts_source_with_diffs(reader.client, s, batches, con, f"__parts_{hidden}")
+    ps = parts_source_with_diffs(reader.client, s, batches, con, f"__parts_{hidden}", by_path=by_path)
     con.execute(f"CREATE VIEW {qident(hidden)} AS SELECT * FROM {ps.src}")
     names = s.schema.names
     cols = ", ".join(qident(c) for c in names)

@@ -273,7 +273,8 @@ def time_bounds(table: pa.Table) -> tuple[int, int] | None:
 _OVERFLOW_MARK = "outside int64"
 
 
-def _sql_str(s: str) -> str:
+def qliteral(s: str) -> str:
+    """Quote a string literal for DuckDB (and PostgreSQL with standard strings): `'` doubled."""
     return "'" + s.replace("'", "''") + "'"
 
 
@@ -291,8 +292,8 @@ def diff_sum_sql(cols: list[str], where: str, time_expr: str | None = None) -> s
     row = "struct_pack(" + ", ".join(f"{c} := {c}" for c in cols) + ")::VARCHAR" if cols else "'()'"
     at = f"' at time ', ({time_expr})::VARCHAR, " if time_expr is not None else ""
     msg = (
-        f"concat({_sql_str(where + ': the diffs of row ')}, left({row}, 200), {at}"
-        f"' sum to ', sum({DIFF})::VARCHAR, {_sql_str(', ' + _OVERFLOW_MARK + '; the count cannot be represented')})"
+        f"concat({qliteral(where + ': the diffs of row ')}, left({row}, 200), {at}"
+        f"' sum to ', sum({DIFF})::VARCHAR, {qliteral(', ' + _OVERFLOW_MARK + '; the count cannot be represented')})"
     )
     return (
         f"CASE WHEN sum({DIFF}) BETWEEN {INT64_MIN} AND {INT64_MAX} THEN sum({DIFF})::BIGINT "
