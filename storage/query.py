@@ -58,7 +58,7 @@ from .read import (
     parts_source_with_diffs,
     snapshot_sql,
 )
-from .updates import DIFF, TIME, overflow_checked, qident, qliteral
+from .updates import DIFF, TIME, overflow_checked, qident
 
 
 def check_name(name: str) -> tuple[str | None, str]:
@@ -154,7 +154,7 @@ def connect(
             directories (the client's root, the blob directory, the consensus
             file's directory), to read or to write, and its configuration is
             locked. Every other path that exists when the connection opens stays
-            readable and writable, as in DuckDB's own CLI; see `confine_sql`.
+            readable and writable, as in DuckDB's own CLI; see `confine_connection`.
 
     Raises:
         InvalidInput: a bad view name.
@@ -214,8 +214,7 @@ def connect(
             f"AND {TIME} > t_from AND {TIME} <= coalesce(t_to, (SELECT as_of FROM __since WHERE hidden = {key}))"
         )
         if confine:
-            for setting in confine_sql(store_dirs(client)):
-                con.execute(setting)
+            confine_connection(con, store_dirs(client))
     except BaseException:
         con.close()
         stack.close()
@@ -235,8 +234,8 @@ def store_dirs(client: Any) -> list[str]:
     return out
 
 
-def confine_sql(keep_out: Sequence[str]) -> list[str]:
-    """The DuckDB settings that forbid opening any file under `keep_out`, and allow every other existing path.
+def confine_connection(con: duckdb.DuckDBPyConnection, keep_out: Sequence[str]) -> None:
+    """Forbid `con` to open any file under `keep_out`, and allow every other existing path.
 
     DuckDB has only allow-lists (`allowed_directories`, `allowed_paths`, which grant
     reading AND writing, OVERWRITE included), so the allowed set is built by
@@ -255,32 +254,29 @@ def confine_sql(keep_out: Sequence[str]) -> list[str]:
 
     dirs: list[str] = []
     files: list[str] = []
-    todo = [os.sep] if outs else []
+    todo = [(os.sep, os.sep)] if outs else []  # (path, its real path)
     while todo:
-        d = todo.pop()
+        d, real_d = todo.pop()
         try:
             entries = list(os.scandir(d))
         except OSError:
             continue
         for e in entries:
-            real = os.path.realpath(e.path)
+            # Only a symlink needs resolving (scandir knows which entries are symlinks).
+            real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_d, e.name)
             if under(real, outs):
                 continue  # the store, or a symlink into it
             if any(under(o, [real]) for o in outs):
                 if not e.is_symlink():
-                    todo.append(e.path)  # an ancestor of the store: allow what is beside the path
+                    todo.append((e.path, real))  # an ancestor of the store: allow what is beside the path
                 continue
             (dirs if e.is_dir() else files).append(e.path)
 
-    def lst(xs: list[str]) -> str:
-        return "[" + ", ".join(qliteral(x) for x in xs) + "]"
-
-    return [
-        f"SET allowed_directories = {lst(dirs)}",
-        f"SET allowed_paths = {lst(files)}",
-        "SET enable_external_access = false",
-        "SET lock_configuration = true",
-    ]
+    # Parameters, not literals: a long /tmp makes thousands of entries (and no quoting to get wrong).
+    con.execute("SET allowed_directories = $1", [dirs])
+    con.execute("SET allowed_paths = $1", [files])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 def _describe(states: Mapping[str, st.ShardState]) -> str:
