@@ -358,15 +358,29 @@ def _referenced(catalog: dict[str, str], sql: str) -> dict[str, str]:
     return out
 
 
+# C0 and C1 controls, DEL, and the bidirectional overrides and isolates ("Trojan source"):
+# shown as escapes, so data can neither drive the terminal nor reorder what is shown.
+_VISIBLE = {c: repr(chr(c))[1:-1] for c in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+
+
+def _visible(v: Any) -> Any:
+    """`v` as a table cell: a `rich` Text (never read as markup), control characters escaped (`\\x1b`, `\\n`)."""
+    from rich.text import Text
+
+    return Text("NULL" if v is None else str(v).translate(_VISIBLE))
+
+
 def _print_table(table: Any, title: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=title, show_lines=False)
+    t = Table(title=None if title is None else _visible(title), show_lines=False)
     for name in table.schema.names:
-        t.add_column(name, overflow="fold")
-    for row in table.to_pylist():  # display only: bounded by the caller's LIMIT
-        t.add_row(*["NULL" if v is None else str(v) for v in row.values()])
+        t.add_column(_visible(name), overflow="fold")
+    # By column: a result may have two columns of one name (`SELECT 1 AS a, 2 AS a`).
+    cols = [c.to_pylist() for c in table.columns]  # display only: bounded by the caller's LIMIT
+    for row in zip(*cols, strict=True):
+        t.add_row(*map(_visible, row))
     Console().print(t)
 
 
@@ -524,15 +538,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     import storage
 
-    t = Table(title=f"collections in {args.data}")
+    t = Table(title=_visible(f"collections in {args.data}"))
     right = ("since", "upper", "batches", "rows", "updates", "bytes")
     for col in ("collection", "shard", "since", "upper", "lag", "batches", "rows", "updates", "bytes"):
         t.add_column(col, justify="right" if col in right else "left")
     for n, info in infos.items():
         up = storage.Frontier(info["upper"])
         rows = info["rows"]
-        t.add_row(
-            n,
+        t.add_row(*map(
+            _visible,
+            (n,
             info["shard_id"][:9] + "…",
             str(info["since"]),
             str(info["upper"]),
@@ -540,15 +555,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             str(len(info["batches"])),
             f"{rows:,}" if isinstance(rows, int) else str(info.get("rows_error") or "-"),
             f"{info['updates']:,}",
-            f"{info['bytes']:,}",
-        )
+            f"{info['bytes']:,}"),
+        ))
     Console().print(t)
     if args.name:
         bt = Table(title=f"batches of {args.name}")
         for col in ("lower", "upper", "since", "parts", "updates", "bytes"):
             bt.add_column(col, justify="right")
         for b in infos[args.name]["batches"]:
-            bt.add_row(*[str(b[k]) for k in ("lower", "upper", "since", "parts", "updates", "bytes")])
+            bt.add_row(*[_visible(b[k]) for k in ("lower", "upper", "since", "parts", "updates", "bytes")])
         Console().print(bt)
     print()
     title = f"holds on {args.name}" if args.name else "holds"
@@ -611,6 +626,7 @@ def _print_holds(title: str, per_collection: list[tuple[str, list[dict[str, Any]
         for name, holds in per_collection
         for h in holds
     ]
+    rows = [tuple(v.translate(_VISIBLE) for v in r) for r in rows]
     print(f"{title}:")
     if not rows:
         print("  (none)")
