@@ -296,15 +296,28 @@ class UsageError(Exception):
 _CLIENTS: list[Any] = []
 
 
-def _storage_open(args: argparse.Namespace) -> Any:
+def _storage_open(args: argparse.Namespace, *, read_only: bool = False) -> Any:
     import storage
 
-    client = storage.open(args.data, consensus=args.consensus)
+    if not read_only and not args.consensus and os.path.isdir(args.data) and not _writable(args.data):
+        raise storage.errors.ReadOnly(
+            f"--data {args.data}: this process cannot write there (a read-only directory?), and "
+            f"`shardflow {args.command}` writes; query, tail, inspect, holds list and fsck read it as it is"
+        )
+    client = storage.open(args.data, consensus=args.consensus, read_only=read_only)
     _CLIENTS.append(client)
     return client
 
 
-def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
+def _writable(data: str) -> bool:
+    """Can this process write the store under `data` (a read-only mount or another user's store cannot)?"""
+    cons = os.path.join(data, "consensus.sqlite")
+    return os.access(data, os.W_OK) and (not os.path.exists(cons) or os.access(cons, os.W_OK))
+
+
+def _open(args: argparse.Namespace, *, create: bool = False, reads: bool = False) -> Any:
+    """The client of `--data`. `reads`: the command only reads, so a store this process
+    cannot write is opened read-only (`storage.open(read_only=True)`) instead of failing."""
     import storage
 
     if (
@@ -315,7 +328,7 @@ def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
         raise storage.errors.InvalidInput(
             f"--data {args.data}: no shardflow data here (run a flow first, e.g. `shardflow demo`)"
         )
-    return _storage_open(args)
+    return _storage_open(args, read_only=reads and not args.consensus and not _writable(args.data))
 
 
 def _controller(client: Any, read_only: bool = True) -> Any:
@@ -435,7 +448,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     import storage
     from storage.controller import read_catalog
 
-    client = _open(args)
+    client = _open(args, reads=True)
     # The catalog straight from consensus: a query reads, so it needs no controller
     # (opening one sets up every collection and its introspection: most of a small
     # query's time).
@@ -471,7 +484,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     import storage
     from storage import DIFF, TIME
 
-    client = _open(args)
+    client = _open(args, reads=True)
     ctl = _controller(client)
     try:
         shard = _resolve(ctl, args.name)
@@ -513,7 +526,7 @@ def _lag_ms(upper: Any) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    client = _open(args)
+    client = _open(args, reads=True)
     ctl = _controller(client)
     try:
         cat = _catalog(ctl)
@@ -650,7 +663,7 @@ def cmd_holds(args: argparse.Namespace) -> int:
 
 
 def cmd_holds_list(args: argparse.Namespace) -> int:
-    client = _open(args)
+    client = _open(args, reads=True)
     ctl = _controller(client)
     try:
         cat = _catalog(ctl)
@@ -834,7 +847,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     import storage
     from storage.controller import read_catalog
 
-    client = _open(args)
+    client = _open(args, reads=True)
     try:
         cat = read_catalog(client)
     except Exception as e:  # noqa: BLE001 - a broken catalog is fsck's finding, in one line
@@ -1142,6 +1155,20 @@ def _close_clients() -> None:
             pass
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse, in one line, numbers argparse lets through: a negative --tick was a busy loop."""
+    import math
+
+    for flag, low, strict in (("tick", 0.0, True), ("timeout", 0.0, False), ("as_of", 0, False), ("ticks", 0, False)):
+        v = getattr(args, flag, None)
+        if v is None:
+            continue
+        bad = math.isnan(v) or v < low or (strict and (v == low or math.isinf(v)))
+        if bad:
+            want = f"> {low:g} and finite" if strict else f">= {low:g}"
+            raise UsageError(f"--{flag.replace('_', '-')} must be {want}, got {v}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1150,6 +1177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["RUST_BACKTRACE"] = "0"
     try:
         try:
+            _check_numbers(args)
             return COMMANDS[args.command](args)
         finally:
             _close_clients()

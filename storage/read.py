@@ -230,11 +230,20 @@ class ReadHandle:
         self._since = Frontier.MIN
         self._expired = False
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # A read-only client (`storage.open(read_only=True)`) cannot register: the reader
+        # holds nothing, which is safe where nothing writes (see `storage.open`).
+        self._registered = not getattr(client, "read_only", False)
+        if not self._registered:
+            s = self.machine.fetch()
+            if s.is_tombstone:
+                raise tombstone_error(self.shard_id)
+            self._since, self._last_seqno, self.schema = s.since, s.seqno, s.schema
+            return
         s, r = self.machine.apply(st.register_leased_reader, reader_id, lease_ms=lease_ms)
         self._since = r.since
         self._last_seqno = r.seqno
         self.schema = s.schema
-        self._thread: threading.Thread | None = None
         if heartbeat:
             self._thread = threading.Thread(target=self._heartbeat_loop, name=f"lease-{reader_id}", daemon=True)
             self._thread.start()
@@ -255,6 +264,8 @@ class ReadHandle:
 
     def _check_lease(self, s: st.ShardState) -> None:
         """Raise LeaseExpired if `s` no longer has this reader live (by the client's clock)."""
+        if not self._registered:
+            return
         r = s.leased_readers.get(self.reader_id)
         if r is None or r.lease_expires_ms <= self.client.clock():
             self._expired = True
@@ -268,6 +279,8 @@ class ReadHandle:
     def heartbeat(self) -> None:
         """Extend the lease and release state versions this reader no longer reads."""
         self._check_live()
+        if not self._registered:
+            return
         pin = self._pin()
         try:
             self.machine.apply(st.heartbeat_leased_reader, self.reader_id, pin_seqno=pin)
@@ -324,6 +337,8 @@ class ReadHandle:
         if self._expired:
             return
         self._expired = True
+        if not self._registered:
+            return
         try:
             self.machine.apply(st.expire_leased_reader, self.reader_id)
         except Tombstone:
