@@ -38,6 +38,7 @@ from storage import (
     overflow_checked,
 )
 from storage.errors import InvalidInput, InvalidUppers, LeaseExpired, OffsetsMismatch, UpperMismatch
+from storage.query import qliteral
 
 # The consolidation SQL below (`_correction`, `_absorb`) is to move to storage's one
 # consolidation builder; until then it uses these helpers of `storage.updates`.
@@ -395,7 +396,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             # File-backed, with a memory limit: large corrections spill to the temp dir.
             self._con = duckdb.connect(os.path.join(self._tmp, "sink.duckdb"))
             self._con.execute("SET memory_limit='512MB'")
-            self._con.execute(f"SET temp_directory='{os.path.join(self._tmp, 'spill')}'")
+            self._con.execute(f"SET temp_directory = {qliteral(os.path.join(self._tmp, 'spill'))}")
             self._con.execute("SET preserve_insertion_order=false")
         return self._con
 

@@ -113,7 +113,7 @@ def private(path: str | None = None, **settings: str | int | bool) -> duckdb.Duc
     """
     con = duckdb.connect(":memory:" if path is None else path)
     for name, value in settings.items():
-        v = f"'{value}'" if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        v = "'" + value.replace("'", "''") + "'" if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
         con.execute(f"SET {name} = {v}")
     return con
 

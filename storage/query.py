@@ -58,7 +58,7 @@ from .read import (
     parts_source_with_diffs,
     snapshot_sql,
 )
-from .updates import DIFF, TIME, overflow_checked, qident
+from .updates import DIFF, TIME, overflow_checked, qident, qliteral  # noqa: F401 - flows/ quote with both
 
 
 def check_name(name: str) -> tuple[str | None, str]:
