@@ -627,19 +627,18 @@ def _hold_state(h: dict[str, Any]) -> str:
 def _print_holds(title: str, per_collection: list[tuple[str, list[dict[str, Any]]]]) -> None:
     """A plain-text table (holder ids are printed whole, to be copied into `holds release`)."""
     header = ("collection", "holder", "kind", "since", "registered", "state")
-    rows = [
-        (
+    rows: list[tuple[str, ...]] = [
+        tuple(str(v).translate(_VISIBLE) for v in (
             name,
             h["holder"],
             _hold_kind(h),
             "empty" if h["since"] is None else str(h["since"]),
             _utc(h["registered_ms"]),
             _hold_state(h),
-        )
+        ))
         for name, holds in per_collection
         for h in holds
     ]
-    rows = [tuple(v.translate(_VISIBLE) for v in r) for r in rows]
     print(f"{title}:")
     if not rows:
         print("  (none)")

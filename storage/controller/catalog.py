@@ -48,7 +48,7 @@ def validate_name(name: Any, *, allow_system: bool = False) -> str:
     """A user collection name is `ids.NAME_RULE`; `system.<name>` is the controller's own."""
     why = name_problem(name)
     if why is None:
-        return name  # type: ignore[no-any-return]
+        return name
     if allow_system and isinstance(name, str) and name.startswith(SYSTEM_PREFIX):
         why = name_problem(name[len(SYSTEM_PREFIX):])
         if why is None:
