@@ -300,14 +300,13 @@ def parts_source(env: ShardEnv, s: st.ShardState, batches: list[st.BatchMeta], c
 
 
 def parts_source_with_diffs(
-    env: ShardEnv, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str,
-    *, by_path: bool = True,
+    env: ShardEnv, s: st.ShardState, batches: list[st.BatchMeta], con: duckdb.DuckDBPyConnection, name: str
 ) -> PartsSource:
     """`parts_source`, plus what the parts' statistics say of `_diff` (see `PartsSource`).
 
     A min `>= 0` proves no count can be negative, so the snapshot needs no check.
     """
-    return env.parts.source(s, batches, con, name, diffs=True, by_path=by_path)
+    return env.parts.source(s, batches, con, name, diffs=True)
 
 
 def _read_parquet(con: duckdb.DuckDBPyConnection, s: st.ShardState, schema: pa.Schema, paths: list[str]) -> str:

@@ -150,7 +150,7 @@ def connect(
         timeout: seconds to wait, in total, for a readable time.
         confine: keep the connection's SQL away from the store (what `shardflow
             query` does). The views read their parts as Arrow datasets, not by
-            path; once they exist, DuckDB may open no file under the store's
+            path (the negative-count checks, before, read them natively); then DuckDB may open no file under the store's
             directories (the client's root, the blob directory, the consensus
             file's directory), to read or to write, and its configuration is
             locked. Every other path that exists when the connection opens stays
@@ -193,7 +193,12 @@ def connect(
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {qident(sch)}")
         for name, s in states.items():
             schema, base = checked[name]
-            _create_views(con, stack, readers[name], s, name, schema, base, t, by_path=not confine)
+            hidden, batches = _create_views(con, stack, readers[name], s, name, schema, base, t)
+            if confine:
+                # The checks above read the parts natively; what the user's SQL reads is
+                # re-pointed at Arrow datasets, before DuckDB loses access to the store.
+                arrow = readers[name].client.parts.source(s, batches, con, f"__arrow_{hidden}", by_path=False)
+                con.execute(f"CREATE OR REPLACE VIEW {qident(hidden)} AS SELECT * FROM {arrow.src}")
         # SUBTLE: below since, compaction may have advanced times (to since), so raw updates
         # there may not be where they were: changes() from a time below since would be
         # silently wrong. It is an error instead, like a snapshot before since. (With
@@ -225,9 +230,10 @@ def connect(
 def store_dirs(client: Any) -> list[str]:
     """The directories of `client`'s store on this machine: its root, a local blob's, a SQLite consensus's."""
     out = [client.root] if getattr(client, "root", None) else []
-    blob_root = getattr(client.blob, "root", None)
-    if isinstance(blob_root, str):
-        out.append(blob_root)
+    local = getattr(client.blob, "local_path", None)
+    part = local("k") if local is not None else None  # where a part would be, on this machine
+    if isinstance(part, str):
+        out.append(os.path.dirname(part))
     path = getattr(client.consensus, "path", None)
     if isinstance(path, str):
         out.append(os.path.dirname(os.path.abspath(path)))
@@ -382,9 +388,8 @@ def _create_views(
     schema: str | None,
     base: str,
     t: int | None,
-    *,
-    by_path: bool = True,
-) -> None:
+) -> tuple[str, list[st.BatchMeta]]:
+    """Create the view of one collection; return its hidden view's name and the batches it reads."""
     # SUBTLE: views are lazy; the reader pins this state version until the connection
     # closes, so gc cannot delete a part a view still reads.
     stack.enter_context(reader._reading(s))
@@ -395,7 +400,7 @@ def _create_views(
     # which is all the views and changes() (whose `to` is at most t) may show. Their parts
     # are not verified or opened, and the _diff statistics below are those of what is read.
     batches = [b for b in s.batches if b.parts and (t is None or b.lower.less_equal(t))]
-    ps = parts_source_with_diffs(reader.client, s, batches, con, f"__parts_{hidden}", by_path=by_path)
+    ps = parts_source_with_diffs(reader.client, s, batches, con, f"__parts_{hidden}")
     con.execute(f"CREATE VIEW {qident(hidden)} AS SELECT * FROM {ps.src}")
     names = s.schema.names
     cols = ", ".join(qident(c) for c in names)
@@ -440,6 +445,7 @@ def _create_views(
             # INVARIANT: check_counts above proved every _diff here is > 0.
             body = f"SELECT * EXCLUDE ({DIFF}, __n) FROM (SELECT *, unnest(range({DIFF})) AS __n FROM ({agg}))"
     con.execute(f"CREATE VIEW {_qualified(schema, base)} AS {body}")
+    return hidden, batches
 
 
 #: `split` when the updates with a negative diff at <= as_of are at most this share of all.
