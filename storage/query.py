@@ -149,8 +149,9 @@ def connect(
             every upper to pass it.
         timeout: seconds to wait, in total, for a readable time.
         confine: keep the connection's SQL away from the store (what `shardflow
-            query` does). The views read their parts as Arrow datasets, not by
-            path (the negative-count checks, before, read them natively); then DuckDB may open no file under the store's
+            query` does). The negative-count checks read the parts natively; then
+            the views are re-pointed at Arrow datasets of them (DuckDB opens no
+            part itself), and DuckDB may open no file under the store's
             directories (the client's root, the blob directory, the consensus
             file's directory), to read or to write, and its configuration is
             locked. Every other path that exists when the connection opens stays
