@@ -247,12 +247,16 @@ def confine_connection(con: duckdb.DuckDBPyConnection, keep_out: Sequence[str]) 
     DuckDB has only allow-lists (`allowed_directories`, `allowed_paths`, which grant
     reading AND writing, OVERWRITE included), so the allowed set is built by
     walking down from `/` to each kept-out directory: every entry beside the path
-    to it is allowed, whole. Not allowed, hence: the kept-out trees; a symlink that
-    leads into one or to one of its ancestors; and a path that does not exist yet
+    to it is allowed, whole. Not allowed, hence: the kept-out trees; a symlink beside
+    that path that leads into one or to one of its ancestors; and a path that does not exist yet
     directly in an ancestor of one (`COPY ... TO 'out.csv'` next to `./data`: write
     into a subdirectory, or use `shardflow query -o`). Then `enable_external_access`
     goes off (only the allowed paths stay open) and `lock_configuration` on, so the
     SQL cannot undo it. DuckDB normalizes `..` before it checks.
+
+    NB: DuckDB checks a path as written. A symlink deeper inside an allowed
+    directory that leads into the store is not found by this walk (it would cost a
+    walk of every allowed tree): such a link reaches the store.
     """
     outs = [os.path.realpath(p) for p in keep_out]
 
