@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         "sources are exhausted; continuous mode runs until SIGINT/SIGTERM, then flushes and exits 0.",
     )
     r.add_argument("flow", metavar="FLOW.py", help="a Python file that defines the flow")
+    r.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="batch mode: a file source whose glob matches no file reads nothing instead of failing",
+    )
     # A child of a multi-process run (`-p N` starts them; not for direct use: process 0 must build first).
     r.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--addresses", default=None, help=argparse.SUPPRESS)
@@ -947,6 +952,22 @@ def _no_rust_panic_text(debug: bool) -> Iterator[None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from connectors.files import ALLOW_EMPTY_ENV
+
+    # The file sources read it (also in the `-p N` children, which inherit the environment).
+    before = os.environ.get(ALLOW_EMPTY_ENV)
+    if args.allow_empty:
+        os.environ[ALLOW_EMPTY_ENV] = "1"
+    try:
+        return _cmd_run(args)
+    finally:
+        if before is None:
+            os.environ.pop(ALLOW_EMPTY_ENV, None)
+        else:
+            os.environ[ALLOW_EMPTY_ENV] = before
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     import storage
     from flows.cluster import RunSpec, run_child
 
