@@ -4,11 +4,11 @@ Each accepted `POST` becomes one row, `body` (the request body as UTF-8 text)
 and, with `include_headers=True`, `headers` (a JSON object of the lower-cased
 header names to values), handed as a one-row `pyarrow.Table` to `on_batch`:
 
-- a callable `on_batch(table)`, e.g. the storage controller's
-  `ctl.monotonic_appender(name)` or a function of your own. It is called from
-  the request threads **concurrently** (so that the appender batches the
-  requests in flight into one commit): it must be thread-safe, as the
-  controller's appender is; or
+- the storage controller's `ctl.monotonic_appender(name)`: requests in flight are
+  queued on it without a thread each and committed together (one commit per
+  batch of requests, "group commit");
+- a callable `on_batch(table)` of your own. It is called from a pool of threads
+  **concurrently**: it must be thread-safe; or
 - anything with `monotonic_append(rows, at_least)`, e.g. a `storage.WriteHandle`
   of the collection's shard; rows are then written at
   `max(upper, now in milliseconds)`, one request at a time (one commit each).
@@ -43,10 +43,12 @@ Rejections write nothing:
   (slowloris) is dropped without an answer.
 
 Set-ups refused with `InvalidInput`: an empty secret, and a bind address other
-than loopback without a secret. The server binds `127.0.0.1` by default. It
-runs in a background thread; use it as a context manager. `stop()` is
-graceful: it stops accepting, lets the requests being handled finish (up to
-`grace_s`), then closes the idle connections.
+than loopback without a secret. The server binds `127.0.0.1` by default.
+
+It is uvicorn (an asyncio HTTP server, httptools parser) running this module's
+ASGI app in a background thread; use it as a context manager. `stop()` is
+graceful: it stops accepting, closes idle connections, lets the requests being
+handled finish (up to `grace_s`), then returns.
 
 Example:
     >>> import urllib.request
@@ -61,25 +63,30 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
-import io
 import ipaddress
 import json
 import logging
+import math
 import socket
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
+from storage.controller import MonotonicAppender
 from storage.errors import InvalidInput
 
 from .errors import WebhookError
+
+if TYPE_CHECKING:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 __all__ = ["IDEMPOTENCY_HEADER", "SIGNATURE_HEADER", "WebhookServer", "sign", "webhook_schema"]
 
@@ -176,66 +183,90 @@ class _Seen:
                 self._keys.pop(k, None)
 
 
-class _DeadlineReader(io.RawIOBase):
-    """A socket's reads, each bounded by what is left of one deadline (a dripping client cannot extend it)."""
+class _Headers:
+    """A request's headers (ASGI: lower-cased names, bytes), looked up by name."""
 
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.deadline = time.monotonic()
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]):
+        self.raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in raw]
 
-    def readable(self) -> bool:
-        return True
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.raw if k == name]
 
-    def readinto(self, b: Any) -> int:
-        left = self.deadline - time.monotonic()
-        if left <= 0:
-            raise TimeoutError("the request was not read within the request timeout")
-        self.sock.settimeout(left)
-        return self.sock.recv_into(b)
+    def get(self, name: str) -> str | None:
+        got = self.get_all(name)
+        return got[0] if got else None
+
+    def items(self) -> list[tuple[str, str]]:
+        return self.raw
 
 
-class _HTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most `max_connections` at once; tracks connections for a graceful stop."""
+_TOO_MANY = b'{"status": 503, "message": "too many open connections"}\n'
+_TOO_MANY_RESPONSE = (
+    b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nconnection: close\r\n"
+    b"content-length: " + str(len(_TOO_MANY)).encode() + b"\r\n\r\n" + _TOO_MANY
+)
 
-    daemon_threads = True
-    block_on_close = False
 
-    def __init__(self, addr: tuple[str, int], handler: Any, max_connections: int):
-        self.max_connections = max_connections
-        self.cond = threading.Condition()
-        self.open_socks: set[socket.socket] = set()
-        self.busy = 0  # requests being handled (between their request line and their answer)
-        self.closing = False
-        if ":" in addr[0]:
-            self.address_family = socket.AF_INET6
-        super().__init__(addr, handler)
+def _protocol_class(server: WebhookServer) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol, bounded: connections at most, a deadline per request, EOF mid-body."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.cond:
-            full = len(self.open_socks) >= self.max_connections or self.closing
-            if not full:
-                self.open_socks.add(request)
-        if full:
-            try:
-                request.settimeout(0.5)
-                msg = b'{"status": 503, "message": "too many open connections"}\n'
-                request.sendall(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                    b"Connection: close\r\nContent-Length: " + str(len(msg)).encode() + b"\r\n\r\n" + msg
-                )
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
+    class Protocol(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
 
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.cond:
-                self.open_socks.discard(request)
-                self.cond.notify_all()
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > server.max_connections:
+                transport.write(_TOO_MANY_RESPONSE)
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            # SUBTLE: one deadline for waiting for, and reading, the whole request (headers
+            # and body): a client dripping a byte at a time cannot extend it (slowloris).
+            self._disarm()
+            self._deadline = self.loop.call_later(server.request_timeout_s, self._too_slow)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _too_slow(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()  # connection_lost tells a waiting app "http.disconnect"
+
+        def data_received(self, data: bytes) -> None:
+            if self._deadline is None and (self.cycle is None or self.cycle.response_complete):
+                self._arm()  # the first bytes of the next request on a kept-alive connection
+            super().data_received(data)
+
+        def on_message_complete(self) -> None:
+            self._disarm()
+            super().on_message_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol's contract
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                return None  # idle, or headers not complete: close
+            # SUBTLE: the client stopped sending while a request is open. Keep the socket
+            # open for the answer (a half-close is legal), and if the body was still
+            # coming, end it here: the app sees a body shorter than its Content-Length
+            # and answers 400 (uvicorn alone would wait for the rest, then drop the answer).
+            cycle.keep_alive = False
+            if cycle.more_body:
+                cycle.more_body = False
+                cycle.message_event.set()
+            return True
+
+    return Protocol
 
 
 class WebhookServer:
@@ -245,8 +276,9 @@ class WebhookServer:
         host: Interface to bind; `127.0.0.1` by default. Any other than loopback
             needs a `secret`.
         port: TCP port; 0 picks a free one (see `.port` / `.url`).
-        on_batch: Where rows go: a thread-safe callable taking a `pyarrow.Table`,
-            or an object with `monotonic_append(rows, at_least)`.
+        on_batch: Where rows go: the controller's `MonotonicAppender`, a
+            thread-safe callable taking a `pyarrow.Table`, or an object with
+            `monotonic_append(rows, at_least)`.
         secret: HMAC-SHA256 key (not empty); when set, requests must carry a
             valid `X-Signature` (see `sign`) within `tolerance_s`, else 401.
         include_headers: Add a `headers` column (JSON object).
@@ -255,7 +287,8 @@ class WebhookServer:
             and idempotency keys are remembered for twice this.
         max_connections: Open connections at most; more are answered 503 and closed.
         request_timeout_s: Time to receive a whole request (headers and body),
-            counted from when the server starts waiting for it.
+            counted from its first byte (from the connection, for the first one);
+            an idle kept-alive connection is closed after 5 s.
         max_remembered: Signatures and idempotency keys remembered at most; past
             it new requests get 503 until old ones expire.
         grace_s: How long `stop()` waits for the requests being handled.
@@ -303,68 +336,96 @@ class WebhookServer:
         self.include_headers = include_headers
         self.max_body = max_body
         self.tolerance_s = tolerance_s
+        self.max_connections = max_connections
         self.request_timeout_s = request_timeout_s
         self.grace_s = grace_s
         self.schema = webhook_schema(include_headers)
         self.accepted = 0
         self.rejected = 0
         self.duplicates = 0
-        self._count_lock = threading.Lock()
         self._seen = _Seen(2 * tolerance_s, max_remembered)
-        # SUBTLE: only a `monotonic_append` object (a WriteHandle: not thread-safe, one
-        # commit per call anyway) is called under a lock; a callable is called concurrently,
-        # so that the controller's appender commits all requests in flight at once.
+        # The controller's appender (also as its bound `append`): queued from the event
+        # loop, awaited as a future; no thread per request, one commit per batch.
+        target = getattr(on_batch, "__self__", None) if getattr(on_batch, "__name__", "") == "append" else on_batch
+        self._appender = target if isinstance(target, MonotonicAppender) else None
+        # Anything else runs in a pool of threads; a `monotonic_append` object (a
+        # WriteHandle: not thread-safe, and one commit per call anyway) under a lock.
+        self._pool = ThreadPoolExecutor(max_workers=min(32, max_connections), thread_name_prefix="webhook-deliver")
         self._handle_lock = threading.Lock()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # SUBTLE: proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted sockets only
+        # then, and without it a response's second write waits for the client's delayed ACK
+        # (about 40 ms per request).
+        self._sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         try:
-            self._httpd = _HTTPServer((host, port), self._handler_class(), max_connections)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._sock.bind((host, port))
+            self._sock.listen(1024)
         except OSError as e:
+            self._sock.close()
             raise WebhookError(f"WebhookServer: cannot listen on {host}:{port}: {e}") from None
+        self._sock.setblocking(False)
+        import uvicorn  # imported here: `import connectors` stays light for the CLI
+
+        config = uvicorn.Config(
+            self._app,
+            http=_protocol_class(self),
+            lifespan="off",
+            interface="asgi3",
+            proxy_headers=False,
+            log_config=None,  # a library: leave the logging set-up to the application
+            access_log=False,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=max(1, math.ceil(grace_s)),
+            server_header=False,
+        )
+        self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+        self._closing = False
         self._stopped = False
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        return int(self._sock.getsockname()[1])
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
+    @property
+    def open_connections(self) -> int:
+        """Connections open now."""
+        return len(self._server.server_state.connections)
+
     def start(self) -> WebhookServer:
-        """Serve in a background thread; returns self."""
-        if self._thread is None:
-            self._thread = threading.Thread(
-                target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name=f"webhook-{self.port}", daemon=True
-            )
+        """Serve in a background thread; returns self once it accepts connections."""
+        if self._thread is None and not self._stopped:
+            self._thread = threading.Thread(target=self._run, name=f"webhook-{self.port}", daemon=True)
             self._thread.start()
+            deadline = time.monotonic() + 30
+            while not self._server.started and self._thread.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.005)
+            if not self._server.started:
+                raise WebhookError(f"WebhookServer: the server on {self.url} did not start")
         return self
 
+    def _run(self) -> None:
+        asyncio.run(self._server.serve(sockets=[self._sock]))
+
     def stop(self) -> None:
-        """Stop accepting, let the requests being handled finish (up to `grace_s`), close all. Idempotent."""
+        """Stop accepting, close idle connections, let the requests in flight finish (up to
+        `grace_s`), then close. Idempotent."""
         if self._stopped:
             return
         self._stopped = True
-        httpd = self._httpd
+        self._closing = True
+        self._server.should_exit = True
         if self._thread is not None:
-            httpd.shutdown()
-            self._thread.join()
+            self._thread.join(self.grace_s + 10)
             self._thread = None
-        httpd.server_close()
-        deadline = time.monotonic() + self.grace_s
-        with httpd.cond:
-            httpd.closing = True
-            while httpd.busy and time.monotonic() < deadline:
-                httpd.cond.wait(deadline - time.monotonic())
-            socks = list(httpd.open_socks)
-        for s in socks:  # idle keep-alive connections (or requests past the grace): cut them
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        with httpd.cond:
-            while httpd.open_socks and time.monotonic() < deadline + 1.0:
-                httpd.cond.wait(0.05)
+        self._sock.close()
+        self._pool.shutdown(wait=True)
 
     def __enter__(self) -> WebhookServer:
         return self.start()
@@ -373,21 +434,29 @@ class WebhookServer:
         self.stop()
 
     def serve_forever(self) -> None:
-        """Serve in the calling thread until `stop()` (from another thread) or Ctrl-C."""
-        self._httpd.serve_forever()
+        """Serve in the calling thread until `stop()` (from another thread) or, in the main thread, SIGINT/SIGTERM."""
+        self._server.run(sockets=[self._sock])
 
     # ---- request handling ----
-    def _deliver(self, table: pa.Table) -> None:
+    async def _deliver(self, table: pa.Table) -> None:
+        if self._appender is not None and self._appender.commits_in_background:
+            await asyncio.wrap_future(self._appender.append(table, wait=False))
+            return
+        loop = asyncio.get_running_loop()
         if hasattr(self.on_batch, "monotonic_append"):
-            with self._handle_lock:
-                self.on_batch.monotonic_append(table, int(time.time() * 1000))
+            await loop.run_in_executor(self._pool, self._monotonic_append, table)
         else:
-            self.on_batch(table)
+            await loop.run_in_executor(self._pool, self.on_batch, table)
 
-    def _check_signature(self, headers: Any, body: bytes) -> tuple[int, str] | str:
+    def _monotonic_append(self, table: pa.Table) -> None:
+        target: Any = self.on_batch
+        with self._handle_lock:
+            target.monotonic_append(table, int(time.time() * 1000))
+
+    def _check_signature(self, headers: _Headers, body: bytes) -> tuple[int, str] | str:
         """The accepted v1 signature, or (401, why)."""
         assert self.secret is not None
-        got = headers.get_all(SIGNATURE_HEADER) or []
+        got = headers.get_all(SIGNATURE_HEADER)
         if len(got) != 1:
             what = "missing" if not got else "repeated"
             return 401, f"{what} {SIGNATURE_HEADER} header (expected t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.' + body>)"
@@ -410,11 +479,11 @@ class WebhookServer:
                 return want
         return 401, f"wrong {SIGNATURE_HEADER}"
 
-    def _handle(self, method: str, headers: Any, read: Callable[[int], bytes]) -> tuple[int, dict[str, Any]]:
-        """Decide on one request: returns (status, response fields). Writes only on a non-duplicate 200."""
+    def _check_length(self, method: str, headers: _Headers) -> tuple[int, dict[str, Any]] | int:
+        """The body's length, or (status, response fields)."""
         if method != "POST":
             return 405, {"message": "only POST is accepted"}
-        lengths = headers.get_all("Content-Length") or []
+        lengths = headers.get_all("Content-Length")
         if headers.get("Transfer-Encoding") or not lengths:
             return 411, {"message": "a Content-Length header is required"}
         if len(lengths) > 1:
@@ -426,8 +495,24 @@ class WebhookServer:
         length = int(raw)
         if length > self.max_body:
             return 413, {"message": f"body of {length} bytes is larger than the limit of {self.max_body} bytes"}
-        body = read(length)
-        if len(body) < length:
+        return length
+
+    async def _handle(self, method: str, headers: _Headers, receive: Any) -> tuple[int, dict[str, Any]] | None:
+        """Decide on one request: (status, response fields), or None if the client left.
+        Writes only on a non-duplicate 200."""
+        length = self._check_length(method, headers)
+        if isinstance(length, tuple):
+            return length
+        chunks: list[bytes] = []
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                return None  # gone (or too slow): nothing stored, nobody to answer
+            chunks.append(msg.get("body", b""))
+            if not msg.get("more_body"):
+                break
+        body = b"".join(chunks)
+        if len(body) != length:
             return 400, {"message": f"body ended after {len(body)} of its Content-Length {length} bytes"}
         keys: list[str] = []
         if self.secret is not None:
@@ -435,7 +520,7 @@ class WebhookServer:
             if isinstance(sig, tuple):
                 return sig[0], {"message": sig[1]}
             keys.append("sig:" + sig)
-        idem = headers.get_all(IDEMPOTENCY_HEADER) or []
+        idem = headers.get_all(IDEMPOTENCY_HEADER)
         if len(idem) > 1:
             return 400, {"message": f"repeated {IDEMPOTENCY_HEADER} header"}
         if idem:
@@ -448,7 +533,7 @@ class WebhookServer:
             return 400, {"message": f"body is not UTF-8 (byte {e.start})"}
         cols: dict[str, Any] = {"body": [text]}
         if self.include_headers:
-            cols["headers"] = [json.dumps({k.lower(): v for k, v in headers.items()}, sort_keys=True)]
+            cols["headers"] = [json.dumps(dict(headers.items()), sort_keys=True)]
         table = pa.table(cols, schema=self.schema)
         if keys:
             why = self._seen.claim(keys)
@@ -459,70 +544,35 @@ class WebhookServer:
             if why == "full":
                 return 503, {"message": "too many requests remembered for replay protection; retry later"}
         try:
-            self._deliver(table)
+            await self._deliver(table)
         except Exception as e:  # noqa: BLE001 - reported to the client, nothing acknowledged
             self._seen.forget(keys)
             log.exception("webhook: delivering a request failed")
             return 500, {"message": f"append failed: {type(e).__name__}: {e}"}
+        except asyncio.CancelledError:
+            self._seen.forget(keys)  # stopped past the grace period: not acknowledged
+            raise
         self._seen.done(keys)
         return 200, {"message": "ok"}
 
-    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-            timeout = server.request_timeout_s  # writes; reads are bounded by the deadline
-
-            def setup(self) -> None:
-                super().setup()
-                self.rfile.close()
-                self._raw = _DeadlineReader(self.connection)
-                self.rfile = io.BufferedReader(self._raw)
-
-            def handle_one_request(self) -> None:
-                # SUBTLE: one deadline for waiting for, and reading, the whole request:
-                # a per-read timeout would let a client dripping a byte at a time hold
-                # its thread forever (slowloris).
-                self._raw.deadline = time.monotonic() + server.request_timeout_s
-                super().handle_one_request()
-
-            def _respond(self) -> None:
-                httpd = server._httpd
-                with httpd.cond:
-                    httpd.busy += 1
-                try:
-                    status, fields = server._handle(self.command, self.headers, self.rfile.read)
-                    self._answer(status, fields)
-                finally:
-                    with httpd.cond:
-                        httpd.busy -= 1
-                        httpd.cond.notify_all()
-
-            def _answer(self, status: int, fields: dict[str, Any]) -> None:
-                with server._count_lock:
-                    if status != 200:
-                        server.rejected += 1
-                    elif fields.get("duplicate"):
-                        server.duplicates += 1
-                    else:
-                        server.accepted += 1
-                if status != 200 or server._httpd.closing:
-                    # Unread bodies (413, 411) would be parsed as the next request.
-                    self.close_connection = True
-                data = (json.dumps({"status": status, **fields}) + "\n").encode()
-                self.connection.settimeout(server.request_timeout_s)
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                if self.close_connection:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_POST = do_GET = do_PUT = do_DELETE = do_PATCH = _respond
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("webhook %s: " + format, self.address_string(), *args)
-
-        return Handler
+    async def _app(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        got = await self._handle(scope["method"], _Headers(scope["headers"]), receive)
+        if got is None:
+            self.rejected += 1
+            return
+        status, fields = got
+        if status != 200:
+            self.rejected += 1
+        elif fields.get("duplicate"):
+            self.duplicates += 1
+        else:
+            self.accepted += 1
+        data = (json.dumps({"status": status, **fields}) + "\n").encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        if status != 200 or self._closing:
+            # Unread bodies (413, 411) would be parsed as the next request.
+            headers.append((b"connection", b"close"))
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": data})

@@ -74,7 +74,7 @@ def test_two_content_length_headers_are_400() -> None:
         resp = raw_exchange(
             srv.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello"
         )
-        assert status_of(resp) == 400 and b"2 Content-Length headers" in resp
+        assert status_of(resp) == 400  # refused by the HTTP parser already
         resp = raw_exchange(
             srv.port, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 5\r\n\r\nhello"
         )
@@ -193,7 +193,7 @@ def test_connections_past_the_limit_are_turned_away() -> None:
         held = [socket.create_connection(("127.0.0.1", srv.port), timeout=10) for _ in range(2)]
         try:
             deadline = time.monotonic() + 10
-            while len(srv._httpd.open_socks) < 2 and time.monotonic() < deadline:
+            while srv.open_connections < 2 and time.monotonic() < deadline:
                 time.sleep(0.01)
             # The answer comes on accept (sending first could race with the close into a reset).
             resp = raw_exchange(srv.port, b"", half_close=False)
@@ -202,7 +202,7 @@ def test_connections_past_the_limit_are_turned_away() -> None:
             for s in held:
                 s.close()
         deadline = time.monotonic() + 10
-        while srv._httpd.open_socks and time.monotonic() < deadline:
+        while srv.open_connections and time.monotonic() < deadline:
             time.sleep(0.01)
         assert post(srv, b"x")[0] == 200
 
