@@ -136,7 +136,7 @@ def _side(side: str, args: argparse.Namespace, data: str) -> tuple[float, int, i
     env = dict(os.environ, BENCH_SECRET=SECRET, PYTHONPATH=ROOT)
     if side == "store":
         cmd = [sys.executable, "-m", "flows.cli", "webhook", "bench", "--data", data,
-               "--secret-env", "BENCH_SECRET", "--port", str(port)]
+               "--secret-env", "BENCH_SECRET", "--port", str(port), "--batch-ms", str(args.batch_ms)]
     else:
         cmd = [sys.executable, __file__, "--serve-null", str(port)]
     srv = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--procs", type=int, default=4, help="client processes (the clients are split over them)")
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch-ms", type=int, default=5, help="the store side's `shardflow webhook --batch-ms`")
     ap.add_argument("--serve-null", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve_null is not None:

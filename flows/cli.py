@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest body (default: %(default)s)")
     w.add_argument("--tolerance", type=float, default=300.0, metavar="S", help="signature timestamp tolerance in seconds (default: %(default)s)")
     w.add_argument("--max-connections", type=int, default=256, help="open connections at most (default: %(default)s)")
+    w.add_argument(
+        "--batch-ms",
+        type=int,
+        default=5,
+        metavar="MS",
+        help="after a commit, gather requests this long before the next one (default: %(default)s)",
+    )
 
     v = sub.add_parser(
         "view",
@@ -1133,11 +1140,14 @@ def cmd_webhook(args: argparse.Namespace) -> int:
             raise UsageError(f"webhook: --secret-env {args.secret_env}: the secret is empty")
     if not 0 <= args.port <= 65535:
         raise UsageError(f"webhook: --port {args.port} is not a TCP port (0..65535)")
+    if args.batch_ms < 0:
+        raise UsageError(f"webhook: --batch-ms must be >= 0, got {args.batch_ms}")
     client = _storage_open(args)
     # Joins the running jobs' epoch (fence=False): starting a webhook must not fence them.
-    # SUBTLE: batch_duration_ms=5: commit what is queued (almost) as soon as the previous commit
-    # is done (group commit). Every request waits for its commit, so a longer batch only
-    # adds latency, and with N clients caps the rate at N per batch.
+    # SUBTLE: --batch-ms (default 5): commit what is queued (almost) as soon as the previous
+    # commit is done (group commit). Every request waits for its commit, so with N clients the
+    # rate is at most N per commit; a longer gathering only helps when commits cost CPU the
+    # requests need (measured in bench/webhook.py: noisy, no clear winner between 0 and 30).
     stop = threading.Event()
     fenced: list[BaseException] = []
 
@@ -1149,7 +1159,7 @@ def cmd_webhook(args: argparse.Namespace) -> int:
         client,
         fence=False,
         role=f"webhook:{args.name}",
-        batch_duration_ms=5,
+        batch_duration_ms=args.batch_ms,
         on_fenced=_fenced,
     )
     try:

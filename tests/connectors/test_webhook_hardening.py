@@ -149,6 +149,18 @@ def test_a_failed_delivery_can_be_retried_with_the_same_key() -> None:
     assert len(calls) == 2
 
 
+def test_the_replay_memory_is_bounded() -> None:
+    got: list[pa.Table] = []
+    with WebhookServer(on_batch=got.append, max_remembered=2) as srv:
+        assert post(srv, b"1", {"Idempotency-Key": "k1"})[0] == 200
+        assert post(srv, b"2", {"Idempotency-Key": "k2"})[0] == 200
+        status, msg = post(srv, b"3", {"Idempotency-Key": "k3"})
+        assert status == 503 and "replay protection" in msg["message"]
+        assert post(srv, b"1", {"Idempotency-Key": "k1"})[1].get("duplicate") is True
+        assert post(srv, b"4")[0] == 200, "requests without a key are not remembered"
+    assert len(got) == 3
+
+
 # ---- item 5: unsafe set-ups, connection and time bounds ----
 
 
