@@ -9,6 +9,7 @@
     shardflow compact [--full] [NAME]   merge batches now (--full: into one consolidated batch)
     shardflow gc [NAME]                 delete unreferenced parts and old state versions
     shardflow fsck [NAME]               check each collection reads back (parts, sha256, UTF-8, counts)
+    shardflow webhook NAME              serve signed HTTP POSTs into collection NAME
 
 Errors print one line and exit non-zero; `--debug` shows the traceback.
 """
@@ -107,10 +108,40 @@ def build_parser() -> argparse.ArgumentParser:
         "sources are exhausted; continuous mode runs until SIGINT/SIGTERM, then flushes and exits 0.",
     )
     r.add_argument("flow", metavar="FLOW.py", help="a Python file that defines the flow")
+    r.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="batch mode: a file source whose glob matches no file reads nothing instead of failing",
+    )
     # A child of a multi-process run (`-p N` starts them; not for direct use: process 0 must build first).
     r.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--addresses", default=None, help=argparse.SUPPRESS)
     r.add_argument("--summary-file", default=None, help=argparse.SUPPRESS)
+
+    w = sub.add_parser(
+        "webhook",
+        parents=[common],
+        help="serve HTTP POSTs into an append-only collection",
+        description="Serve an HTTP endpoint that appends each POST body to collection NAME (created "
+        "if missing, data_source 'webhook'). A 200 is sent once the body is durable. With --secret-env, "
+        "requests must be signed: X-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.' + body> "
+        "(see README). Runs until SIGINT/SIGTERM, then finishes the requests in flight and exits 0.",
+    )
+    w.add_argument("name", help="the collection to append to")
+    w.add_argument("--secret-env", metavar="VAR", default=None, help="environment variable holding the signing secret")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; others need a secret)")
+    w.add_argument("--port", type=int, default=8080, help="TCP port (default: %(default)s; 0 picks one)")
+    w.add_argument("--include-headers", action="store_true", help="also store the request headers (JSON)")
+    w.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest body (default: %(default)s)")
+    w.add_argument("--tolerance", type=float, default=300.0, metavar="S", help="signature timestamp tolerance in seconds (default: %(default)s)")
+    w.add_argument("--max-connections", type=int, default=256, help="open connections at most (default: %(default)s)")
+    w.add_argument(
+        "--batch-ms",
+        type=int,
+        default=5,
+        metavar="MS",
+        help="after a commit, gather requests this long before the next one (default: %(default)s)",
+    )
 
     v = sub.add_parser(
         "view",
@@ -976,6 +1007,22 @@ def _no_rust_panic_text(debug: bool) -> Iterator[None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from connectors.files import ALLOW_EMPTY_ENV
+
+    # The file sources read it (also in the `-p N` children, which inherit the environment).
+    before = os.environ.get(ALLOW_EMPTY_ENV)
+    if args.allow_empty:
+        os.environ[ALLOW_EMPTY_ENV] = "1"
+    try:
+        return _cmd_run(args)
+    finally:
+        if before is None:
+            os.environ.pop(ALLOW_EMPTY_ENV, None)
+        else:
+            os.environ[ALLOW_EMPTY_ENV] = before
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     import storage
     from flows.cluster import RunSpec, run_child
 
@@ -1126,6 +1173,78 @@ def cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhook(args: argparse.Namespace) -> int:
+    import signal
+
+    from connectors.webhook import WebhookServer, webhook_schema
+    from storage.controller import CollectionDesc, StorageController
+
+    secret: str | None = None
+    if args.secret_env is not None:
+        secret = os.environ.get(args.secret_env)
+        if secret is None:
+            raise UsageError(f"webhook: --secret-env {args.secret_env}: the environment variable is not set")
+        if not secret:
+            raise UsageError(f"webhook: --secret-env {args.secret_env}: the secret is empty")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"webhook: --port {args.port} is not a TCP port (0..65535)")
+    if args.batch_ms < 0:
+        raise UsageError(f"webhook: --batch-ms must be >= 0, got {args.batch_ms}")
+    client = _storage_open(args)
+    # Joins the running jobs' epoch (fence=False): starting a webhook must not fence them.
+    # SUBTLE: --batch-ms (default 5): commit what is queued (almost) as soon as the previous
+    # commit is done (group commit). Every request waits for its commit, so with N clients the
+    # rate is at most N per commit; a longer gathering only helps when commits cost CPU the
+    # requests need (measured in bench/webhook.py: noisy, no clear winner between 0 and 30).
+    stop = threading.Event()
+    fenced: list[BaseException] = []
+
+    def _fenced(e: BaseException) -> None:  # a real take-over: stop, rather than answer 500s
+        fenced.append(e)
+        stop.set()
+
+    ctl = StorageController.open(
+        client,
+        fence=False,
+        role=f"webhook:{args.name}",
+        batch_duration_ms=args.batch_ms,
+        on_fenced=_fenced,
+    )
+    try:
+        ctl.create_collections(
+            [CollectionDesc(args.name, webhook_schema(args.include_headers), data_source="webhook")]
+        )
+        srv = WebhookServer(
+            args.host,
+            args.port,
+            on_batch=ctl.monotonic_appender(args.name),
+            secret=secret,
+            include_headers=args.include_headers,
+            max_body=args.max_body,
+            tolerance_s=args.tolerance,
+            max_connections=args.max_connections,
+        )
+        def _stop(signum: int, frame: Any) -> None:
+            stop.set()
+
+        old = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            srv.start()
+            print(f"webhook {args.name}: listening on {srv.url}", flush=True)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            srv.stop()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+    finally:
+        ctl.close()
+    if fenced:
+        raise fenced[0]
+    print(f"webhook {args.name}: stopped; {srv.accepted} stored, {srv.duplicates} duplicates, {srv.rejected} rejected")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -1143,6 +1262,7 @@ COMMANDS = {
     "compact": cmd_compact,
     "gc": cmd_gc,
     "fsck": cmd_fsck,
+    "webhook": cmd_webhook,
 }
 
 

@@ -354,7 +354,7 @@ class WriteHandle:
         `expected_offsets` is not: it raises `OffsetsMismatch` (see
         `compare_and_append`), since retrying would commit the same input twice.
         """
-        t = as_table(rows, f"shard {self.shard_id}")
+        t = as_table(rows, f"shard {self.shard_id}", self.schema)
         if TIME in t.schema.names:
             t = t.drop_columns([TIME])
         if DIFF not in t.schema.names:
