@@ -1,0 +1,158 @@
+"""KafkaSource against a real Kafka-protocol broker (tansu, started by the `kafka_broker` fixture)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import bytewax.operators as op
+import pyarrow as pa
+import pytest
+from bytewax.dataflow import Dataflow
+from bytewax.testing import TestingSink, run_main
+from kafka_broker import KafkaBroker
+
+from connectors.files import ErrorBatch
+from connectors.kafka import KafkaSource, KafkaSourceError
+from storage import Progress, UpdateBatch
+
+ROOT = Path(__file__).resolve().parents[2]
+FLOW = str(ROOT / "tests" / "connectors" / "kafka_flow.py")
+SCHEMA = pa.schema([("id", pa.int64()), ("name", pa.string())])
+
+
+def topic(broker: KafkaBroker, partitions: int = 1) -> str:
+    name = f"t{uuid.uuid4().hex[:10]}"
+    broker.create_topic(name, partitions)
+    return name
+
+
+def rec(i: int) -> bytes:
+    return json.dumps({"id": i, "name": f"n{i}"}).encode()
+
+
+def run(src: KafkaSource) -> list[Any]:
+    flow, out = Dataflow("k"), []
+    op.output("out", op.input("in", flow, src), TestingSink(out))
+    run_main(flow)
+    return out
+
+
+def root(e: BaseException) -> BaseException:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
+
+
+def data_rows(items: list[Any]) -> list[dict[str, Any]]:
+    return [r for x in items if type(x) is UpdateBatch for r in x.table.to_pylist()]
+
+
+def shardflow(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    e = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=ROOT, env=e,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def query(data: Path, sql: str) -> list[str]:
+    r = shardflow("query", "--data", str(data), "--format", "csv", sql)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.split("\n")[1:-1]
+
+
+def test_batch_reads_to_the_end_with_metadata_offsets_and_one_time(kafka_broker: KafkaBroker) -> None:
+    t = topic(kafka_broker, 2)
+    kafka_broker.produce(t, [rec(i) for i in range(5)], partition=0, keys=[b"k%d" % i for i in range(5)],
+                         headers=[[("h", b"v")]] * 5, timestamps=[1000 + i for i in range(5)])
+    kafka_broker.produce(t, [rec(i) for i in range(5, 8)], partition=1)
+    src = KafkaSource(kafka_broker.bootstrap, t, schema=SCHEMA, mode="batch", name="o")
+    assert src.row_schema().names == ["key", "id", "name", "headers", "topic", "partition", "offset", "timestamp"]
+    out = run(src)
+    rows = data_rows(out)
+    assert sorted(r["id"] for r in rows) == list(range(8))
+    r0 = next(r for r in rows if r["id"] == 0)
+    assert r0["key"] == b"k0" and r0["headers"] == [{"key": "h", "value": b"v"}]
+    assert r0["topic"] == t and r0["partition"] == 0 and r0["offset"] == 0
+    assert r0["timestamp"].timestamp() == 1.0
+    assert {r["_time"] for r in rows} == {0} and {r["_diff"] for r in rows} == {1}
+    last = {x.partition: x.frontier.time for x in out if isinstance(x, Progress)}
+    assert last == {f"o/{t}:0": 1, f"o/{t}:1": 1}
+    offs = {k: v for x in out if type(x) is UpdateBatch for k, v in (x.offsets or {}).items()}
+    assert offs == {f"o/{t}:0": {f"{t}:0": 5}, f"o/{t}:1": {f"{t}:1": 3}}
+    # Resumed after those offsets: only the new records, at the shard's upper.
+    kafka_broker.produce(t, [rec(9)], partition=1)
+    from storage import Frontier
+    again = run(KafkaSource(kafka_broker.bootstrap, t, schema=SCHEMA, mode="batch", name="o",
+                            resume=offs, resume_upper=Frontier(1)))
+    assert [(r["id"], r["offset"], r["_time"]) for r in data_rows(again)] == [(9, 3, 1)]
+
+
+def test_formats_and_bad_records_go_to_errors(kafka_broker: KafkaBroker) -> None:
+    t = topic(kafka_broker)
+    vals = [rec(1), b"{not json", b'{"id": "x"}', None, b'{\n "id": 5,\n "name": "m"}', b"\xff\xfe", b'{"id": 6, "name": "\xff"}']
+    kafka_broker.produce(t, vals)
+    out = run(KafkaSource(kafka_broker.bootstrap, t, schema=SCHEMA, mode="batch", metadata=("offset",)))
+    assert [(r["id"], r["name"], r["offset"]) for r in data_rows(out)] == [(1, "n1", 0), (5, "m", 4)]
+    errs = [r for x in out if isinstance(x, ErrorBatch) for r in x.table.to_pylist()]
+    assert [e["offset"] for e in errs] == [1, 2, 3, 5, 6]
+    assert errs[2]["error"] == "value is null" and errs[0]["value"] == b"{not json"
+    text = run(KafkaSource(kafka_broker.bootstrap, t, format="text", mode="batch", metadata=()))
+    assert [r["value"] for r in data_rows(text)][:2] == ["{\"id\": 1, \"name\": \"n1\"}", "{not json"]
+    assert [r["offset"] for x in text if isinstance(x, ErrorBatch) for r in x.table.to_pylist()] == [5, 6]
+    raw = run(KafkaSource(kafka_broker.bootstrap, t, format="bytes", mode="batch", metadata=()))
+    assert [r["value"] for r in data_rows(raw)] == vals
+    with pytest.raises(Exception) as ei:
+        run(KafkaSource(kafka_broker.bootstrap, t, schema=SCHEMA, mode="batch", on_error="raise"))
+    assert isinstance(root(ei.value), KafkaSourceError)
+    assert f"record {t}:0 offset 1: JSON parse error" in str(root(ei.value))
+
+
+def test_bad_setups_are_one_line(kafka_broker: KafkaBroker) -> None:
+    with pytest.raises(KafkaSourceError, match=r"topic 'nope' not found on 127\.0\.0\.1:\d+"):
+        KafkaSource(kafka_broker.bootstrap, "nope", format="bytes").check()
+    with pytest.raises(KafkaSourceError, match=r"broker 127\.0\.0\.1:1 not reachable within 0\.5s"):
+        KafkaSource("127.0.0.1:1", "x", format="bytes", connect_timeout=0.5).check()
+    r = shardflow("run", FLOW, "--data", "/nonexistent-never/x", env={"KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
+                                                                      "KAFKA_TOPIC": "nope"})
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0 and len(lines) == 1 and "topic 'nope' not found" in lines[0], r.stderr
+
+
+def test_cli_batch_then_continuous_end_to_end(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    t = topic(kafka_broker, 2)
+    env = {"KAFKA_BOOTSTRAP": kafka_broker.bootstrap, "KAFKA_TOPIC": t}
+    kafka_broker.produce(t, [rec(i) for i in range(0, 20, 2)], partition=0, keys=[b"a"] * 10)
+    kafka_broker.produce(t, [rec(i) for i in range(1, 20, 2)] + [b"bad"], partition=1)
+    r = shardflow("run", FLOW, "--data", str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr
+    assert query(tmp_path, "SELECT id FROM rows ORDER BY id") == [str(i) for i in range(20)]
+    assert query(tmp_path, "SELECT \"offset\", error LIKE '%JSON%' FROM rows_errors") == ["10,true"]
+    # A rerun reads nothing again.
+    r = shardflow("run", FLOW, "--data", str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr
+    assert len(query(tmp_path, "SELECT id FROM rows")) == 20
+    # Continuous: follows new records; SIGTERM flushes and stops.
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", FLOW, "--data", str(tmp_path),
+                             "--mode", "continuous"], cwd=ROOT, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        kafka_broker.produce(t, [rec(i) for i in range(20, 30)], partition=0)
+        kafka_broker.produce(t, [rec(i) for i in range(30, 40)], partition=1)
+        import time
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = query(tmp_path, "SELECT count(*) FROM rows")
+            if got == ["40"]:
+                break
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert query(tmp_path, "SELECT id FROM rows ORDER BY id") == [str(i) for i in range(40)]
+    assert query(tmp_path, "SELECT count(DISTINCT (partition, \"offset\")) FROM rows") == ["40"]
