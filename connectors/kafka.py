@@ -50,15 +50,22 @@ value) with the same time and offsets as the good ones: route them with
 
 Time (`_time`, milliseconds):
 
-- continuous mode, `time="timestamp"` (default): the record's timestamp (create
-  or log-append time; ingestion time when it has none), raised to the partition's
-  frontier, and never decreasing within a partition (a running maximum). After each
-  consumed batch the partition emits `Progress(last time + 1)`; when idle, every
-  `tick` seconds, `Progress(now)`. So a record older than what its partition
-  already promised (a producer's clock behind, or late delivery) gets the
-  frontier as its time. The frontier starts at the shard's upper (`resume_upper`).
-- continuous mode, `time="ingestion"`: every record of a consumed batch gets
-  `max(now, frontier)`.
+- continuous mode, `time="timestamp"` (default): the records of one consumed
+  batch (what one `consume` call returned, at most `max_batch`) share one time,
+  the largest record timestamp among them (create or log-append time; ingestion
+  time when they have none), raised to the partition's frontier. After each batch
+  the partition emits `Progress(time + 1)`; when idle, every `tick` seconds,
+  `Progress(now)`. So times never decrease within a partition, and a record older
+  than what its partition already promised (a producer's clock behind, or late
+  delivery) gets the frontier as its time. The exact timestamps stay in the
+  `timestamp` column. The frontier starts at the shard's upper (`resume_upper`).
+- continuous mode, `time="ingestion"`: the batch's time is `max(now, frontier)`.
+
+SUBTLE: one time per batch is what makes a batch commit whole. The sink commits a
+batch's offsets only once all its updates are below the frontier, but it may
+commit some of its updates earlier (those below the other partitions' frontier);
+if a kill came then, the batch would be read again at new times after the
+committed offsets, doubling the part already committed.
 - batch mode: every record of the run gets `_time = t0`, the shard's upper when
   the job started (0 for a new one), and each partition ends with
   `Progress(t0 + 1)`: a batch run is one step, the same on every worker, whatever
@@ -232,6 +239,7 @@ class KafkaSource(UpdateSource):
         self.on_error = on_error
         self.upsert_state = upsert_state
         self._schema = self._row_schema()
+        self.acked: dict[str, int] = {}
         self._parts: list[tuple[str, int]] | None = None
         self._counts: dict[str, int] = {}
 
@@ -310,6 +318,14 @@ class KafkaSource(UpdateSource):
 
     def list_parts(self) -> list[str]:
         return [partition_key(self.name, _tp_name(t, p)) for t, p in self._partitions()]
+
+    def ack(self, offsets: Mapping[str, Any] | None) -> None:
+        """The sink committed `offsets` (`Committed.offsets`): upsert undo entries below them may go."""
+        for v in (offsets or {}).values():
+            if isinstance(v, Mapping):
+                for tp, o in v.items():
+                    if o is not None and int(o) > self.acked.get(tp, -1):
+                        self.acked[tp] = int(o)
 
     def resume_offset_of(self, tp: str) -> int | None:
         """The next offset of Kafka partition `tp` (`"topic:p"`) over every key of `resume`."""
@@ -412,11 +428,8 @@ class _KafkaPartition(UpdatePartition):
         self._last_progress = 0.0
         self._last_discover = time.monotonic()
         self.end: int | None = None  # batch mode: the watermark seen at start
-        self.upsert: Any = None
-        if src.envelope == "upsert":
-            from .kafka_upsert import UpsertState
-
-            self.upsert = UpsertState(src, key)
+        self.states: dict[str, Any] = {}  # upsert: "topic:p" -> UpsertState
+        self._last_ack = time.monotonic()
         self._assign([(topic, partition)])
         if src.mode == "batch":
             from confluent_kafka import TopicPartition
@@ -442,9 +455,14 @@ class _KafkaPartition(UpdatePartition):
             o = self.src.resume_offset_of(name)
             self.next[name] = o
             new.append(TopicPartition(t, p, OFFSET_BEGINNING if o is None else o))
+        if self.src.envelope == "upsert":
+            from .kafka_upsert import UpsertState
+
+            assert self.src.upsert_state is not None
+            for t, p in tps:
+                name = _tp_name(t, p)
+                self.states[name] = UpsertState(self.src.upsert_state, name, self.src.row_schema(), self.next[name])
         self.consumer.incremental_assign(new)
-        if self.upsert is not None:
-            self.upsert.recover({n: o for n, o in self.next.items() if n in {_tp_name(t, p) for t, p in tps}})
 
     def _progress(self, t: int) -> Progress:
         return Progress(Frontier(t), partition=self.key, partitions=self.keys)
@@ -539,15 +557,15 @@ class _KafkaPartition(UpdatePartition):
         return [m for m in msgs if m.error() is None]
 
     def _times(self, ts: list[int], n: int) -> pa.Array:
+        """The `_time` of a consumed batch: one time for all its records (see the module docstring)."""
         if self.src.mode == "batch":
-            return pa.repeat(pa.scalar(self.t0, pa.int64()), n)
-        if self.src.time == "ingestion":
+            t = self.t0
+        elif self.src.time == "ingestion":
             t = max(_now_ms(), self.frontier)
-            return pa.repeat(pa.scalar(t, pa.int64()), n)
-        now = _now_ms()
-        arr = pa.array([x if x >= 0 else now for x in ts] if min(ts) < 0 else ts, pa.int64())
-        arr = pc.max_element_wise(arr, pa.scalar(self.frontier, pa.int64()))
-        return pc.cumulative_max(arr)
+        else:
+            top = max(ts)
+            t = max(top if top >= 0 else _now_ms(), self.frontier)
+        return pa.repeat(pa.scalar(t, pa.int64()), n)
 
     def _emit(self, msgs: list[Any]) -> list[Item]:
         """One consumed batch -> the data batch (+ errors batch) and Progress."""
@@ -562,7 +580,7 @@ class _KafkaPartition(UpdatePartition):
             self.next[_tp_name(m.topic(), m.partition())] = m.offset() + 1
         cols: dict[str, pa.Array] = {}
         if "key" in src.metadata or src.envelope == "upsert":
-            cols["key"] = pa.array([m.key() for m in msgs], pa.binary())
+            cols["key"] = cols["raw_key"] = pa.array([m.key() for m in msgs], pa.binary())
             if src.key_format == "text":
                 try:
                     cols["key"] = cols["key"].cast(pa.string())
@@ -582,82 +600,82 @@ class _KafkaPartition(UpdatePartition):
                 stamp = pc.if_else(pc.less(stamp, 0), pa.scalar(None, pa.int64()), stamp)
             cols["timestamp"] = stamp.cast(pa.timestamp("ms", tz="UTC"))
         errors: dict[int, str] = {}
-        good_rows: pa.Array | None = None  # positions of the decoded rows, when some failed
-        upsert_tomb: pa.Array | None = None
-        if src.envelope == "upsert":
-            # A null value is a tombstone (a delete), not a decode error.
-            upsert_tomb = pa.array([v is None for v in values], pa.bool_())
-        if src.format == "bytes":
-            value_cols = {"value": pa.array(values, pa.binary())}
-        elif src.format == "text":
-            raw = pa.array(values, pa.binary())
-            try:
-                value_cols = {"value": raw.cast(pa.string())}
-            except pa.ArrowInvalid:
-                ok = []
-                for i, v in enumerate(values):
-                    try:
-                        v is None or v.decode("utf-8")
-                        ok.append(i)
-                    except UnicodeDecodeError as e:
-                        errors[i] = f"invalid UTF-8: {e}"
-                good_rows = pa.array(ok, pa.int64())
-                value_cols = {"value": raw.take(good_rows).cast(pa.string())}
-        else:
+        upsert = src.envelope == "upsert"
+        if upsert:
+            for i, m in enumerate(msgs):
+                if m.key() is None:
+                    errors[i] = "upsert record without a key"
+        if src.format == "json":
             assert src.value_schema is not None
-            idx = list(range(n))
-            if upsert_tomb is not None:
-                idx = [i for i in idx if values[i] is not None]
-            table, errors = _decode_errors(values, idx, src.value_schema)
-            if upsert_tomb is not None:
-                # Tombstones: an all-null value row, kept in place.
-                pass
-            if errors or len(idx) != n:
-                ok = [i for i in range(n) if i not in errors]
-                good_rows = pa.array(ok, pa.int64())
-            if table is None:
-                table = src.value_schema.empty_table()
-            if upsert_tomb is not None and len(idx) != n:
-                # Put the decoded rows back at their positions among the tombstones.
-                decoded = [i for i in idx if i not in errors]
-                table = _scatter(table, decoded, [i for i in range(n) if i not in errors])
-            value_cols = {f.name: table.column(f.name) for f in src.value_schema}
+            # Upsert: a null value is a tombstone (a delete), not a decode error.
+            idx = [i for i in range(n) if i not in errors and not (upsert and values[i] is None)]
+            decoded, bad = _decode_errors(values, idx, src.value_schema)
+            errors.update(bad)
+            ok = [i for i in range(n) if i not in errors]
+            if decoded is None:
+                decoded = src.value_schema.empty_table()
+            if len(ok) != len(idx) - len(bad):  # tombstones among the kept rows: null rows there
+                decoded = _scatter(decoded, [i for i in idx if i not in bad], ok)
+            value_cols = {f.name: decoded.column(f.name) for f in src.value_schema}
+        else:
+            raw = pa.array(values, pa.binary())
+            if src.format == "text":
+                try:
+                    raw.cast(pa.string())
+                except pa.ArrowInvalid:
+                    for i, v in enumerate(values):
+                        try:
+                            if v is not None:
+                                v.decode("utf-8")
+                        except UnicodeDecodeError as e:
+                            errors[i] = f"invalid UTF-8: {e}"
+            ok = [i for i in range(n) if i not in errors]
+            if len(ok) != n:
+                raw = raw.take(pa.array(ok, pa.int64()))
+            value_cols = {"value": raw.cast(pa.string()) if src.format == "text" else raw}
         if errors and src.on_error == "raise":
             i = min(errors)
             raise KafkaSourceError(f"{src.where}: record {msgs[i].topic()}:{partitions[i]} offset {offsets[i]}: {errors[i]}")
+        good_rows = None if len(ok) == n else pa.array(ok, pa.int64())
 
         def keep(a: Any) -> Any:
             return a if good_rows is None else a.take(good_rows)
 
-        names = self.src.row_schema().names
-        arrays = []
-        for f in self.src.row_schema():
-            a = value_cols[f.name] if f.name in value_cols else keep(cols[f.name])
-            arrays.append(a)
-        rows_time = keep(times)
-        table = pa.Table.from_arrays(arrays, names=names)
-        table = table.append_column("_time", rows_time)
+        schema = src.row_schema()
+        table = pa.Table.from_arrays([value_cols[f.name] if f.name in value_cols else keep(cols[f.name]) for f in schema],
+                                     schema=schema)
+        table = table.append_column("_time", keep(times))
         offs = {self.key: dict(self.next)}
         items: list[Item] = []
-        if self.upsert is not None:
-            tomb = keep(upsert_tomb)
-            keycol = keep(cols["key"])
-            offcol = keep(cols["offset"])
-            partcol = keep(cols["partition"])
-            items.append(UpdateBatch(self.upsert.apply(table, keycol, partcol, offcol, tomb), offsets=offs))
+        if upsert:
+            tomb = keep(pa.array([v is None for v in values], pa.bool_()))
+            raw_key, offcol, partcol = keep(cols["raw_key"]), keep(cols["offset"]), keep(cols["partition"])
+            parts = sorted({*partitions})
+            outs = []
+            for p in parts:
+                sel = None if len(parts) == 1 else pc.equal(partcol, pa.scalar(p, pa.int32()))
+
+                def f(a: Any, sel: Any = sel) -> Any:
+                    return a if sel is None else a.filter(sel)
+
+                state = self.states[_tp_name(self.topic if len(src.topics) == 1 else msgs[0].topic(), p)]
+                outs.append(state.apply(f(table), f(raw_key), f(offcol), f(tomb)))
+            items.append(UpdateBatch(pa.concat_tables(outs) if len(outs) > 1 else outs[0], offsets=offs))
+            self._ack_states()
         else:
             table = table.append_column("_diff", pa.repeat(pa.scalar(1, pa.int64()), table.num_rows))
-            items.append(UpdateBatch(table.cast(update_schema(src.row_schema())), offsets=offs))
+            items.append(UpdateBatch(table.cast(update_schema(schema)), offsets=offs))
         if errors:
-            bad = pa.array(sorted(errors), pa.int64())
+            bad_idx = sorted(errors)
+            bad_arr = pa.array(bad_idx, pa.int64())
             et = pa.table({
-                "topic": pa.array([msgs[i].topic() for i in sorted(errors)], pa.string()),
-                "partition": cols["partition"].take(bad),
-                "offset": cols["offset"].take(bad),
-                "error": pa.array([errors[i] for i in sorted(errors)], pa.string()),
-                "value": pa.array([values[i] for i in sorted(errors)], pa.binary()),
-                "_time": times.take(bad),
-                "_diff": pa.repeat(pa.scalar(1, pa.int64()), len(errors)),
+                "topic": pa.array([msgs[i].topic() for i in bad_idx], pa.string()),
+                "partition": cols["partition"].take(bad_arr),
+                "offset": cols["offset"].take(bad_arr),
+                "error": pa.array([errors[i] for i in bad_idx], pa.string()),
+                "value": pa.array([values[i] for i in bad_idx], pa.binary()),
+                "_time": times.take(bad_arr),
+                "_diff": pa.repeat(pa.scalar(1, pa.int64()), len(bad_idx)),
             })
             items.append(ErrorBatch(et.cast(update_schema(ERRORS_SCHEMA)), offsets=offs))
         if src.mode == "continuous":
@@ -673,8 +691,19 @@ class _KafkaPartition(UpdatePartition):
         try:
             self.consumer.close()
         finally:
-            if self.upsert is not None:
-                self.upsert.close()
+            for st in self.states.values():
+                st.close()
+
+    def _ack_states(self) -> None:
+        """Upsert: drop undo entries below the offsets the sink reported durable (`KafkaSource.ack`)."""
+        now = time.monotonic()
+        if now - self._last_ack < 5.0:
+            return
+        self._last_ack = now
+        for name, st in self.states.items():
+            acked = self.src.acked.get(name)
+            if acked is not None:
+                st.ack(acked)
 
 
 def _scatter(table: pa.Table, at: list[int], kept: list[int]) -> pa.Table:
