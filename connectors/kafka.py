@@ -443,7 +443,7 @@ class _KafkaPartition(UpdatePartition):
             self.end = int(high)
 
     @property
-    def offset(self) -> Any:  # type: ignore[override]
+    def offset(self) -> Any:
         return dict(self.next)
 
     def _assign(self, tps: list[tuple[str, int]]) -> None:
@@ -709,7 +709,7 @@ class _KafkaPartition(UpdatePartition):
 def _scatter(table: pa.Table, at: list[int], kept: list[int]) -> pa.Table:
     """`table`'s rows placed at positions `at` among `kept` positions, null elsewhere."""
     pos = {p: j for j, p in enumerate(kept)}
-    idx = [None] * len(kept)
+    idx: list[int | None] = [None] * len(kept)
     for r, p in enumerate(at):
         idx[pos[p]] = r
     return table.take(pa.array(idx, pa.int64()))
