@@ -1,0 +1,113 @@
+"""kafka_sink: a collection's changes to a topic in transactions with progress records; resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kafka_broker import KafkaBroker
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPORT = str(ROOT / "tests" / "connectors" / "kafka_export_flow.py")
+COUNTER = str(ROOT / "tests" / "flows" / "loadgen_counter_flow.py")
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True,
+                          text=True, timeout=120)
+
+
+def read_topic(broker: KafkaBroker, topic: str) -> list[Any]:
+    """Every committed message of `topic` (read_committed), as decoded JSON values."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "t", "enable.auto.commit": False,
+                  "isolation.level": "read_committed"})
+    try:
+        c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        out, idle = [], 0
+        while idle < 3:
+            msgs = c.consume(10000, timeout=0.3)
+            idle = 0 if msgs else idle + 1
+            out += [json.loads(m.value()) for m in msgs if m.error() is None]
+        return out
+    finally:
+        c.close()
+
+
+def setup(broker: KafkaBroker) -> dict[str, str]:
+    out, progress = f"o{uuid.uuid4().hex[:8]}", f"p{uuid.uuid4().hex[:8]}"
+    broker.create_topic(out)
+    broker.create_topic(progress)
+    return {"KAFKA_BOOTSTRAP": broker.bootstrap, "KAFKA_OUT": out, "KAFKA_PROGRESS": progress}
+
+
+def counters(data: Path) -> list[int]:
+    r = cli("query", "--data", str(data), "--format", "csv", "SELECT counter FROM counter ORDER BY 1")
+    assert r.returncode == 0, r.stderr
+    return [int(x) for x in r.stdout.split()[1:]]
+
+
+def check_exported(broker: KafkaBroker, env: dict[str, str], want: list[int]) -> None:
+    msgs = read_topic(broker, env["KAFKA_OUT"])
+    uppers = [m["upper"] for m in read_topic(broker, env["KAFKA_PROGRESS"])]
+    assert uppers == sorted(uppers) and len(set(uppers)) == len(uppers), "progress went back or repeated"
+    assert all(m["before"] is None and m["_diff"] == 1 and m["_time"] < uppers[-1] for m in msgs)
+    got = sorted(m["after"]["counter"] for m in msgs)
+    assert got == want, "an update lost or doubled in the topic"
+
+
+def test_export_batch_then_resume(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    env = setup(kafka_broker)
+    assert cli("run", COUNTER, "--data", str(tmp_path), env={"COUNTER_TICKS": "5"}).returncode == 0
+    r = cli("run", EXPORT, "--data", str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr
+    check_exported(kafka_broker, env, list(range(1, 51)))
+    assert cli("run", COUNTER, "--data", str(tmp_path), env={"COUNTER_TICKS": "8"}).returncode == 0
+    r = cli("run", EXPORT, "--data", str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr
+    check_exported(kafka_broker, env, list(range(1, 81)))
+
+
+def kill_loop(broker: KafkaBroker, data: Path, *, trials: int, seed: int) -> None:
+    rng = random.Random(seed)
+    env = setup(broker)
+    counter = subprocess.Popen([*CLI, "run", COUNTER, "--data", str(data), "--mode", "continuous", "--no-progress"],
+                               cwd=ROOT, env={**os.environ, "COUNTER_RATE": "20"},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for _ in range(trials):
+            proc = subprocess.Popen([*CLI, "run", EXPORT, "--data", str(data), "--mode", "continuous", "--no-progress"],
+                                    cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE)
+            time.sleep(rng.uniform(1.0, 4.0))
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    finally:
+        counter.terminate()
+        _out, err = counter.communicate(timeout=60)
+    assert counter.returncode == 0, err
+    r = cli("run", EXPORT, "--data", str(data), env=env)  # batch: up to the counter's final upper
+    assert r.returncode == 0, r.stderr
+    want = counters(data)
+    assert want == list(range(1, len(want) + 1)) and want
+    check_exported(broker, env, want)
+
+
+def test_sigkill_export_is_exact(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    kill_loop(kafka_broker, tmp_path, trials=2, seed=int(time.time()))
+
+
+@pytest.mark.slow
+def test_sigkill_export_is_exact_many_times(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    kill_loop(kafka_broker, tmp_path, trials=10, seed=int(time.time()))
