@@ -5,30 +5,37 @@ Needs the `kafka` extra (`confluent-kafka`).
 Messages (the *before/after* envelope): each update `(row, time, diff)` is one
 message on `topic` whose value is the JSON object
 
-    {"before": null, "after": {<row>}, "_time": 17, "_diff": 1}     # diff > 0
-    {"before": {<row>}, "after": null, "_time": 17, "_diff": -1}    # diff < 0
+    {"before": null, "after": {<row>}, "_time": 17, "_diff": 1, "_txn": "<run>-<n>"}    # diff > 0
+    {"before": {<row>}, "after": null, "_time": 17, "_diff": -1, "_txn": "<run>-<n>"}   # diff < 0
 
 (`_diff` keeps its count: an update of diff 2 is one message, not two). The
 message key is the JSON of the `key` columns when given (so one row's changes stay
 in one partition, in order), else none. Binary values appear as JSON strings
 (DuckDB's `to_json`).
 
-Progress: after the updates of all times `< U` are written, the record
-`{"topic": <topic>, "upper": U}` goes to `progress_topic` (key: the topic name):
-a consumer that has read every partition of `topic` up to that record's
-transaction knows that all times below `U` are final.
+Progress: after the updates of all times `< U` are written and acknowledged, the
+record `{"topic": <topic>, "upper": U, "txn": "<run>-<n>"}` goes to
+`progress_topic` (key: the topic name): all times below `U` are final. `_txn`
+names the write (one per frontier step) that a message belongs to.
 
 Exactly once (transactional, the default): the updates of a whole frontier step
 `[lower, U)` and the progress record `U` are produced in **one Kafka
 transaction** (`transactional_id`, stable across restarts of the same export).
-A restart first fences the previous producer (`init_transactions` aborts its
-open transaction), then resumes from the last committed progress record
-(`export_resume_upper`): no gap and no duplicate for consumers that read with
-`isolation.level=read_committed` (librdkafka's default). Against a broker
-without transactions use `transactional=False`: the producer is idempotent
-(no duplicates from retries of one run) and the guarantee is **at least once**:
-after a crash, the updates after the last progress record may be written again;
-a consumer that reads only up to the last progress record sees each exactly once.
+A restart resumes from the last progress record (`export_resume_upper`) and its
+producer fences the previous one (`init_transactions` aborts its open
+transaction). Guarantees:
+
+- on a broker that hides aborted transactions from `isolation.level=read_committed`
+  consumers (Apache Kafka; librdkafka's default isolation), such consumers see
+  every update exactly once, no gap, no duplicate;
+- on any broker, with or without transactions (`transactional_id=""`: an
+  idempotent producer only): a consumer that keeps a message only if a progress
+  record carries its `_txn` sees every update exactly once. The updates of a
+  step killed before its progress record are written again by the next run
+  under another `_txn`; the ones of a step whose progress record is visible are
+  all there (they were acknowledged first) and are not written again. tansu
+  v0.6, the test broker, shows aborted transactions to read_committed
+  consumers, so the tests read this way.
 
 Holds: `hold` (a critical since handle on the input collection's shard, e.g.
 `client.open_critical_since(shard, "kafka-export:<topic>", "kafka-export")`) is
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -67,10 +75,30 @@ def _q(name: str) -> str:
 
 
 def export_resume_upper(
-    bootstrap: str, progress_topic: str, topic: str, *, config: Mapping[str, Any] | None = None, timeout: float = 10.0
+    bootstrap: str,
+    progress_topic: str,
+    topic: str,
+    *,
+    transactional_id: str | None = None,
+    config: Mapping[str, Any] | None = None,
+    timeout: float = 10.0,
 ) -> int | None:
-    """The `upper` of the last committed progress record for `topic` (None: nothing exported yet)."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+    """The `upper` of the last committed progress record for `topic` (None: nothing exported yet).
+
+    First fences the export's previous producer (`init_transactions` with the same
+    `transactional_id`, default as `kafka_sink`'s; `""` skips this): its open
+    transaction, if a kill left one, is aborted instead of holding back
+    read_committed reads of the progress topic until the transaction times out.
+    """
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+
+    if transactional_id != "":
+        fence = Producer({"bootstrap.servers": bootstrap, "log.connection.close": False, **(config or {}),
+                          "transactional.id": transactional_id or f"shardflow-export-{topic}"})
+        try:
+            fence.init_transactions(timeout)
+        except KafkaException as e:
+            raise KafkaSinkError(f"kafka_sink: init_transactions on {bootstrap} failed within {timeout:g}s ({e})") from None
 
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"shardflow-export-{topic}",
                   "enable.auto.commit": False, "isolation.level": "read_committed",
@@ -127,6 +155,8 @@ class _KafkaSinkLogic(StatefulBatchLogic[Any, int, None]):
         self.producer = Producer(conf)
         self.con = duckdb.connect()
         self.failed: list[str] = []
+        self.run = uuid.uuid4().hex[:12]  # names this run's transactions: `_txn` = "<run>-<seq>"
+        self.seq = 0
         if transactional:
             try:
                 self.producer.init_transactions(30)
@@ -149,7 +179,7 @@ class _KafkaSinkLogic(StatefulBatchLogic[Any, int, None]):
             return [], StatefulBatchLogic.RETAIN
         return self._flush(f.time), StatefulBatchLogic.RETAIN
 
-    def _encode(self, t: pa.Table) -> tuple[list[str], list[str] | None]:
+    def _encode(self, t: pa.Table, txn: str) -> tuple[list[str], list[str] | None]:
         cols = [n for n in t.schema.names if n not in (TIME, DIFF)]
         row = "struct_pack(" + ", ".join(f"{_q(c)} := {_q(c)}" for c in cols) + ")"
         key = ("to_json(struct_pack(" + ", ".join(f"{_q(c)} := {_q(c)}" for c in self.key) + "))::VARCHAR"
@@ -158,7 +188,7 @@ class _KafkaSinkLogic(StatefulBatchLogic[Any, int, None]):
         try:
             out = self.con.sql(
                 f"SELECT to_json({{'before': CASE WHEN _diff < 0 THEN {row} END, "
-                f"'after': CASE WHEN _diff > 0 THEN {row} END, '_time': _time, '_diff': _diff}})::VARCHAR AS v, "
+                f"'after': CASE WHEN _diff > 0 THEN {row} END, '_time': _time, '_diff': _diff, '_txn': '{txn}'}})::VARCHAR AS v, "
                 f"{key} AS k FROM __t ORDER BY _time"
             ).to_arrow_table()
         finally:
@@ -180,11 +210,13 @@ class _KafkaSinkLogic(StatefulBatchLogic[Any, int, None]):
             ready = [t.filter(pc.greater_equal(t.column(TIME), pa.scalar(lower, pa.int64()))) for t in ready]
         ready = [t for t in ready if t.num_rows]
         p = self.producer
+        self.seq += 1
+        txn = f"{self.run}-{self.seq}"
         try:
             if self.transactional:
                 p.begin_transaction()
             if ready:
-                values, keys = self._encode(pa.concat_tables(ready) if len(ready) > 1 else ready[0])
+                values, keys = self._encode(pa.concat_tables(ready) if len(ready) > 1 else ready[0], txn)
                 produce, topic, cb = p.produce, self.topic, self._delivered
                 if keys is None:
                     for i, v in enumerate(values):
@@ -196,8 +228,15 @@ class _KafkaSinkLogic(StatefulBatchLogic[Any, int, None]):
                         produce(topic, value=v, key=k, on_delivery=cb)
                         if i % 10000 == 9999:
                             p.poll(0)
+                # SUBTLE: every update is acknowledged before its progress record is sent, so a
+                # visible progress record implies its updates are all there, even on a broker
+                # that shows aborted transactions (tansu v0.6) or without transactions.
+                if p.flush(60):
+                    raise KafkaSinkError(f"kafka_sink {self.step_id!r}: messages not delivered within 60s")
+                if self.failed:
+                    raise KafkaSinkError(f"kafka_sink {self.step_id!r}: {len(self.failed)} messages failed: {self.failed[0]}")
             p.produce(self.progress_topic, key=self.topic,
-                      value=json.dumps({"topic": self.topic, "upper": upper}), on_delivery=self._delivered)
+                      value=json.dumps({"topic": self.topic, "upper": upper, "txn": txn}), on_delivery=self._delivered)
             if self.transactional:
                 p.commit_transaction(60)
             elif p.flush(60):
