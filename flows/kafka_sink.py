@@ -124,10 +124,11 @@ def export_resume_upper(
         while time.monotonic() < deadline:
             msgs = c.consume(1000, timeout=0.3)
             for m in msgs:
-                if m.error() is not None:
-                    raise KafkaSinkError(f"kafka_sink: reading {progress_topic!r}: {m.error().str()}")
-                if m.key() == topic.encode():
-                    u = int(json.loads(m.value())["upper"])
+                err, value = m.error(), m.value()
+                if err is not None:
+                    raise KafkaSinkError(f"kafka_sink: reading {progress_topic!r}: {err.str()}")
+                if m.key() == topic.encode() and value is not None:
+                    u = int(json.loads(value)["upper"])
                     best = u if best is None else max(best, u)
             if not msgs:
                 pos = {tp.partition: tp.offset for tp in c.position([TopicPartition(progress_topic, p) for p in ends])}
