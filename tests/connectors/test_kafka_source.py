@@ -156,3 +156,26 @@ def test_cli_continuous_end_to_end(kafka_broker: KafkaBroker, tmp_path: Path) ->
     assert proc.returncode == 0, err
     assert query(tmp_path, "SELECT id, partition FROM rows ORDER BY id") == [
         f"{i},{0 if i < 20 else 1}" for i in range(40)]
+
+
+def test_examples_kafka_orders_and_export(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    t = topic(kafka_broker)
+    out, progress = topic(kafka_broker), topic(kafka_broker)
+    orders = [{"id": 1, "customer": "a", "amount": 2.5}, {"id": 2, "customer": "b", "amount": 1.0},
+              {"id": 1, "customer": "a", "amount": 3.0}]
+    kafka_broker.produce(t, [json.dumps(o).encode() for o in orders] + [None], keys=[b"1", b"2", b"1", b"2"])
+    env = {"KAFKA_BOOTSTRAP": kafka_broker.bootstrap, "KAFKA_TOPIC": t, "ORDERS_ENVELOPE": "upsert",
+           "KAFKA_EXPORT_TOPIC": out, "KAFKA_PROGRESS_TOPIC": progress}
+    for example in ("kafka_orders.py", "kafka_export.py"):
+        r = shardflow("run", str(ROOT / "examples" / example), "--data", str(tmp_path), env=env)
+        assert r.returncode == 0, r.stderr
+    assert query(tmp_path, "SELECT key, id, amount FROM orders") == ['"1",1,3']
+    c = Consumer({"bootstrap.servers": kafka_broker.bootstrap, "group.id": "t"})
+    c.assign([TopicPartition(out, 0, OFFSET_BEGINNING)])
+    msgs: list[Any] = []
+    for _ in range(5):
+        msgs += [json.loads(m.value()) for m in c.consume(100, 0.3) if m.error() is None]
+    c.close()
+    assert [(m["after"] or {}).get("amount") for m in msgs] == [3.0] and msgs[0]["_diff"] == 1
