@@ -269,6 +269,7 @@ class KafkaSource(UpdateSource):
         return {
             "bootstrap.servers": self.bootstrap,
             "log.connection.close": False,
+            "log_level": 2,  # librdkafka's own error logs would add lines to the one-line errors
             "fetch.wait.max.ms": 50,
             **self.config,
             # The source's own: offsets live in the shard, never in a consumer group.
@@ -543,9 +544,17 @@ class _KafkaPartition(UpdatePartition):
             return msgs
         from confluent_kafka import KafkaError
 
+        transient = {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._TIMED_OUT,
+                     KafkaError._RESOLVE, KafkaError.REQUEST_TIMED_OUT, KafkaError.LEADER_NOT_AVAILABLE,
+                     KafkaError.NOT_LEADER_FOR_PARTITION}
         for m in bad:
             err = m.error()
             if err.code() == KafkaError._PARTITION_EOF:
+                continue
+            if not err.fatal() and (err.code() in transient or err.retriable()):
+                # librdkafka retries by itself; the source only checks, with a bounded wait, that
+                # the broker still answers and the topic is there (else one line).
+                self._discover() if self.src.mode == "continuous" else self.src.metadata_now(self.consumer)
                 continue
             where = f"{m.topic()}:{m.partition()}" if m.topic() else self.key
             if err.code() == KafkaError._AUTO_OFFSET_RESET:

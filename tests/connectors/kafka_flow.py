@@ -4,6 +4,7 @@
     KAFKA_TOPIC       the topic (required)
     KAFKA_ENVELOPE    append (default) or upsert
     KAFKA_STATE       upsert state folder (upsert only)
+    KAFKA_CONNECT_TIMEOUT, KAFKA_DISCOVER_INTERVAL   seconds (default 5 each)
 
 JSON values `(id int64, name string)` go to collection `rows` (with key, partition
 and offset), bad records to `rows_errors`.
@@ -37,7 +38,8 @@ def build(ctx):  # type: ignore[no-untyped-def]
             mode=ctx.mode,
             name="rows",
             tick=0.05,
-            connect_timeout=5.0,
+            connect_timeout=float(os.environ.get("KAFKA_CONNECT_TIMEOUT", "5")),
+            discover_interval=float(os.environ.get("KAFKA_DISCOVER_INTERVAL", "5")),
             **kw,
         )
 

@@ -179,3 +179,30 @@ def test_examples_kafka_orders_and_export(kafka_broker: KafkaBroker, tmp_path: P
         msgs += [json.loads(m.value()) for m in c.consume(100, 0.3) if m.error() is None]
     c.close()
     assert [(m["after"] or {}).get("amount") for m in msgs] == [3.0] and msgs[0]["_diff"] == 1
+
+
+def test_broker_gone_mid_run_stops_a_continuous_job_with_one_line(tmp_path: Path) -> None:
+    with KafkaBroker() as broker:  # its own broker: this test kills it
+        t = topic(broker)
+        broker.produce(t, [rec(1)])
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", FLOW, "--data", str(tmp_path),
+                                 "--mode", "continuous", "--no-progress"], cwd=ROOT,
+                                env={**os.environ, "KAFKA_BOOTSTRAP": broker.bootstrap, "KAFKA_TOPIC": t,
+                                     "KAFKA_CONNECT_TIMEOUT": "2", "KAFKA_DISCOVER_INTERVAL": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and query(tmp_path, "SELECT count(*) FROM rows", check=False) != ["1"]:
+                time.sleep(0.2)
+        except BaseException:
+            proc.kill()
+            raise
+    # The broker is gone (killed by its pid); the job notices within its connect timeout (2 s).
+    try:
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, err
+    assert "not reachable within 2s" in lines[0] and "Traceback" not in err, err
+    assert query(tmp_path, "SELECT id FROM rows") == ["1"]
