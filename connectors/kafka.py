@@ -346,19 +346,22 @@ class KafkaSource(UpdateSource):
 def _decode_errors(values: list[bytes | None], idx: list[int], schema: pa.Schema) -> tuple[pa.Table | None, dict[int, str]]:
     """Decode the JSON objects `values[i]` for `i in idx`: (table of the good ones, {i: error})."""
     errors: dict[int, str] = {}
-    good: list[int] = []
-    for i in idx:
-        v = values[i]
-        if v is None:
-            errors[i] = "value is null"
-        elif not v.strip():
-            errors[i] = "value is empty"
-        else:
-            good.append(i)
-    if not good:
+    if None in values:
+        errors = {i: "value is null" for i in idx if values[i] is None}
+        idx = [i for i in idx if i not in errors]
+    if not idx:
         return None, errors
+    if len(idx) == len(values):  # the usual case: one parse of the whole batch, no per-value work
+        buf = b"\n".join(values)  # type: ignore[arg-type]
+        if buf.count(b"\n") == len(values) - 1 and b"\r" not in buf:
+            try:
+                t = _parse(buf, schema)
+                if t.num_rows == len(values):
+                    return t, errors
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                pass
     tables: list[pa.Table] = []
-    _bisect(values, good, schema, tables, errors)
+    _bisect(values, idx, schema, tables, errors)
     return (pa.concat_tables(tables) if len(tables) > 1 else tables[0]) if tables else None, errors
 
 
@@ -374,8 +377,9 @@ def _parse(buf: bytes, schema: pa.Schema) -> pa.Table:
 
 
 def _bisect(values: list[bytes | None], idx: list[int], schema: pa.Schema, out: list[pa.Table], errors: dict[int, str]) -> None:
+    """The slow path of a batch that failed to parse whole: halves until the bad values are alone."""
     # One value per line: JSON whitespace newlines become spaces (a raw newline inside a
-    # string is invalid JSON either way; json.loads below decides for those rare values).
+    # string is invalid JSON either way; json.loads decides for those rare values).
     lines = []
     for i in idx:
         v = values[i]
@@ -393,7 +397,7 @@ def _bisect(values: list[bytes | None], idx: list[int], schema: pa.Schema, out: 
     try:
         t = _parse(b"\n".join(v for _, v in lines), schema)
         if t.num_rows != len(lines):
-            raise pa.ArrowInvalid(f"{len(lines)} values decoded into {t.num_rows} rows")
+            raise pa.ArrowInvalid(f"{len(lines)} values decoded into {t.num_rows} rows (an empty value?)")
         out.append(t)
         return
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
@@ -610,17 +614,19 @@ class _KafkaPartition(UpdatePartition):
             cols["timestamp"] = stamp.cast(pa.timestamp("ms", tz="UTC"))
         errors: dict[int, str] = {}
         upsert = src.envelope == "upsert"
-        if upsert:
+        if upsert and cols["raw_key"].null_count:
             for i, m in enumerate(msgs):
                 if m.key() is None:
                     errors[i] = "upsert record without a key"
         if src.format == "json":
             assert src.value_schema is not None
             # Upsert: a null value is a tombstone (a delete), not a decode error.
-            idx = [i for i in range(n) if i not in errors and not (upsert and values[i] is None)]
+            plain = not errors and not (upsert and None in values)
+            idx = list(range(n)) if plain else [
+                i for i in range(n) if i not in errors and not (upsert and values[i] is None)]
             decoded, bad = _decode_errors(values, idx, src.value_schema)
             errors.update(bad)
-            ok = [i for i in range(n) if i not in errors]
+            ok = idx if plain and not bad else [i for i in range(n) if i not in errors]
             if decoded is None:
                 decoded = src.value_schema.empty_table()
             if len(ok) != len(idx) - len(bad):  # tombstones among the kept rows: null rows there
@@ -638,7 +644,7 @@ class _KafkaPartition(UpdatePartition):
                                 v.decode("utf-8")
                         except UnicodeDecodeError as e:
                             errors[i] = f"invalid UTF-8: {e}"
-            ok = [i for i in range(n) if i not in errors]
+            ok = [i for i in range(n) if i not in errors] if errors else list(range(n))
             if len(ok) != n:
                 raw = raw.take(pa.array(ok, pa.int64()))
             value_cols = {"value": raw.cast(pa.string()) if src.format == "text" else raw}

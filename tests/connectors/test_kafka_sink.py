@@ -34,13 +34,19 @@ def read_topic(broker: KafkaBroker, topic: str) -> list[Any]:
     c = Consumer({"bootstrap.servers": broker.bootstrap, "group.id": "t", "enable.auto.commit": False,
                   "isolation.level": "read_committed"})
     try:
+        tp = TopicPartition(topic, 0)
+        _lo, end = c.get_watermark_offsets(tp, timeout=10)
         c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        out, idle = [], 0
-        while idle < 2:
+        out: list[Any] = []
+        deadline = time.monotonic() + 60
+        # To the end: past the watermark (tansu's is the last batch's base offset + 1), then one empty poll.
+        while time.monotonic() < deadline:
             msgs = c.consume(10000, timeout=0.25)
-            idle = 0 if msgs else idle + 1
             out += [json.loads(m.value()) for m in msgs if m.error() is None]
-        return out
+            pos = c.position([tp])[0].offset
+            if not msgs and (end == 0 or pos >= end):
+                return out
+        raise AssertionError(f"{topic} not read to its end ({end}) within 60s")
     finally:
         c.close()
 

@@ -206,3 +206,4 @@ def test_broker_gone_mid_run_stops_a_continuous_job_with_one_line(tmp_path: Path
     assert proc.returncode == 1 and len(lines) == 1, err
     assert "not reachable within 2s" in lines[0] and "Traceback" not in err, err
     assert query(tmp_path, "SELECT id FROM rows") == ["1"]
+
