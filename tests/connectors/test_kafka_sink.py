@@ -87,6 +87,11 @@ def test_export_batch_then_resume(kafka_broker: KafkaBroker, tmp_path: Path) -> 
     r = cli("run", EXPORT, "--data", str(tmp_path), env=env)
     assert r.returncode == 0, r.stderr
     check_exported(kafka_broker, env, list(range(1, 81)))
+    # The durable hold follows the export's progress: since = last upper - 1.
+    last = read_topic(kafka_broker, env["KAFKA_PROGRESS"])[-1]["upper"]
+    r = cli("holds", "list", "--data", str(tmp_path))
+    held = [ln.split() for ln in r.stdout.splitlines() if f"kafka-export:{env['KAFKA_OUT']}" in ln]
+    assert [(h[0], h[3], h[-1]) for h in held] == [("counter", str(last - 1), "durable")], r.stdout
 
 
 def kill_loop(broker: KafkaBroker, data: Path, *, trials: int, seed: int) -> None:
