@@ -129,8 +129,8 @@ def test_cli_batch_end_to_end_and_rerun(kafka_broker: KafkaBroker, tmp_path: Pat
     env = {"KAFKA_BOOTSTRAP": kafka_broker.bootstrap, "KAFKA_TOPIC": t}
     kafka_broker.produce(t, [rec(i) for i in range(0, 20, 2)], partition=0, keys=[b"a"] * 10)
     kafka_broker.produce(t, [rec(i) for i in range(1, 20, 2)] + [b"bad"], partition=1)
-    for _ in range(2):  # the rerun reads nothing again
-        r = shardflow("run", FLOW, "--data", str(tmp_path), env=env)
+    for workers in ("2", "1"):  # partitions spread over two workers; the rerun reads nothing again
+        r = shardflow("run", FLOW, "--data", str(tmp_path), "-w", workers, env=env)
         assert r.returncode == 0, r.stderr
     got = query(tmp_path, "SELECT 1, id FROM rows UNION ALL "
                           "SELECT 0, \"offset\" FROM rows_errors WHERE error LIKE 'JSON parse error%' ORDER BY ALL")
