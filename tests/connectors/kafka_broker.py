@@ -160,7 +160,7 @@ class KafkaBroker:
         from confluent_kafka import Producer
 
         base = {"bootstrap.servers": self.bootstrap, "linger.ms": 0, "batch.num.messages": 1,
-                "log.connection.close": False}
+                "log.connection.close": False, "log_level": 2}
         return Producer({**base, **conf})
 
     def produce(

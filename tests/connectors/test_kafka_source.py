@@ -207,3 +207,60 @@ def test_broker_gone_mid_run_stops_a_continuous_job_with_one_line(tmp_path: Path
     assert "not reachable within 2s" in lines[0] and "Traceback" not in err, err
     assert query(tmp_path, "SELECT id FROM rows") == ["1"]
 
+
+
+def test_continuous_batches_commit_whole_at_one_time_from_timestamps(kafka_broker: KafkaBroker) -> None:
+    """Each offset-carrying batch is at one time (the largest record timestamp, never below the
+    frontier): a batch spread over times could be committed in part without its offsets."""
+    import threading
+
+    from connectors.base import request_stop, reset_stop
+
+    t = topic(kafka_broker, 2)
+    now = int(time.time() * 1000)
+    # One producer batch (continuous mode does not need the watermark), so one consume gets them all.
+    p = kafka_broker.producer(**{"linger.ms": 200, "batch.num.messages": 100})
+    for i in range(6):
+        p.produce(t, value=rec(i), partition=0, timestamp=now + 60_000 + 1000 * i)  # ahead of the idle ticks
+    assert p.flush(30) == 0
+    kafka_broker.produce(t, [rec(9)], partition=1, timestamps=[now - 60_000])  # older than its frontier: raised
+    src = KafkaSource(kafka_broker.bootstrap, t, schema=SCHEMA, mode="continuous", name="c", tick=0.05,
+                      metadata=("partition", "timestamp"))
+    flow, out = Dataflow("k"), []
+    op.output("out", op.input("in", flow, src), TestingSink(out))
+    reset_stop()
+    th = threading.Thread(target=run_main, args=(flow,), daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(data_rows(list(out))) < 7:
+            time.sleep(0.05)
+    finally:
+        request_stop()
+        th.join(30)
+        reset_stop()
+    batches = [x for x in out if type(x) is UpdateBatch and x.table.num_rows]
+    assert sorted(r["id"] for r in data_rows(batches)) == [0, 1, 2, 3, 4, 5, 9]
+    frontier: dict[str, int] = {}
+    for x in out:
+        if isinstance(x, Progress):
+            assert x.frontier.time is not None and x.frontier.time >= frontier.get(x.partition or "", 0)
+            frontier[x.partition or ""] = x.frontier.time
+        elif type(x) is UpdateBatch and x.table.num_rows:
+            rows = x.table.to_pylist()
+            times = {r["_time"] for r in rows}
+            assert len(times) == 1, f"a batch with offsets {x.offsets} spans times {sorted(times)}"
+            (key,) = x.offsets or {}
+            stamps = [int(r["timestamp"].timestamp() * 1000) for r in rows]
+            assert times == {max(max(stamps), frontier.get(key, 0))}
+
+
+def test_resume_finds_a_partition_offset_under_its_previous_owner(kafka_broker: KafkaBroker) -> None:
+    """A partition added while a job ran was read by another source partition (`q % n`); after a
+    restart it is its own source partition and resumes from the offset stored under that key."""
+    t = topic(kafka_broker, 2)
+    kafka_broker.produce(t, [rec(i) for i in range(4)], partition=1)
+    resume = {f"o/{t}:0": {f"{t}:0": 0, f"{t}:1": 3}}  # t:1 was read, up to offset 2, by o/t:0's partition
+    out = run(KafkaSource(kafka_broker.bootstrap, t, schema=SCHEMA, mode="batch", name="o", resume=resume,
+                          metadata=("partition", "offset")))
+    assert [(r["partition"], r["offset"], r["id"]) for r in data_rows(out)] == [(1, 3, 3)]
