@@ -44,7 +44,7 @@ from storage.query import qliteral
 # consolidation builder; until then it uses these helpers of `storage.updates`.
 from .operators import FrontierTracker, OffsetQueue, check_item, one_key, tmax_of, tmin_of
 
-__all__ = ["Committed", "WrittenBatch", "append_sink", "persist_sink"]
+__all__ = ["Committed", "WrittenBatch", "append_sink", "export_resume_upper", "kafka_sink", "persist_sink"]
 
 OFFSETS_KEY = "offsets"
 #: The upper of the append that last committed offsets: desired == persisted below it.
@@ -838,3 +838,7 @@ def append_sink(
         "append", keyed, lambda _resume: AppendLogic(step_id, client, shard, batch_duration, resume_offsets=offs)
     )
     return op.key_rm("unkey", out)
+
+
+# The Kafka sink lives in its own module (confluent-kafka is imported only when it runs).
+from .kafka_sink import export_resume_upper, kafka_sink  # noqa: E402
