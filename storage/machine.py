@@ -85,8 +85,11 @@ class Machine:
             new, result = transition(cur, *args, now_ms=self.clock(), **kwargs)
             if new is None:
                 return cur, result
-            new = replace(new, seqno=cur.seqno + 1)
-            if self.consensus.compare_and_set(self.key, cur.seqno, VersionedData(new.seqno, new.encode())):
+            data, new = replace(new, seqno=cur.seqno + 1).encode_decoded()
+            if self.consensus.compare_and_set(self.key, cur.seqno, VersionedData(new.seqno, data)):
+                # The next fetch of these bytes (this writer's next append, a reader
+                # of this process) is then not decoded again.
+                st.remember(data, new)
                 return new, result
             self.cas_retries += 1
             return None

@@ -425,6 +425,7 @@ def compare_and_append_batches(
     while True:
         extra = fence() if fence is not None else None
         ops = []
+        written: list[tuple[bytes, st.ShardState]] = []
         now_ms = now()
         for sid, (lower, upper) in bounds.items():
             m = env.machine(sid)
@@ -446,10 +447,14 @@ def compare_and_append_batches(
             if new is None:
                 continue  # an empty-width append: nothing to write for this shard
             seqno = s.seqno + 1 if exists else 0
-            ops.append(CasOp(m.key, s.seqno if exists else None, VersionedData(seqno, replace(new, seqno=seqno).encode())))
+            data, decoded = replace(new, seqno=seqno).encode_decoded()
+            written.append((data, decoded))
+            ops.append(CasOp(m.key, s.seqno if exists else None, VersionedData(seqno, data)))
         if extra is not None and ops:
             ops.append(extra)
         if not ops or m.consensus.compare_and_set_many(ops):
+            for data, decoded in written:
+                st.remember(data, decoded)
             break
         attempt += 1
         if attempt >= max_attempts:
