@@ -26,6 +26,7 @@ new version is written sealed.
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import json
 import threading
@@ -127,7 +128,7 @@ class BatchMeta:
         return not self.parts
 
     @cached_property
-    def encoded(self) -> bytes:
+    def encoded(self) -> builtins.bytes:
         """`to_json()` as JSON bytes, computed once per batch: a state's encoding joins these."""
         return json.dumps(self.to_json(), separators=(",", ":")).encode()
 
