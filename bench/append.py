@@ -15,6 +15,7 @@ counted in the ratio; `--no-compact` measures the write path alone.
     .venv/bin/python bench/append.py                      # 10M rows, fsync on and off
     .venv/bin/python bench/append.py --no-fsync --repeat 5 --summary best
     .venv/bin/python bench/append.py --rows 1000000 --profile
+    .venv/bin/python bench/append.py --fsync --compare-nice 0,10,19   # the compactor's priority
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import io
 import os
 import pstats
 import shutil
+import statistics
 import sys
 import tempfile
 
@@ -33,9 +35,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fmt_rate, machine, peak_rss_mb, rate, ratio_line, rss_mb, summarise, timed  # noqa: E402
+from _common import fmt_rate, machine, peak_rss_mb, rate, rss_mb, summarise, timed  # noqa: E402
 
 import storage  # noqa: E402
+import storage.compact as storage_compact  # noqa: E402
 from storage.updates import update_schema  # noqa: E402
 
 SCHEMA = pa.schema([("k", pa.string()), ("v", pa.int64())])
@@ -121,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="also time write_table + fsync per file (informational)")
     ap.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
                     help="background compaction, as `open_writer` does by default (--no-compact: the write path alone)")
+    ap.add_argument("--compare-nice", default="",
+                    help="comma-separated compactor nice values to run side by side (e.g. 0,19); default: the library's")
     ap.add_argument("--profile", action="store_true", help="cProfile one shardflow run; print top costs")
     a = ap.parse_args(argv)
 
@@ -137,31 +142,46 @@ def main(argv: list[str] | None = None) -> int:
     run_baseline(batches)
 
     modes = [True, False] if a.fsync is None else [a.fsync]
+    nices: list[int | None] = [None] if not a.compare_nice else [int(x) for x in a.compare_nice.split(",")]
     for fsync in modes:
-        sf, base, base_fs = [], [], []
+        base: list[float] = []
+        base_fs: list[float] = []
+        sfs: dict[int | None, list[float]] = {n: [] for n in nices}
+        drains: dict[int | None, list[tuple[float, int]]] = {n: [] for n in nices}
         for r in range(max(1, a.repeat)):
-            # Interleave, alternating who goes first, and sync() before each run so no
+            # Interleave, rotating who goes first, and sync() before each run so no
             # run inherits the previous one's dirty-page writeback.
-            runs: list[tuple[list[float], str]] = [(base, "base"), (sf, "sf")]
+            runs: list[tuple[str, int | None]] = [("base", None)] + [("sf", n) for n in nices]
             if a.baseline_fsync:
-                runs.append((base_fs, "base_fs"))
-            for out, which in runs[::-1] if r % 2 else runs:
+                runs.append(("base_fs", None))
+            k = r % len(runs)
+            for which, nice in runs[k:] + runs[:k]:
                 os.sync()
                 if which == "sf":
-                    out.append(run_shardflow(batches, fsync, compact=a.compact))
+                    if nice is not None:
+                        storage_compact.COMPACTOR_NICE = nice  # read when the client's compactor starts
+                    sfs[nice].append(run_shardflow(batches, fsync, compact=a.compact))
+                    if a.compact:
+                        drains[nice].append(DRAINS[-1])
                 else:
-                    out.append(run_baseline(batches, fsync=which == "base_fs"))
-        sf_r, base_r = rate(rows, summarise(sf, a.summary)), rate(rows, summarise(base, a.summary))
+                    (base_fs if which == "base_fs" else base).append(run_baseline(batches, fsync=which == "base_fs"))
         tag = "fsync=on " if fsync else "fsync=off"
+        base_r = rate(rows, summarise(base, a.summary))
         print(f"[{tag}] baseline pq.write_table: {fmt_rate(base_r)}  (runs s: {', '.join(f'{x:.2f}' for x in base)})")
-        print(f"[{tag}] shardflow c_and_a      : {fmt_rate(sf_r)}  (runs s: {', '.join(f'{x:.2f}' for x in sf)})")
         if base_fs:
             print(f"[{tag}] baseline + fsync/file  : {fmt_rate(rate(rows, summarise(base_fs, a.summary)))}")
-        print(ratio_line(f"[{tag}] shardflow / baseline", sf_r, base_r, TARGET))
-        if DRAINS:
-            print(f"[{tag}] after the appends, background compaction drained in "
-                  f"{', '.join(f'{d:.2f}' for d, _ in DRAINS[-len(sf):])} s (untimed above), "
-                  f"leaving {', '.join(str(n) for _, n in DRAINS[-len(sf):])} batches")
+        for nice, sf in sfs.items():
+            who = "shardflow c_and_a" + ("" if nice is None else f", compactor nice {nice}")
+            sf_r = rate(rows, summarise(sf, a.summary))
+            print(f"[{tag}] {who}: {fmt_rate(sf_r)}  (runs s: {', '.join(f'{x:.2f}' for x in sf)})")
+            paired = sorted(b / x for b, x in zip(base, sf, strict=True))
+            med = statistics.median(paired)
+            print(f"[{tag}] {who} / baseline, paired per round: median {med:.2f} (spread {paired[0]:.2f}-{paired[-1]:.2f})"
+                  f" (target >= {TARGET}: {'OK' if med >= TARGET else 'BELOW'})")
+            if drains[nice]:
+                print(f"[{tag}]   after the appends, background compaction drained in "
+                      f"{', '.join(f'{d:.2f}' for d, _ in drains[nice])} s (not in the ratio), "
+                      f"leaving {', '.join(str(n) for _, n in drains[nice])} batches")
     print(f"peak rss {peak_rss_mb():.0f} MiB")
 
     if a.profile:
