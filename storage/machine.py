@@ -86,6 +86,8 @@ class Machine:
             if new is None:
                 return cur, result
             data, new = replace(new, seqno=cur.seqno + 1).encode_decoded()
+            # Checked before it is written (a decode would check it; the cache then skips that).
+            st.check_invariants(new)
             if self.consensus.compare_and_set(self.key, cur.seqno, VersionedData(new.seqno, data)):
                 # The next fetch of these bytes (this writer's next append, a reader
                 # of this process) is then not decoded again.

@@ -9,7 +9,8 @@ A transition returns `None` as the new state when nothing is to be written; a
 lost race is returned as a value (`UpperMismatch`, `OpaqueMismatch`), and
 invalid usage raises.
 
-INVARIANTS (checked by `check_invariants` on every decode, and by the tests after every step):
+INVARIANTS (checked by `check_invariants` on every decode and before every write, and by
+the tests after every step):
 - batches are contiguous: `batches[0].lower == 0`, each `lower` equals the
   previous `upper`, and the last `upper` is the shard's upper;
 - `since <= upper` (a tombstone has both empty);

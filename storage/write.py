@@ -448,6 +448,7 @@ def compare_and_append_batches(
                 continue  # an empty-width append: nothing to write for this shard
             seqno = s.seqno + 1 if exists else 0
             data, decoded = replace(new, seqno=seqno).encode_decoded()
+            st.check_invariants(decoded)
             written.append((data, decoded))
             ops.append(CasOp(m.key, s.seqno if exists else None, VersionedData(seqno, data)))
         if extra is not None and ops:
