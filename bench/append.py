@@ -43,6 +43,7 @@ from storage.updates import update_schema  # noqa: E402
 
 SCHEMA = pa.schema([("k", pa.string()), ("v", pa.int64())])
 TARGET = 0.7
+OFF = -100  # --compare-nice off: a writer with compact=False
 DRAINS: list[tuple[float, int]] = []  # per compacting run: (s waiting for compaction after the appends, batches left)
 
 
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
                     help="background compaction, as `open_writer` does by default (--no-compact: the write path alone)")
     ap.add_argument("--compare-nice", default="",
-                    help="comma-separated compactor nice values to run side by side (e.g. 0,19); default: the library's")
+                    help="comma-separated compactor nice values to run side by side (e.g. 0,19,off; off: compact=False)")
     ap.add_argument("--profile", action="store_true", help="cProfile one shardflow run; print top costs")
     a = ap.parse_args(argv)
 
@@ -142,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     run_baseline(batches)
 
     modes = [True, False] if a.fsync is None else [a.fsync]
-    nices: list[int | None] = [None] if not a.compare_nice else [int(x) for x in a.compare_nice.split(",")]
+    nices: list[int | None] = [None] if not a.compare_nice else [
+        OFF if x == "off" else int(x) for x in a.compare_nice.split(",")]
     for fsync in modes:
         base: list[float] = []
         base_fs: list[float] = []
@@ -158,10 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             for which, nice in runs[k:] + runs[:k]:
                 os.sync()
                 if which == "sf":
-                    if nice is not None:
+                    if nice is not None and nice != OFF:
                         storage_compact.COMPACTOR_NICE = nice  # read when the client's compactor starts
-                    sfs[nice].append(run_shardflow(batches, fsync, compact=a.compact))
-                    if a.compact:
+                    on = a.compact and nice != OFF
+                    sfs[nice].append(run_shardflow(batches, fsync, compact=on))
+                    if on:
                         drains[nice].append(DRAINS[-1])
                 else:
                     (base_fs if which == "base_fs" else base).append(run_baseline(batches, fsync=which == "base_fs"))
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         if base_fs:
             print(f"[{tag}] baseline + fsync/file  : {fmt_rate(rate(rows, summarise(base_fs, a.summary)))}")
         for nice, sf in sfs.items():
-            who = "shardflow c_and_a" + ("" if nice is None else f", compactor nice {nice}")
+            who = "shardflow c_and_a" + ("" if nice is None else ", compaction off" if nice == OFF else f", compactor nice {nice}")
             sf_r = rate(rows, summarise(sf, a.summary))
             print(f"[{tag}] {who}: {fmt_rate(sf_r)}  (runs s: {', '.join(f'{x:.2f}' for x in sf)})")
             paired = sorted(b / x for b, x in zip(base, sf, strict=True))

@@ -1,18 +1,21 @@
 """Flat appends: does the cost of one `compare_and_append` grow with the number of batches?
 
-`--appends` (default 1,000) appends of `--rows` (default 100) updates each go
-into a fresh shard through the documented API (`storage.open(tmp)`, default
-fsync on) with compaction off (`open_writer(..., compact=False)`), so that the
-shard really holds one batch per append. Each append is timed on its own.
+Through the documented API (`storage.open(tmp)`, fsync on) with compaction off
+(`open_writer(..., compact=False)`), so that a shard really holds one batch per
+append; every append carries `--rows` (default 100) updates.
 
-The baseline is the same run's early appends: the figure is the median latency
-of the appends around the `--at` th (default 1,000th: appends at-10..at) over
-the median of the appends around the 10th (5..15). Target: <= 1.5. `--rounds`
-(default 3) fresh shards; the median and spread of the ratio are printed.
-`--profile` prints where one round's time goes.
+- ours: an *old* shard, first filled with `--at - 1` appends (default 999, not
+  timed); then each round times its next append (the 1,000th, 1,001st, ...);
+- baseline: in the same round, a *young* shard, fresh each round, given 9
+  untimed appends; its 10th append is timed.
+
+The two alternate, who goes first switching every round, so that the load of a
+shared machine falls on both alike. Prints the median and spread over
+`--rounds` (default 31) of old / young per round. Target: <= 1.5.
+`--profile` prints where the old shard's appends spend their time.
 
     .venv/bin/python bench/append_latency.py
-    .venv/bin/python bench/append_latency.py --appends 300 --rounds 1   # quick
+    .venv/bin/python bench/append_latency.py --at 300 --rounds 11   # quick
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import storage  # noqa: E402
 
 SCHEMA = pa.schema([("k", pa.string()), ("v", pa.int64())])
 TARGET = 1.5
+EARLY = 10
 
 
 def make_batch(i: int, rows: int) -> pa.Table:
@@ -48,61 +52,74 @@ def make_batch(i: int, rows: int) -> pa.Table:
     })
 
 
-def one_round(appends: int, rows: int, prof: cProfile.Profile | None = None) -> list[float]:
-    """Per-append latencies (seconds) of `appends` appends into a fresh shard, compaction off."""
-    batches = [make_batch(i, rows) for i in range(appends)]
-    tmp = tempfile.mkdtemp(prefix="sf-bench-latency-")
-    try:
-        client = storage.open(tmp)
-        shard = storage.ShardId.new()
-        w = client.open_writer(shard, schema=SCHEMA, compact=False)
-        out = []
-        if prof is not None:
-            prof.enable()
-        for i, b in enumerate(batches):
-            t0 = time.perf_counter()
-            w.compare_and_append(b, expected_upper=i, new_upper=i + 1)
-            out.append(time.perf_counter() - t0)
-        if prof is not None:
-            prof.disable()
-        assert len(client.state(shard).batches) == appends
-        client.close()
-        return out
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+class Shard:
+    """A shard and its writer; `append()` appends the next batch and returns its latency in seconds."""
+
+    def __init__(self, client: storage.Client, rows: int):
+        self.rows = rows
+        self.n = 0
+        self.shard = storage.ShardId.new()
+        self.w = client.open_writer(self.shard, schema=SCHEMA, compact=False)
+
+    def append(self) -> float:
+        b = make_batch(self.n, self.rows)  # not timed
+        t0 = time.perf_counter()
+        self.w.compare_and_append(b, expected_upper=self.n, new_upper=self.n + 1)
+        dt = time.perf_counter() - t0
+        self.n += 1
+        return dt
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--appends", type=int, default=1000)
+    ap.add_argument("--at", type=int, default=1000, help="the old shard's first timed append (default 1,000th)")
     ap.add_argument("--rows", type=int, default=100)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--at", type=int, default=None, help="the late append compared with the 10th (default: --appends)")
-    ap.add_argument("--profile", action="store_true", help="cProfile one extra round; print the top costs")
+    ap.add_argument("--rounds", type=int, default=31)
+    ap.add_argument("--profile", action="store_true", help="cProfile the old shard's timed appends")
     a = ap.parse_args(argv)
-    at = min(a.at or a.appends, a.appends)
-    if at < 20:
-        ap.error("--at/--appends must be at least 20")
     print(f"machine: {machine()}")
-    print(f"{a.appends} appends of {a.rows} rows, compaction off, fsync on; comparing append {at} with append 10")
-    one_round(20, a.rows)  # warm-up: imports, sqlite, page cache
-    ratios = []
-    for r in range(a.rounds):
-        lat = one_round(a.appends, a.rows)
-        early = statistics.median(lat[4:15])  # appends 5..15
-        late = statistics.median(lat[at - 11 : at])  # appends at-10..at
-        ratios.append(late / early)
-        print(f"round {r + 1}: append ~10: {early * 1e3:.2f} ms, append ~{at}: {late * 1e3:.2f} ms, "
-              f"ratio {late / early:.2f}; mean over all {statistics.mean(lat) * 1e3:.2f} ms")
+    print(f"appends of {a.rows} rows, compaction off, fsync on: append {a.at}+ of an old shard vs append {EARLY} "
+          f"of a fresh one, alternated, {a.rounds} rounds")
+    tmp = tempfile.mkdtemp(prefix="sf-bench-latency-")
+    try:
+        client = storage.open(tmp)
+        old = Shard(client, a.rows)
+        t0 = time.perf_counter()
+        fill = [old.append() for _ in range(a.at - 1)]
+        print(f"filled the old shard with {a.at - 1} appends in {time.perf_counter() - t0:.1f} s "
+              f"(appends 1-10: {statistics.median(fill[:10]) * 1e3:.2f} ms, last 10: {statistics.median(fill[-10:]) * 1e3:.2f} ms median)")
+        prof = cProfile.Profile() if a.profile else None
+        ratios, olds, youngs = [], [], []
+        for r in range(a.rounds):
+            young = Shard(client, a.rows)
+            for _ in range(EARLY - 1):
+                young.append()
+            sides = ["old", "young"] if r % 2 else ["young", "old"]
+            got = {}
+            for side in sides:
+                if side == "old" and prof is not None:
+                    prof.enable()
+                got[side] = (old if side == "old" else young).append()
+                if side == "old" and prof is not None:
+                    prof.disable()
+            olds.append(got["old"])
+            youngs.append(got["young"])
+            ratios.append(got["old"] / got["young"])
+        assert len(client.state(old.shard).batches) == a.at - 1 + a.rounds
+        client.close()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratios.sort()
     med = statistics.median(ratios)
-    print(f"late / early latency: median {med:.2f} (spread {min(ratios):.2f}-{max(ratios):.2f}) "
+    print(f"append {EARLY} (young): median {statistics.median(youngs) * 1e3:.2f} ms; "
+          f"append {a.at}+ (old): median {statistics.median(olds) * 1e3:.2f} ms")
+    print(f"old / young latency, paired per round: median {med:.2f} (spread {ratios[0]:.2f}-{ratios[-1]:.2f}, "
+          f"quartiles {ratios[len(ratios) // 4]:.2f}-{ratios[3 * len(ratios) // 4]:.2f}) "
           f"(target <= {TARGET}: {'OK' if med <= TARGET else 'ABOVE'})")
-    if a.profile:
-        prof = cProfile.Profile()
-        one_round(a.appends, a.rows, prof)
+    if prof is not None:
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(15)
-        print("--- cProfile of one round, by tottime ---")
+        print("--- cProfile of the old shard's timed appends, by tottime ---")
         print("\n".join(line for line in s.getvalue().splitlines() if line.strip())[:6000])
     return 0
 
