@@ -26,6 +26,7 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/append.py
+	$(BIN)/python bench/append_latency.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

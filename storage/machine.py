@@ -79,9 +79,26 @@ class Machine:
 
         Example: `machine.apply(st.downgrade_since, reader_id, Frontier(5))`.
         """
+        return self.apply_from(None, transition, *args, **kwargs)
+
+    def apply_from(
+        self,
+        state: st.ShardState | None,
+        transition: Callable[..., tuple[st.ShardState | None, R]],
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[st.ShardState, R]:
+        """`apply`, its first attempt on `state` (a head this call just fetched) instead of a new fetch.
+
+        Saves a read of the head (a whole state version) when the caller has one in
+        hand. If `state` is no longer the head, the compare-and-set loses and the next
+        attempt fetches; a result with nothing to write holds at the read of `state`.
+        """
+        first: list[st.ShardState] = [state] if state is not None else []
 
         def attempt() -> tuple[st.ShardState, R] | None:
-            cur = self.fetch()
+            cur = first.pop() if first else self.fetch()
             new, result = transition(cur, *args, now_ms=self.clock(), **kwargs)
             if new is None:
                 return cur, result

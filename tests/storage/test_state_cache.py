@@ -165,3 +165,27 @@ def test_an_append_parses_only_its_own_batch(tmp_path: Path, monkeypatch: pytest
     finally:
         c2.close()
         c1.close()
+
+
+def test_an_append_reads_the_head_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The early upper check's head is the compare-and-set's first attempt: one read of a
+    whole state version per append, not two (a stale one only loses its compare-and-set:
+    `test_racing_writers_never_see_a_stale_state`)."""
+    client = storage.open(str(tmp_path), fsync=False)
+    try:
+        shard = ShardId.new()
+        w = client.open_writer(shard, schema=SCHEMA, compact=False)
+        w.compare_and_append(rows(0, 1, 2, "x"), 0, 1)
+        reads: list[str] = []
+        orig = client.consensus.head
+
+        def counting(key: str):  # type: ignore[no-untyped-def]
+            reads.append(key)
+            return orig(key)
+
+        monkeypatch.setattr(client.consensus, "head", counting)
+        w.compare_and_append(rows(1, 2, 2, "x"), 1, 2)
+        assert reads == [shard_key(shard)]
+        assert client.state(shard) == from_scratch(client, shard)
+    finally:
+        client.close()
