@@ -57,6 +57,14 @@ def seal(body: bytes) -> bytes:
     return b"".join((_SEAL_HEAD, hashlib.sha256(body).hexdigest().encode(), _SEAL_MID, body, b"}"))
 
 
+def seal_pieces(pieces: tuple[bytes, ...]) -> bytes:
+    """`seal(b"".join(pieces))` without joining the body first (one copy of a large state, not two)."""
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p)
+    return b"".join((_SEAL_HEAD, h.hexdigest().encode(), _SEAL_MID, *pieces, b"}"))
+
+
 def unseal(data: bytes, where: str, what: str, legacy_head: bytes = _LEGACY_HEAD) -> bytes:
     """The body of a sealed entry, its sha256 checked; a legacy (unsealed) body is returned as is.
 
@@ -237,9 +245,9 @@ class ShardState:
         head = json.dumps(fields, separators=(",", ":"))
         # The batches come first: the versions before and after an append or a merge
         # share a prefix, which `_parse_body` does not parse again.
-        body = b"".join((_BATCHES_HEAD, b",".join(b.encoded for b in self.batches), b"],", head[1:].encode()))
+        pieces = (_BATCHES_HEAD, b",".join([b.encoded for b in self.batches]), b"]," + head[1:].encode())
         decoded = _from_head(json.loads(head), self.batches, schema=self.schema)
-        return seal(body), decoded
+        return seal_pieces(pieces), decoded
 
     @classmethod
     def decode(cls, data: bytes, where: str, *, seqno: int | None = None, shard_id: str | None = None) -> ShardState:
