@@ -26,6 +26,8 @@ test-slow: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/append.py
+	$(BIN)/python bench/append_latency.py
+	$(BIN)/python bench/listen_poll.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -3,8 +3,8 @@
 Three kinds, and nothing in `storage/` calls `duckdb.connect` but this module:
 
 1. `cursor()`: a fresh cursor on ONE process-wide in-memory database, for
-   reads that open, run and close (snapshots, counts, validation, listen
-   ranges, consolidation of a table). Close the cursor when done (`reading()`
+   reads that open, run and close (snapshots, counts, validation). A leased
+   reader keeps one for its listen polls (`ReadHandle._listen_connection`). Close the cursor when done (`reading()`
    does). Measured (bench/snapshot.py, 8M rows): `duckdb.connect()` +
    `close()` cost ~23 ms per snapshot (a new database each time: ~10% of a
    compacted snapshot), a cursor on a shared database ~0. Each cursor is its
