@@ -18,6 +18,14 @@ Rules:
 - Resume: the constructor takes `resume: Mapping[str, Any] | None`
   (partition_key -> committed offset); a partition resumes *after* that offset.
   Bytewax's own recovery is not used (`resume_state` is ignored).
+- Times on replay: the sink may commit a batch's updates below the frontier
+  before its offsets (another partition can hold the frontier inside the batch),
+  and a restarted run reads the batch again; `persist_sink` then drops the
+  replayed updates below the resume point. So either give a replayed update the
+  time it had (a function of the input position: an LSN, a tick, the input's own
+  time), or put each batch at one time at or past the shard's upper at start
+  (`resume_upper`). A batch over several times that a replay does not reproduce
+  is doubled in part; replayed times below the resume point are lost.
 - Batch mode (finite partition): emit the last data, then a final
   `Progress(last_time + 1)` — NOT the empty frontier, so the shard stays
   appendable for later runs — then raise `StopIteration`.
