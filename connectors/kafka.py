@@ -168,7 +168,8 @@ class KafkaSource(UpdateSource):
         on_error: `"collect"` (bad records to `<name>_errors`) or `"raise"`.
         upsert_state: Folder of the upsert envelope's DuckDB state (required for upsert).
         resume: `{partition key: offsets}` from the shard's metadata.
-        resume_upper: The shard's upper when the job started (times start there).
+        resume_upper: The shard's upper when the job started (times start there); required
+            with `resume`, else `InvalidInput` (times below the resume point would be dropped).
     """
 
     def __init__(
@@ -220,6 +221,14 @@ class KafkaSource(UpdateSource):
             raise InvalidInput(f"{where}: on_error must be 'collect' or 'raise', got {on_error!r}")
         if not (isinstance(max_batch, int) and max_batch > 0):
             raise InvalidInput(f"{where}: max_batch must be a positive int, got {max_batch!r}")
+        if self.resume and resume_upper is None:
+            # SUBTLE: times start at resume_upper (0 without it). A resumed batch run would
+            # put its new records at 0, below the resume point, where a persist sink drops
+            # them as already committed: every rerun silently ingests nothing.
+            raise InvalidInput(
+                f"{where}: resumes need resume_upper= (the collection's upper, e.g. "
+                f"resume_upper=ctx.upper(name) in a flow file), so that new times start past it"
+            )
         self.where = where
         self.bootstrap = bootstrap
         self.format: Format = format

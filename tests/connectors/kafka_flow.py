@@ -5,6 +5,7 @@
     KAFKA_ENVELOPE    append (default) or upsert
     KAFKA_STATE       upsert state folder (upsert only)
     KAFKA_CONNECT_TIMEOUT, KAFKA_DISCOVER_INTERVAL   seconds (default 5 each)
+    KAFKA_NO_RESUME_UPPER   1: resume without resume_upper (a mistake the source must refuse)
 
 JSON values `(id int64, name string)` go to collection `rows` (with key, partition
 and offset), bad records to `rows_errors`.
@@ -45,7 +46,8 @@ def build(ctx):  # type: ignore[no-untyped-def]
 
     ctx.collection("rows", source().row_schema())
     ctx.collection("rows_errors", ERRORS_SCHEMA)
-    src = source(resume=ctx.resume_offsets("rows"), resume_upper=ctx.upper("rows"))
+    upper = None if os.environ.get("KAFKA_NO_RESUME_UPPER") == "1" else ctx.upper("rows")
+    src = source(resume=ctx.resume_offsets("rows"), resume_upper=upper)
     src.check()  # an unreachable broker or a missing topic is one line before the flow starts
     flow = Dataflow("kafka_flow")
     split = split_errors("split", op.input("kafka", flow, src))

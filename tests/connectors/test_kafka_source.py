@@ -137,6 +137,24 @@ def test_cli_batch_end_to_end_and_rerun(kafka_broker: KafkaBroker, tmp_path: Pat
     assert got == ["0,10"] + [f"1,{i}" for i in range(20)]
 
 
+def test_resume_without_resume_upper_is_one_line(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
+    """Resumed without the shard's upper, a batch rerun put its new records at time 0, below the
+    resume point, and the persist sink dropped them as already committed (silent loss)."""
+    t = topic(kafka_broker)
+    env = {"KAFKA_BOOTSTRAP": kafka_broker.bootstrap, "KAFKA_TOPIC": t, "KAFKA_NO_RESUME_UPPER": "1"}
+    kafka_broker.produce(t, [rec(i) for i in range(3)])
+    r = shardflow("run", FLOW, "--data", str(tmp_path), env=env)
+    assert r.returncode == 0, r.stderr  # a first run resumes nothing
+    kafka_broker.produce(t, [rec(i) for i in range(3, 5)])
+    r = shardflow("run", FLOW, "--data", str(tmp_path), env=env)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode != 0 and len(lines) == 1, (r.returncode, r.stderr)
+    assert "resumes need resume_upper=" in lines[0] and "Traceback" not in r.stderr, r.stderr
+    r = shardflow("run", FLOW, "--data", str(tmp_path), env={**env, "KAFKA_NO_RESUME_UPPER": "0"})
+    assert r.returncode == 0, r.stderr
+    assert query(tmp_path, "SELECT id FROM rows ORDER BY id") == [str(i) for i in range(5)]
+
+
 def test_cli_continuous_end_to_end(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     t = topic(kafka_broker, 2)
     env = {"KAFKA_BOOTSTRAP": kafka_broker.bootstrap, "KAFKA_TOPIC": t}
@@ -261,6 +279,7 @@ def test_resume_finds_a_partition_offset_under_its_previous_owner(kafka_broker: 
     t = topic(kafka_broker, 2)
     kafka_broker.produce(t, [rec(i) for i in range(4)], partition=1)
     resume = {f"o/{t}:0": {f"{t}:0": 0, f"{t}:1": 3}}  # t:1 was read, up to offset 2, by o/t:0's partition
+    from storage import Frontier
     out = run(KafkaSource(kafka_broker.bootstrap, t, schema=SCHEMA, mode="batch", name="o", resume=resume,
-                          metadata=("partition", "offset")))
+                          resume_upper=Frontier(1), metadata=("partition", "offset")))
     assert [(r["partition"], r["offset"], r["id"]) for r in data_rows(out)] == [(1, 3, 3)]
