@@ -170,6 +170,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         now_getter: NowGetter = utc_now,
         retry_interval: float = 0.2,
         hold: ReadHandle | None = None,
+        commit_every: float | None = None,
     ):
         self.step_id = step_id
         self.client = client
@@ -189,6 +190,9 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self.now_getter = now_getter
         self.retry_interval = retry_interval
         self._retry_at: datetime | None = None
+        self.commit_every = commit_every
+        self._commit_at: datetime | None = None  # the next append, when `commit_every` holds it back
+        self._last_commit = now_getter()
         self._reader: ReadHandle | None = None
         self._released = 0.0
         self._tmp: str | None = None
@@ -267,14 +271,16 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
 
     def on_notify(self) -> tuple[Iterable[Committed], bool]:
         self._retry_at = None
+        self._commit_at = None
         return self.advance(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return self._retry_at
+        ts = [t for t in (self._retry_at, self._commit_at) if t is not None]
+        return min(ts) if ts else None
 
     def on_eof(self) -> tuple[Iterable[Committed], bool]:
         try:
-            out = self.advance()
+            out = self.advance(final=True)
         finally:
             self.close()
         return out, StatefulBatchLogic.DISCARD
@@ -312,12 +318,21 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self._touched = now
         self.client.parts.touch(p for w in self.pending for p in w.batch.parts)
 
-    def advance(self) -> list[Committed]:
-        """Append `[P, F)` if the input frontier `F` is beyond the persisted upper `P`."""
+    def advance(self, *, final: bool = False) -> list[Committed]:
+        """Append `[P, F)` if the input frontier `F` is beyond the persisted upper `P`.
+
+        With `commit_every`, not sooner than that many seconds after the last append
+        (a notification comes then), unless `final` (end of input).
+        """
         self._keep_pending_alive()
         f = self.tracker.frontier()
         if f is None:
             return []
+        if self.commit_every and not final and f > self.P:
+            due = self._last_commit + timedelta(seconds=self.commit_every)
+            if self.now_getter() < due:
+                self._commit_at = due
+                return []
         out: list[Committed] = []
         for _ in range(MAX_CAS_ATTEMPTS):
             if f <= self.P:
@@ -350,6 +365,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
                 self.P = cur
                 continue
             lower = self.P
+            self._last_commit = self.now_getter()
             self.offsets.update(offs)
             self._synced(f)
             out.append(Committed(self.shard, lower, f, rows, offs, _ms(self.now_getter()), corrected))
@@ -490,6 +506,7 @@ def persist_sink(
     as_of: int | None = None,
     schema: pa.Schema | None = None,
     hold: ReadHandle | None = None,
+    commit_every: float | None = None,
 ) -> Stream[Committed]:
     """The self-correcting sink: make `shard` equal the desired updates of `up`.
 
@@ -532,6 +549,13 @@ def persist_sink(
         hold: a leased reader the caller opened *before* it read `as_of`; it keeps
             since at or below `as_of - 1` until the committer has registered its own
             reader (which holds since at `S - 1` while the sink runs), then is expired.
+        commit_every: None (the default) appends as soon as the frontier moves.
+            Seconds: at most one append per that many seconds (the first that
+            long after the sink starts), covering every frontier passed
+            meanwhile, and one at the end of input. Fewer, larger batches: less
+            consensus traffic and compaction, for throughput over freshness (a
+            batch job's choice, `flows.job.BATCH_COMMIT_EVERY`). A crash redoes
+            at most that much work: offsets commit with the data, as always.
 
     Returns:
         A stream of `Committed` events, one per successful append.
@@ -550,7 +574,11 @@ def persist_sink(
     writer = _PartWriter(step_id, client, shard, as_of)
     written = op.map("write", up, writer)
     keyed = one_key("key", written)
-    out = op.stateful_batch("commit", keyed, lambda _resume: PersistLogic(step_id, client, shard, as_of, hold=hold))
+    out = op.stateful_batch(
+        "commit",
+        keyed,
+        lambda _resume: PersistLogic(step_id, client, shard, as_of, hold=hold, commit_every=commit_every),
+    )
     return op.key_rm("unkey", out)
 
 
