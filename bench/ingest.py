@@ -236,7 +236,7 @@ def main() -> None:
             base_t.append(got["baseline"])
             rows, _, _ = check(data, base)
             print(f"  round {r + 1} ({order[0]} first): ours {got['ours']:.2f}s, baseline {got['baseline']:.2f}s, "
-                  f"ratio {got['baseline'] / got['ours']:.2f}; {rows:,} rows stored")
+                  f"ratio {got['baseline'] / got['ours']:.2f}; {rows:,} rows stored", flush=True)
             shutil.rmtree(data, ignore_errors=True)
             shutil.rmtree(base, ignore_errors=True)
         ratios = [b / o for b, o in zip(base_t, ours_t, strict=True)]

@@ -25,7 +25,16 @@ import pyarrow.compute as pc
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 
-from storage import DIFF, TIME, Frontier, Progress, UpdateBatch, consolidate_sql, duck, overflow_checked
+from storage import (
+    DIFF,
+    TIME,
+    Frontier,
+    Progress,
+    UpdateBatch,
+    consolidate_sql,
+    duck,
+    overflow_checked,
+)
 from storage import consolidate as consolidate_table
 from storage.errors import InvalidInput
 
