@@ -33,6 +33,7 @@ QUICK: dict[str, list[str]] = {
     "ingest": ["--quick"],
     "sink_memory": [],  # the 10M-row target itself: about a minute
     "freshness": ["--seconds", "5"],
+    "csv_parse": ["--rows", "1000000", "--rounds", "3"],
     "file_ingest_scaling": ["--files", "4", "--rows", "200000", "--rounds", "2"],
     "soak": ["--minutes", "1", "--every", "15"],
     "whole_job": ["--rows", "1000000", "--reps", "2"],
