@@ -40,7 +40,7 @@ QUICK: dict[str, list[str]] = {
     "views": ["--rows", "200000", "--ticks", "3"],
     "view_memory": ["--rows", "1000000"],
     "view_freshness": ["--seconds", "10", "--warmup", "2"],
-    "view_invertible": [],
+    "view_invertible": ["1000000"],
     "nexmark": ["--quick"],
 }
 #: Seconds after which a quick bench is stopped and counted as failed.

@@ -128,7 +128,7 @@ def measure(kind: str, n_batches: int) -> float:
         p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
         sys.stdout.write(p.stdout)
         if p.returncode != 0:
-            sys.stderr.write(p.stderr[:4000])
+            sys.stderr.write(p.stderr[-4000:])
             raise SystemExit(p.returncode)
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
         assert m, p.stderr[-2000:]

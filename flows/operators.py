@@ -219,10 +219,15 @@ def check_item(step_id: str, x: Any) -> Item:
 #: Pending bytes (Arrow) past which `consolidate` moves its pending updates into a DuckDB file
 #: (`$SHARDFLOW_CONSOLIDATE_SPILL_MB`, default 64; 0 spills from the first update).
 SPILL_BYTES = int(float(os.environ.get("SHARDFLOW_CONSOLIDATE_SPILL_MB", "64")) * (1 << 20))
-#: DuckDB's memory limit for a spilled `consolidate` (`$SHARDFLOW_CONSOLIDATE_MEMORY`): past it
-#: the GROUP BY spills to the operator's temp dir too.
-SPILL_MEMORY_LIMIT = os.environ.get("SHARDFLOW_CONSOLIDATE_MEMORY", "192MB")
+#: DuckDB's memory limit, in MiB, for a spilled `consolidate` (`$SHARDFLOW_CONSOLIDATE_MEMORY_MB`):
+#: past it the GROUP BY spills to the operator's temp dir too. On one DuckDB thread: a hash
+#: aggregation needs memory per thread before it can spill, and two threads ran out of 192MB
+#: on 10M distinct rows where one thread in 256MB did not (and was faster).
+SPILL_MEMORY_MB = int(os.environ.get("SHARDFLOW_CONSOLIDATE_MEMORY_MB", "256"))
 
+
+#: Rows per record batch when a spilled flush streams its result out of DuckDB.
+SPILL_READ_ROWS = 1 << 20
 
 _SPILL_PREFIX = "shardflow-consolidate-"
 
@@ -253,7 +258,8 @@ class _Spill:
 
     Rows are appended as Arrow (`INSERT ... SELECT` from a registered table) and
     consolidated by one GROUP BY (`storage.consolidate_sql`) when the frontier
-    passes them; DuckDB keeps at most `SPILL_MEMORY_LIMIT` of it in memory.
+    passes them; DuckDB keeps at most `SPILL_MEMORY_MB` of it in memory (should a
+    flush still run out, it is retried with twice the memory, up to 4x).
     """
 
     def __init__(self, step_id: str, schema: pa.Schema):
@@ -267,7 +273,8 @@ class _Spill:
             self._lock = open(os.path.join(self.dir, "lock"), "w")  # noqa: SIM115 - closed by close()
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             con = duckdb.connect(os.path.join(self.dir, "pending.duckdb"))
-            con.execute(f"SET memory_limit = '{SPILL_MEMORY_LIMIT}'")
+            con.execute(f"SET memory_limit = '{SPILL_MEMORY_MB}MB'")
+            con.execute("SET threads = 1")
             con.execute(f"SET temp_directory = '{os.path.join(self.dir, 'tmp')}'")
             con.execute("SET preserve_insertion_order = false")
             con.register("__in", schema.empty_table())
@@ -310,8 +317,22 @@ class _Spill:
         below = "" if upper.time is None else f" WHERE {TIME} < {int(upper.time)}"
         cols = [n for n in self.schema.names if n not in (TIME, DIFF)]
         q = consolidate_sql(f"(SELECT * FROM pending{below})", cols, where=f"step {self.step_id!r}", since=since)
-        with overflow_checked():
-            out = self.con.sql(q).to_arrow_table()
+        mb = SPILL_MEMORY_MB
+        while True:
+            try:
+                # Streamed out in record batches: the result is built outside DuckDB's limit.
+                with overflow_checked():
+                    reader = self.con.sql(q).to_arrow_reader(SPILL_READ_ROWS)
+                    out = pa.Table.from_batches(list(reader), reader.schema)
+                break
+            except (duckdb.OutOfMemoryException, OSError, pa.ArrowException) as e:
+                # (A streamed result reports DuckDB's error through pyarrow, as an OSError.)
+                if "Out of Memory" not in str(e) or mb >= 4 * SPILL_MEMORY_MB:
+                    raise
+                mb *= 2
+                self.con.execute(f"SET memory_limit = '{mb}MB'")
+        if mb != SPILL_MEMORY_MB:
+            self.con.execute(f"SET memory_limit = '{SPILL_MEMORY_MB}MB'")
         if below:
             self.con.execute(f"DELETE FROM pending{below}")
             self.rows = self.con.execute("SELECT count(*) FROM pending").fetchall()[0][0]
@@ -463,7 +484,7 @@ def consolidate(step_id: str, up: Stream[Any], spill_bytes: int | None = None) -
     (default `SPILL_BYTES`, 64 MiB, `$SHARDFLOW_CONSOLIDATE_SPILL_MB`); then
     they move into a DuckDB file in a temp dir of the operator's own (under
     `$TMPDIR`; removed when the input ends or the process exits), whose memory
-    is capped at `$SHARDFLOW_CONSOLIDATE_MEMORY` (default 192MB), and are
+    is capped at `$SHARDFLOW_CONSOLIDATE_MEMORY_MB` (default 256), and are
     consolidated there by one GROUP BY. The output is the same either way.
     The file is scratch, not state: after a crash the run resumes from the
     sink's committed offsets, as without it.
