@@ -216,3 +216,22 @@ def test_killed_and_resumed_spilling_job_is_exact(tmp_path: Path) -> None:
     assert_exact(after, 10)
     assert after[: len(before)] == before and len(after) == (len(before) // 10 + 20) * 10
     assert [n for n in os.listdir(tmp) if n.startswith(PREFIX)] == []
+
+
+def test_a_flush_that_runs_out_of_memory_is_retried_with_more(private_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """1M distinct rows do not fit an 8 MB DuckDB (its hash aggregation cannot spill that
+    small); the flush is retried with 16, then 32 MB, and comes out whole."""
+    import pyarrow.compute as pc
+
+    import flows.operators as ops
+
+    monkeypatch.setattr(ops, "SPILL_MEMORY_MB", 8)
+    n = 1_000_000
+    k = pc.subtract(pc.cumulative_sum(pa.repeat(pa.scalar(1, pa.int64()), n)), pa.scalar(1, pa.int64()))
+    t = pa.table([k, pa.repeat(pa.scalar(1, pa.int64()), n), pa.repeat(pa.scalar(1, pa.int64()), n)],
+                 names=["k", "_time", "_diff"])
+    out = run([UpdateBatch(t), Progress(Frontier(2))], 0)
+    got = out[0].table
+    assert got.num_rows == n and pc.sum(got.column("k")).as_py() == n * (n - 1) // 2
+    assert pc.min(got.column("_diff")).as_py() == pc.max(got.column("_diff")).as_py() == 1
+    assert spill_dirs() == []
