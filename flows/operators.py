@@ -232,6 +232,32 @@ SPILL_READ_ROWS = 1 << 20
 _SPILL_PREFIX = "shardflow-consolidate-"
 
 
+def arrow_of(con: duckdb.DuckDBPyConnection, q: str, memory_mb: int) -> pa.Table:
+    """Run `q` on `con` (whose memory limit is `memory_mb` MiB) into an Arrow table, overflow-checked.
+
+    The result is streamed out in record batches, so it is built outside DuckDB's
+    memory limit. A query that still runs out of memory (a hash aggregation needs
+    some memory per thread before it can spill; how much varies run to run) is
+    retried with twice the limit, up to four times it; the limit is then set back.
+    """
+    mb = memory_mb
+    try:
+        while True:
+            try:
+                with overflow_checked():
+                    reader = con.sql(q).to_arrow_reader(SPILL_READ_ROWS)
+                    return pa.Table.from_batches(list(reader), reader.schema)
+            except (duckdb.OutOfMemoryException, OSError, pa.ArrowException) as e:
+                # (A streamed result reports DuckDB's error through pyarrow, as an OSError.)
+                if "Out of Memory" not in str(e) or mb >= 4 * memory_mb:
+                    raise
+                mb *= 2
+                con.execute(f"SET memory_limit = '{mb}MB'")
+    finally:
+        if mb != memory_mb:
+            con.execute(f"SET memory_limit = '{memory_mb}MB'")
+
+
 def _remove_stale_spills() -> None:
     """Remove the spill dirs of processes that died without removing theirs (SIGKILL, a crash).
 
@@ -317,22 +343,7 @@ class _Spill:
         below = "" if upper.time is None else f" WHERE {TIME} < {int(upper.time)}"
         cols = [n for n in self.schema.names if n not in (TIME, DIFF)]
         q = consolidate_sql(f"(SELECT * FROM pending{below})", cols, where=f"step {self.step_id!r}", since=since)
-        mb = SPILL_MEMORY_MB
-        while True:
-            try:
-                # Streamed out in record batches: the result is built outside DuckDB's limit.
-                with overflow_checked():
-                    reader = self.con.sql(q).to_arrow_reader(SPILL_READ_ROWS)
-                    out = pa.Table.from_batches(list(reader), reader.schema)
-                break
-            except (duckdb.OutOfMemoryException, OSError, pa.ArrowException) as e:
-                # (A streamed result reports DuckDB's error through pyarrow, as an OSError.)
-                if "Out of Memory" not in str(e) or mb >= 4 * SPILL_MEMORY_MB:
-                    raise
-                mb *= 2
-                self.con.execute(f"SET memory_limit = '{mb}MB'")
-        if mb != SPILL_MEMORY_MB:
-            self.con.execute(f"SET memory_limit = '{SPILL_MEMORY_MB}MB'")
+        out = arrow_of(self.con, q, SPILL_MEMORY_MB)
         if below:
             self.con.execute(f"DELETE FROM pending{below}")
             self.rows = self.con.execute("SELECT count(*) FROM pending").fetchall()[0][0]

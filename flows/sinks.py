@@ -41,7 +41,7 @@ from storage.errors import InvalidInput, InvalidUppers, LeaseExpired, OffsetsMis
 
 # The consolidation SQL below (`_correction`, `_absorb`) is to move to storage's one
 # consolidation builder; until then it uses these helpers of `storage.updates`.
-from .operators import FrontierTracker, OffsetQueue, check_item, one_key, tmax_of, tmin_of
+from .operators import FrontierTracker, OffsetQueue, arrow_of, check_item, one_key, tmax_of, tmin_of
 
 __all__ = ["Committed", "WrittenBatch", "append_sink", "persist_sink"]
 
@@ -51,6 +51,9 @@ OFFSETS_UPPER_KEY = "offsets_upper"
 MAX_CAS_ATTEMPTS = 50
 #: Seconds between refreshes of written-but-uncommitted parts (see `_keep_pending_alive`).
 KEEP_ALIVE_S = 60.0
+#: The memory limit (MiB) of the file-backed DuckDB that computes corrections; past it they spill
+#: to its temp dir (an out-of-memory query is retried with more: `operators.arrow_of`).
+SINK_MEMORY_MB = 512
 
 NowGetter = Callable[[], datetime]
 
@@ -410,7 +413,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             self._tmp = tempfile.mkdtemp(prefix="shardflow-sink-")
             # File-backed, with a memory limit: large corrections spill to the temp dir.
             self._con = duckdb.connect(os.path.join(self._tmp, "sink.duckdb"))
-            self._con.execute("SET memory_limit='512MB'")
+            self._con.execute(f"SET memory_limit='{SINK_MEMORY_MB}MB'")
             self._con.execute(f"SET temp_directory='{os.path.join(self._tmp, 'spill')}'")
             self._con.execute("SET preserve_insertion_order=false")
         return self._con
@@ -455,11 +458,9 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             where=f"step {self.step_id!r} (shard {self.shard})",
         )
         try:
-            with overflow_checked():
-                t = con.sql(q).to_arrow_table()
+            return arrow_of(con, q, SINK_MEMORY_MB)
         finally:
             _unregister(con)
-        return t
 
     def _absorb(self, f: Frontier) -> None:
         """With `S < f <= P`: if persisted accumulates to desired below `f`, move S to `f`."""
