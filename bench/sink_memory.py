@@ -9,7 +9,7 @@ else resource.getrusage of the child):
 
 - ours: source -> consolidate -> persist_sink, default settings (fsync on;
   consolidate spills its pending updates to a DuckDB file past 64 MiB; the sink
-  keeps desired as parts on disk + a file-backed DuckDB with a 512 MB limit for
+  keeps desired as parts on disk + a file-backed DuckDB with a 256 MB limit for
   the correction). The whole child process's peak RSS counts.
 - baseline ("naive in-memory desired"): the same batches kept in a Python
   list of Arrow tables, consolidated with in-memory DuckDB.
