@@ -7,9 +7,15 @@ with `pq.write_table` to plain files (same compression as parts: snappy, with
 statistics). Batch generation is not timed. Prints rows/s both ways and the
 ratio shardflow / baseline (target >= 0.7).
 
+The writer runs with the defaults users get: background compaction on (the
+compactor thread runs at a low priority, `storage.compact.COMPACTOR_NICE`).
+The time compaction takes to drain after the last append is printed, not
+counted in the ratio; `--no-compact` measures the write path alone.
+
     .venv/bin/python bench/append.py                      # 10M rows, fsync on and off
     .venv/bin/python bench/append.py --no-fsync --repeat 5 --summary best
     .venv/bin/python bench/append.py --rows 1000000 --profile
+    .venv/bin/python bench/append.py --fsync --compare-nice 0,10,19   # the compactor's priority
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import io
 import os
 import pstats
 import shutil
+import statistics
 import sys
 import tempfile
 
@@ -28,13 +35,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import fmt_rate, machine, peak_rss_mb, rate, ratio_line, rss_mb, summarise, timed  # noqa: E402
+from _common import fmt_rate, machine, peak_rss_mb, rate, rss_mb, summarise, timed  # noqa: E402
 
 import storage  # noqa: E402
+import storage.compact as storage_compact  # noqa: E402
 from storage.updates import update_schema  # noqa: E402
 
 SCHEMA = pa.schema([("k", pa.string()), ("v", pa.int64())])
 TARGET = 0.7
+OFF = -100  # --compare-nice off: a writer with compact=False
+DRAINS: list[tuple[float, int]] = []  # per compacting run: (s waiting for compaction after the appends, batches left)
 
 
 def make_batches(rows: int, batch_rows: int, seed: int = 42) -> list[pa.Table]:
@@ -58,16 +68,13 @@ def make_batches(rows: int, batch_rows: int, seed: int = 42) -> list[pa.Table]:
 
 
 def run_shardflow(
-    batches: list[pa.Table], fsync: bool, prof: cProfile.Profile | None = None, compact: bool = False
+    batches: list[pa.Table], fsync: bool, prof: cProfile.Profile | None = None, compact: bool = True
 ) -> float:
     tmp = tempfile.mkdtemp(prefix="sf-bench-append-")
     try:
         client = storage.open(tmp, fsync=fsync)
         shard = storage.ShardId.new()
-        try:
-            w = client.open_writer(shard, schema=SCHEMA, compact=compact)
-        except TypeError:  # a storage without background compaction
-            w = client.open_writer(shard, schema=SCHEMA)
+        w = client.open_writer(shard, schema=SCHEMA) if compact else client.open_writer(shard, schema=SCHEMA, compact=False)
         if prof is not None:
             prof.enable()
         with timed() as t:
@@ -75,8 +82,10 @@ def run_shardflow(
                 w.compare_and_append(b, expected_upper=i, new_upper=i + 1)
         if prof is not None:
             prof.disable()
-        if compact and hasattr(client, "wait_compaction"):
-            client.wait_compaction(timeout=120)  # not timed: it runs after the appends return
+        if compact:
+            with timed() as d:  # not in the append time: it runs after the appends return
+                client.wait_compaction(timeout=300)
+            DRAINS.append((d[0], len(client.state(shard).batches)))
         got = client.inspect(shard)
         want = sum(b.num_rows for b in batches)
         assert got["rows"] == want and got["upper"] == len(batches), (got["rows"], want, got["upper"])
@@ -114,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="shardflow blob fsync on/off; default: run both")
     ap.add_argument("--baseline-fsync", action="store_true",
                     help="also time write_table + fsync per file (informational)")
-    ap.add_argument("--compact", action=argparse.BooleanOptionalAction, default=False,
-                    help="let the writer wake background compaction (default off: measure the write path alone)")
+    ap.add_argument("--compact", action=argparse.BooleanOptionalAction, default=True,
+                    help="background compaction, as `open_writer` does by default (--no-compact: the write path alone)")
+    ap.add_argument("--compare-nice", default="",
+                    help="comma-separated compactor nice values to run side by side (e.g. 0,19,off; off: compact=False)")
     ap.add_argument("--profile", action="store_true", help="cProfile one shardflow run; print top costs")
     a = ap.parse_args(argv)
 
@@ -132,27 +143,48 @@ def main(argv: list[str] | None = None) -> int:
     run_baseline(batches)
 
     modes = [True, False] if a.fsync is None else [a.fsync]
+    nices: list[int | None] = [None] if not a.compare_nice else [
+        OFF if x == "off" else int(x) for x in a.compare_nice.split(",")]
     for fsync in modes:
-        sf, base, base_fs = [], [], []
+        base: list[float] = []
+        base_fs: list[float] = []
+        sfs: dict[int | None, list[float]] = {n: [] for n in nices}
+        drains: dict[int | None, list[tuple[float, int]]] = {n: [] for n in nices}
         for r in range(max(1, a.repeat)):
-            # Interleave, alternating who goes first, and sync() before each run so no
+            # Interleave, rotating who goes first, and sync() before each run so no
             # run inherits the previous one's dirty-page writeback.
-            runs: list[tuple[list[float], str]] = [(base, "base"), (sf, "sf")]
+            runs: list[tuple[str, int | None]] = [("base", None)] + [("sf", n) for n in nices]
             if a.baseline_fsync:
-                runs.append((base_fs, "base_fs"))
-            for out, which in runs[::-1] if r % 2 else runs:
+                runs.append(("base_fs", None))
+            k = r % len(runs)
+            for which, nice in runs[k:] + runs[:k]:
                 os.sync()
                 if which == "sf":
-                    out.append(run_shardflow(batches, fsync, compact=a.compact))
+                    if nice is not None and nice != OFF:
+                        storage_compact.COMPACTOR_NICE = nice  # read when the client's compactor starts
+                    on = a.compact and nice != OFF
+                    sfs[nice].append(run_shardflow(batches, fsync, compact=on))
+                    if on:
+                        drains[nice].append(DRAINS[-1])
                 else:
-                    out.append(run_baseline(batches, fsync=which == "base_fs"))
-        sf_r, base_r = rate(rows, summarise(sf, a.summary)), rate(rows, summarise(base, a.summary))
+                    (base_fs if which == "base_fs" else base).append(run_baseline(batches, fsync=which == "base_fs"))
         tag = "fsync=on " if fsync else "fsync=off"
+        base_r = rate(rows, summarise(base, a.summary))
         print(f"[{tag}] baseline pq.write_table: {fmt_rate(base_r)}  (runs s: {', '.join(f'{x:.2f}' for x in base)})")
-        print(f"[{tag}] shardflow c_and_a      : {fmt_rate(sf_r)}  (runs s: {', '.join(f'{x:.2f}' for x in sf)})")
         if base_fs:
             print(f"[{tag}] baseline + fsync/file  : {fmt_rate(rate(rows, summarise(base_fs, a.summary)))}")
-        print(ratio_line(f"[{tag}] shardflow / baseline", sf_r, base_r, TARGET))
+        for nice, sf in sfs.items():
+            who = "shardflow c_and_a" + ("" if nice is None else ", compaction off" if nice == OFF else f", compactor nice {nice}")
+            sf_r = rate(rows, summarise(sf, a.summary))
+            print(f"[{tag}] {who}: {fmt_rate(sf_r)}  (runs s: {', '.join(f'{x:.2f}' for x in sf)})")
+            paired = sorted(b / x for b, x in zip(base, sf, strict=True))
+            med = statistics.median(paired)
+            print(f"[{tag}] {who} / baseline, paired per round: median {med:.2f} (spread {paired[0]:.2f}-{paired[-1]:.2f})"
+                  f" (target >= {TARGET}: {'OK' if med >= TARGET else 'BELOW'})")
+            if drains[nice]:
+                print(f"[{tag}]   after the appends, background compaction drained in "
+                      f"{', '.join(f'{d:.2f}' for d, _ in drains[nice])} s (not in the ratio), "
+                      f"leaving {', '.join(str(n) for _, n in drains[nice])} batches")
     print(f"peak rss {peak_rss_mb():.0f} MiB")
 
     if a.profile:

@@ -7,6 +7,8 @@ import `storage` types only, never `flows`.
 - `LoadgenSource` (`connectors.loadgen_source`): deterministic load generators.
 - `FileSource` (`connectors.files`): CSV, JSON Lines and Parquet under a glob.
 - `PostgresSource` (`connectors.postgres`): CDC over logical replication (pgoutput).
+- `KafkaSource` (`connectors.kafka`, needs the `kafka` extra; not imported here):
+  Kafka topics, append or upsert envelope.
 - `WebhookServer` (`connectors.webhook`): HTTP requests into an append-only collection.
 - `ShardSource` (`connectors.shard`): another collection's snapshot, then its changes.
 

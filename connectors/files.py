@@ -70,10 +70,16 @@ at the same time and with the same offsets. Route them with
 (Progress goes to both); sink `.errors` into the `<name>_errors` collection
 (`FileSource.errors_collection`).
 
+A line holding two JSON objects (`{"a": 1}{"a": 2}`) is a bad record: JSON Lines is
+one object per line.
+
 A partial line at the end of a file (no trailing newline yet) is not an error in
 continuous mode: it waits for the rest. In batch mode the file is complete, so a
 last line without newline is a record. A Parquet file is read once its footer is
-complete. Besides rotation (above), files must be append-only.
+complete; in continuous mode a `.parquet` file that does not start with `PAR1`, or
+still has no footer `PARQUET_SETTLE_S` (60 s) after its last change, is a bad file
+(raised, or one row in `<name>_errors`). A glob that matches no file fails a batch
+run unless `allow_empty` (see the argument). Besides rotation (above), files must be append-only.
 
 Example:
     >>> import os, tempfile
@@ -100,6 +106,7 @@ from __future__ import annotations
 
 import glob as globmod
 import io
+import logging
 import os
 import re
 import time
@@ -139,6 +146,16 @@ ERRORS_SCHEMA = pa.schema(
 
 _ONE = pa.scalar(1, pa.int64())
 _IDLE_PROGRESS_S = 1.0
+#: Environment variable that `shardflow run --allow-empty` sets (see `FileSource(allow_empty=)`).
+ALLOW_EMPTY_ENV = "SHARDFLOW_ALLOW_EMPTY"
+#: Continuous mode: a `.parquet` file still without its footer this long after its
+#: last change is not being written any more: it is a bad file, not a file in progress.
+PARQUET_SETTLE_S = 60.0
+_PAR1 = b"PAR1"
+#: Lines holding something other than white space (a line with two JSON objects parses to two rows).
+_NONBLANK_LINE = re.compile(rb"(?m)^[ \t\r\f\v]*[^ \t\r\f\v\n]")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -171,9 +188,14 @@ class FileSource(UpdateSource):
         resume: `{partition key: {path: entry}}` from the shard's metadata
             (an entry is a fingerprinted offset, or a plain byte offset).
         resume_upper: The shard's upper at start; times never go below it.
+        allow_empty: Batch mode: a glob that matches no file is an empty input
+            rather than an error. None (the default) takes `$SHARDFLOW_ALLOW_EMPTY`
+            (`shardflow run --allow-empty` sets it). Continuous mode only logs a
+            warning, since files may come later.
 
     Raises:
         InvalidInput: a bad option.
+        FileSourceError: batch mode, the glob matches no file, and empty input is not allowed.
     """
 
     def __init__(
@@ -192,6 +214,7 @@ class FileSource(UpdateSource):
         poll_interval: float = 0.25,
         resume: Mapping[str, Any] | None = None,
         resume_upper: Frontier | None = None,
+        allow_empty: bool | None = None,
     ) -> None:
         super().__init__(resume=resume, resume_upper=resume_upper)
         where = f"FileSource {name!r}"
@@ -234,6 +257,17 @@ class FileSource(UpdateSource):
         if resume_upper is not None and resume_upper.time is not None:
             self.t0 = max(self.t0, resume_upper.time)
         self._anchor_ms = _now_ms()  # continuous, partitions > 1: the shared tick counts ms from here
+        if allow_empty is None:
+            allow_empty = os.environ.get(ALLOW_EMPTY_ENV, "") not in ("", "0")
+        self.allow_empty = allow_empty
+        if not any(os.path.isfile(p) for p in globmod.glob(glob, recursive=True)):
+            msg = f"{where}: the glob {glob!r} matches no file"
+            if mode == "batch" and not allow_empty:
+                raise FileSourceError(
+                    f"{msg}; a batch run would read nothing (pass --allow-empty, or allow_empty=True, if that is expected)",
+                    path=glob,
+                )
+            log.warning("%s%s", msg, " (yet: waiting for files)" if mode == "continuous" else "; reading nothing")
 
     def list_parts(self) -> list[str]:
         return [partition_key(self.name, p) for p in range(self.partitions)]
@@ -291,6 +325,13 @@ class FileSource(UpdateSource):
                 ),
             )
             t = t.select(self.schema.names)
+            lines = len(_NONBLANK_LINE.findall(data))
+            if t.num_rows != lines:
+                # SUBTLE: pyarrow's JSON reader takes `{"a": 1}{"a": 2}` on one line as two
+                # rows; JSON Lines is one object per line, so that line is a bad record.
+                raise ValueError(
+                    f"{t.num_rows} JSON values on {lines} line(s): a JSON Lines record is one object on its own line"
+                )
         return _conform(t, self.schema)
 
 
@@ -617,7 +658,16 @@ class _FilePartition(UpdatePartition):
             t = pq.read_table(path)
         except (pa.ArrowInvalid, OSError) as e:
             if self.src.mode == "continuous" and not _parquet_complete(path):
-                return None  # still being written: wait for the footer
+                head = _head(path, 4)
+                if not _PAR1.startswith(head[:4]):
+                    # SUBTLE: a Parquet writer writes the magic first; a file that does not
+                    # start with it will never become Parquet: waiting would ignore it forever.
+                    return self._bad_file(path, st, f"not a Parquet file (it starts with {head!r}, not {_PAR1!r})")
+                if time.time() - st.st_mtime < PARQUET_SETTLE_S:
+                    return None  # still being written: wait for the footer
+                return self._bad_file(
+                    path, st, f"not a readable Parquet file: no footer {PARQUET_SETTLE_S:g} s after its last change"
+                )
             return self._bad_file(path, st, f"not a readable Parquet file: {_short(e)}")
         try:
             missing = [n for n in self.src.schema.names if n not in t.column_names]

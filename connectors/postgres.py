@@ -648,7 +648,7 @@ class _PgPartition(UpdatePartition):
                     out.append(cur)
                 cur = None
             elif kind == b"R":
-                relid, ns, rel, cols = _decode_relation(m)
+                relid, ns, rel, cols, types = _decode_relation(m)
                 mine = ns == self.src.schema_name and rel == self.src.table_name
                 rel_ok[relid] = mine
                 if mine and cols != [c.name for c in self.columns]:
@@ -656,6 +656,8 @@ class _PgPartition(UpdatePartition):
                         f"table {self.src.qualified} changed its columns to {cols} while the source reads "
                         f"{[c.name for c in self.columns]}; schema changes are not supported: recreate the collection"
                     )
+                if mine:
+                    self._check_types(types)
             elif kind in (b"I", b"U", b"D"):
                 (relid,) = struct.unpack_from(">i", m, 1)
                 if not rel_ok.get(relid) or cur is None:
@@ -672,6 +674,22 @@ class _PgPartition(UpdatePartition):
                     )
             # 'Y' (type), 'O' (origin), 'M' (message): nothing to do.
         return out
+
+    def _check_types(self, types: list[tuple[int, int]]) -> None:
+        """A column whose type changed (as its Arrow type) is a schema change, even if its values would cast.
+
+        SUBTLE: values travel as text, so `ALTER COLUMN v TYPE text` followed by '42'
+        would be taken as the int 42 without this check, and 'abc' would fail later
+        with an unrelated cast error.
+        """
+        for c, (oid, typmod) in zip(self.columns, types, strict=True):
+            was, now = pg_type_to_arrow(c.type_oid, c.typmod), pg_type_to_arrow(oid, typmod)
+            if was != now:
+                raise PostgresCdcError(
+                    f"table {self.src.qualified}: column {c.name!r} changed type from {_pg_type_name(c.type_oid, c.typmod)} "
+                    f"({was}) to {_pg_type_name(oid, typmod)} ({now}); schema changes are not supported: "
+                    f"recreate the collection"
+                )
 
     def _decode_change(self, kind: bytes, m: bytes, txn: _Txn, ncols: int) -> None:
         pos = 5
@@ -712,12 +730,27 @@ def _arrow_schema(columns: list[_Column]) -> pa.Schema:
     )
 
 
+_PG_TYPE_NAMES = {
+    16: "boolean", 20: "bigint", 21: "smallint", 23: "integer", 25: "text", 700: "real", 701: "double precision",
+    1043: "character varying", 1082: "date", 1114: "timestamp", 1184: "timestamptz", 1700: "numeric",
+    2950: "uuid", 114: "json", 3802: "jsonb", 17: "bytea",
+}
+
+
+def _pg_type_name(oid: int, typmod: int) -> str:
+    name = _PG_TYPE_NAMES.get(oid, f"type oid {oid}")
+    if oid == 1700 and typmod >= 4:
+        return f"numeric({((typmod - 4) >> 16) & 0xFFFF},{(typmod - 4) & 0xFFFF})"
+    return name
+
+
 def _cstring(m: bytes, pos: int) -> tuple[str, int]:
     end = m.index(b"\0", pos)
     return m[pos:end].decode(), end + 1
 
 
-def _decode_relation(m: bytes) -> tuple[int, str, str, list[str]]:
+def _decode_relation(m: bytes) -> tuple[int, str, str, list[str], list[tuple[int, int]]]:
+    """A Relation message -> (relid, namespace, name, column names, [(type oid, typmod)])."""
     (relid,) = struct.unpack_from(">i", m, 1)
     ns, pos = _cstring(m, 5)
     rel, pos = _cstring(m, pos)
@@ -725,12 +758,15 @@ def _decode_relation(m: bytes) -> tuple[int, str, str, list[str]]:
     (n,) = struct.unpack_from(">h", m, pos)
     pos += 2
     cols = []
+    types = []
     for _ in range(n):
         pos += 1  # flags
         name, pos = _cstring(m, pos)
-        pos += 8  # type oid, typmod
+        oid, typmod = struct.unpack_from(">Ii", m, pos)
+        pos += 8
         cols.append(name)
-    return relid, ns or "pg_catalog", rel, cols
+        types.append((oid, typmod))
+    return relid, ns or "pg_catalog", rel, cols, types
 
 
 def _decode_tuple(m: bytes, pos: int) -> tuple[list[Any], int]:

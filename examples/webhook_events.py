@@ -1,13 +1,17 @@
 """HTTP webhook -> append-only collection `events` (a server, not a flow).
 
     python examples/webhook_events.py --data ./data --port 8080 --secret s3cret
-    curl -X POST localhost:8080 -d '{"kind": "signup"}' \\
-         -H "X-Signature: sha256=$(printf '{"kind": "signup"}' | openssl dgst -sha256 -hmac s3cret -r | cut -d' ' -f1)"
+    BODY='{"kind": "signup"}'; T=$(date +%s)
+    SIG=$(printf '%s.%s' "$T" "$BODY" | openssl dgst -sha256 -hmac s3cret -r | cut -d' ' -f1)
+    curl -X POST localhost:8080 -d "$BODY" -H "X-Signature: t=$T,v1=$SIG" -H "Idempotency-Key: signup-1"
     shardflow query --data ./data "SELECT body FROM events"
 
+(`shardflow webhook events --secret-env VAR` does the same without this file.)
+
 Each accepted request is one row, appended through the storage controller's
-monotonic appender before the server answers 200. Unsigned or wrongly signed
-requests get 401 and oversized ones 413; neither writes anything.
+monotonic appender before the server answers 200. Unsigned, wrongly signed or
+stale requests get 401 and oversized ones 413; neither writes anything. A replayed
+request (same signature or Idempotency-Key within the window) is stored once.
 """
 
 from __future__ import annotations

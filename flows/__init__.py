@@ -2,6 +2,8 @@
 
 - `flows.operators`: `consolidate`, `sql` (items: `storage.UpdateBatch`, `storage.Progress`).
 - `flows.sinks`: `persist_sink` (self-correcting), `append_sink` (blind appends).
+- `flows.kafka_sink`: `kafka_sink`, a collection's changes to a Kafka topic with progress
+  records (needs the `kafka` extra; not imported here).
 - `flows.job`: load a flow file and run it in batch or continuous mode.
 
 The names below are imported on first use (PEP 562): `import flows.cli` must not

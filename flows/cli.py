@@ -9,6 +9,7 @@
     shardflow compact [--full] [NAME]   merge batches now (--full: into one consolidated batch)
     shardflow gc [NAME]                 delete unreferenced parts and old state versions
     shardflow fsck [NAME]               check each collection reads back (parts, sha256, UTF-8, counts)
+    shardflow webhook NAME              serve signed HTTP POSTs into collection NAME
 
 Errors print one line and exit non-zero; `--debug` shows the traceback.
 """
@@ -107,10 +108,40 @@ def build_parser() -> argparse.ArgumentParser:
         "sources are exhausted; continuous mode runs until SIGINT/SIGTERM, then flushes and exits 0.",
     )
     r.add_argument("flow", metavar="FLOW.py", help="a Python file that defines the flow")
+    r.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="batch mode: a file source whose glob matches no file reads nothing instead of failing",
+    )
     # A child of a multi-process run (`-p N` starts them; not for direct use: process 0 must build first).
     r.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     r.add_argument("--addresses", default=None, help=argparse.SUPPRESS)
     r.add_argument("--summary-file", default=None, help=argparse.SUPPRESS)
+
+    w = sub.add_parser(
+        "webhook",
+        parents=[common],
+        help="serve HTTP POSTs into an append-only collection",
+        description="Serve an HTTP endpoint that appends each POST body to collection NAME (created "
+        "if missing, data_source 'webhook'). A 200 is sent once the body is durable. With --secret-env, "
+        "requests must be signed: X-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of '<t>.' + body> "
+        "(see README). Runs until SIGINT/SIGTERM, then finishes the requests in flight and exits 0.",
+    )
+    w.add_argument("name", help="the collection to append to")
+    w.add_argument("--secret-env", metavar="VAR", default=None, help="environment variable holding the signing secret")
+    w.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s; others need a secret)")
+    w.add_argument("--port", type=int, default=8080, help="TCP port (default: %(default)s; 0 picks one)")
+    w.add_argument("--include-headers", action="store_true", help="also store the request headers (JSON)")
+    w.add_argument("--max-body", type=int, default=1 << 20, metavar="BYTES", help="largest body (default: %(default)s)")
+    w.add_argument("--tolerance", type=float, default=300.0, metavar="S", help="signature timestamp tolerance in seconds (default: %(default)s)")
+    w.add_argument("--max-connections", type=int, default=256, help="open connections at most (default: %(default)s)")
+    w.add_argument(
+        "--batch-ms",
+        type=int,
+        default=5,
+        metavar="MS",
+        help="after a commit, gather requests this long before the next one (default: %(default)s)",
+    )
 
     v = sub.add_parser(
         "view",
@@ -296,15 +327,28 @@ class UsageError(Exception):
 _CLIENTS: list[Any] = []
 
 
-def _storage_open(args: argparse.Namespace) -> Any:
+def _storage_open(args: argparse.Namespace, *, read_only: bool = False) -> Any:
     import storage
 
-    client = storage.open(args.data, consensus=args.consensus)
+    if not read_only and not args.consensus and os.path.isdir(args.data) and not _writable(args.data):
+        raise storage.errors.ReadOnly(
+            f"--data {args.data}: this process cannot write there (a read-only directory?), and "
+            f"`shardflow {args.command}` writes; query, tail, inspect, holds list and fsck read it as it is"
+        )
+    client = storage.open(args.data, consensus=args.consensus, read_only=read_only)
     _CLIENTS.append(client)
     return client
 
 
-def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
+def _writable(data: str) -> bool:
+    """Can this process write the store under `data` (a read-only mount or another user's store cannot)?"""
+    cons = os.path.join(data, "consensus.sqlite")
+    return os.access(data, os.W_OK) and (not os.path.exists(cons) or os.access(cons, os.W_OK))
+
+
+def _open(args: argparse.Namespace, *, create: bool = False, reads: bool = False) -> Any:
+    """The client of `--data`. `reads`: the command only reads, so a store this process
+    cannot write is opened read-only (`storage.open(read_only=True)`) instead of failing."""
     import storage
 
     if (
@@ -315,7 +359,7 @@ def _open(args: argparse.Namespace, *, create: bool = False) -> Any:
         raise storage.errors.InvalidInput(
             f"--data {args.data}: no shardflow data here (run a flow first, e.g. `shardflow demo`)"
         )
-    return _storage_open(args)
+    return _storage_open(args, read_only=reads and not args.consensus and not _writable(args.data))
 
 
 def _controller(client: Any, read_only: bool = True) -> Any:
@@ -358,15 +402,29 @@ def _referenced(catalog: dict[str, str], sql: str) -> dict[str, str]:
     return out
 
 
+# C0 and C1 controls, DEL, and the bidirectional overrides and isolates ("Trojan source"):
+# shown as escapes, so data can neither drive the terminal nor reorder what is shown.
+_VISIBLE = {c: repr(chr(c))[1:-1] for c in [*range(0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A)]}
+
+
+def _visible(v: Any) -> Any:
+    """`v` as a table cell: a `rich` Text (never read as markup), control characters escaped (`\\x1b`, `\\n`)."""
+    from rich.text import Text
+
+    return Text("NULL" if v is None else str(v).translate(_VISIBLE))
+
+
 def _print_table(table: Any, title: str | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=title, show_lines=False)
+    t = Table(title=None if title is None else _visible(title), show_lines=False)
     for name in table.schema.names:
-        t.add_column(name, overflow="fold")
-    for row in table.to_pylist():  # display only: bounded by the caller's LIMIT
-        t.add_row(*["NULL" if v is None else str(v) for v in row.values()])
+        t.add_column(_visible(name), overflow="fold")
+    # By column: a result may have two columns of one name (`SELECT 1 AS a, 2 AS a`).
+    cols = [c.to_pylist() for c in table.columns]  # display only: bounded by the caller's LIMIT
+    for row in zip(*cols, strict=True):
+        t.add_row(*map(_visible, row))
     Console().print(t)
 
 
@@ -404,13 +462,24 @@ def _emit(table: Any, fmt: str, output: str | None) -> None:
 # ---------------------------------------------------------------- commands
 
 
+def _refuse_store_path(client: Any, path: str) -> None:
+    """`--output` must not land in the store (it would overwrite its files)."""
+    import storage
+
+    real = os.path.realpath(path)
+    for d in storage.query.store_dirs(client):
+        root = os.path.realpath(d)
+        if real == root or real.startswith(root.rstrip(os.sep) + os.sep):
+            raise storage.errors.InvalidInput(f"--output {path}: it is inside the store ({d}); write elsewhere")
+
+
 def cmd_query(args: argparse.Namespace) -> int:
     import duckdb
 
     import storage
     from storage.controller import read_catalog
 
-    client = _open(args)
+    client = _open(args, reads=True)
     # The catalog straight from consensus: a query reads, so it needs no controller
     # (opening one sets up every collection and its introspection: most of a small
     # query's time).
@@ -420,9 +489,18 @@ def cmd_query(args: argparse.Namespace) -> int:
         raise storage.errors.InvalidInput("query: empty SQL")
     # Only the collections the SQL mentions are opened: an unrelated collection
     # (a broken part, a since past this as_of) cannot break this query.
-    with storage.query.connect(client, cat, as_of=args.as_of, timeout=args.timeout) as con:
+    if args.output:
+        _refuse_store_path(client, args.output)
+    # confine: the SQL can neither write under the data directory nor read its internals
+    # (README, Security).
+    with storage.query.connect(client, cat, as_of=args.as_of, timeout=args.timeout, confine=True) as con:
         try:
             table = con.sql(args.sql).to_arrow_table()
+        except duckdb.PermissionException as e:
+            raise storage.errors.InvalidInput(
+                f"query: {str(e).splitlines()[0]}: shardflow query keeps the data directory {args.data} out of "
+                "reach, and new files directly beside it (README: Security)"
+            ) from e
         except duckdb.CatalogException as e:
             # DuckDB names the missing table; say which collections there are.
             known = ", ".join(sorted(n for n in catalog if not n.startswith("system."))) or "none"
@@ -437,7 +515,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     import storage
     from storage import DIFF, TIME
 
-    client = _open(args)
+    client = _open(args, reads=True)
     ctl = _controller(client)
     try:
         shard = _resolve(ctl, args.name)
@@ -479,7 +557,7 @@ def _lag_ms(upper: Any) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    client = _open(args)
+    client = _open(args, reads=True)
     ctl = _controller(client)
     try:
         cat = _catalog(ctl)
@@ -504,15 +582,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     import storage
 
-    t = Table(title=f"collections in {args.data}")
+    t = Table(title=_visible(f"collections in {args.data}"))
     right = ("since", "upper", "batches", "rows", "updates", "bytes")
     for col in ("collection", "shard", "since", "upper", "lag", "batches", "rows", "updates", "bytes"):
         t.add_column(col, justify="right" if col in right else "left")
     for n, info in infos.items():
         up = storage.Frontier(info["upper"])
         rows = info["rows"]
-        t.add_row(
-            n,
+        t.add_row(*map(
+            _visible,
+            (n,
             info["shard_id"][:9] + "…",
             str(info["since"]),
             str(info["upper"]),
@@ -520,15 +599,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             str(len(info["batches"])),
             f"{rows:,}" if isinstance(rows, int) else str(info.get("rows_error") or "-"),
             f"{info['updates']:,}",
-            f"{info['bytes']:,}",
-        )
+            f"{info['bytes']:,}"),
+        ))
     Console().print(t)
     if args.name:
         bt = Table(title=f"batches of {args.name}")
         for col in ("lower", "upper", "since", "parts", "updates", "bytes"):
             bt.add_column(col, justify="right")
         for b in infos[args.name]["batches"]:
-            bt.add_row(*[str(b[k]) for k in ("lower", "upper", "since", "parts", "updates", "bytes")])
+            bt.add_row(*[_visible(b[k]) for k in ("lower", "upper", "since", "parts", "updates", "bytes")])
         Console().print(bt)
     print()
     title = f"holds on {args.name}" if args.name else "holds"
@@ -579,15 +658,15 @@ def _hold_state(h: dict[str, Any]) -> str:
 def _print_holds(title: str, per_collection: list[tuple[str, list[dict[str, Any]]]]) -> None:
     """A plain-text table (holder ids are printed whole, to be copied into `holds release`)."""
     header = ("collection", "holder", "kind", "since", "registered", "state")
-    rows = [
-        (
+    rows: list[tuple[str, ...]] = [
+        tuple(str(v).translate(_VISIBLE) for v in (
             name,
             h["holder"],
             _hold_kind(h),
             "empty" if h["since"] is None else str(h["since"]),
             _utc(h["registered_ms"]),
             _hold_state(h),
-        )
+        ))
         for name, holds in per_collection
         for h in holds
     ]
@@ -614,7 +693,7 @@ def cmd_holds(args: argparse.Namespace) -> int:
 
 
 def cmd_holds_list(args: argparse.Namespace) -> int:
-    client = _open(args)
+    client = _open(args, reads=True)
     ctl = _controller(client)
     try:
         cat = _catalog(ctl)
@@ -798,7 +877,7 @@ def cmd_fsck(args: argparse.Namespace) -> int:
     import storage
     from storage.controller import read_catalog
 
-    client = _open(args)
+    client = _open(args, reads=True)
     try:
         cat = read_catalog(client)
     except Exception as e:  # noqa: BLE001 - a broken catalog is fsck's finding, in one line
@@ -928,6 +1007,22 @@ def _no_rust_panic_text(debug: bool) -> Iterator[None]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from connectors.files import ALLOW_EMPTY_ENV
+
+    # The file sources read it (also in the `-p N` children, which inherit the environment).
+    before = os.environ.get(ALLOW_EMPTY_ENV)
+    if args.allow_empty:
+        os.environ[ALLOW_EMPTY_ENV] = "1"
+    try:
+        return _cmd_run(args)
+    finally:
+        if before is None:
+            os.environ.pop(ALLOW_EMPTY_ENV, None)
+        else:
+            os.environ[ALLOW_EMPTY_ENV] = before
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     import storage
     from flows.cluster import RunSpec, run_child
 
@@ -1078,6 +1173,78 @@ def cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_webhook(args: argparse.Namespace) -> int:
+    import signal
+
+    from connectors.webhook import WebhookServer, webhook_schema
+    from storage.controller import CollectionDesc, StorageController
+
+    secret: str | None = None
+    if args.secret_env is not None:
+        secret = os.environ.get(args.secret_env)
+        if secret is None:
+            raise UsageError(f"webhook: --secret-env {args.secret_env}: the environment variable is not set")
+        if not secret:
+            raise UsageError(f"webhook: --secret-env {args.secret_env}: the secret is empty")
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"webhook: --port {args.port} is not a TCP port (0..65535)")
+    if args.batch_ms < 0:
+        raise UsageError(f"webhook: --batch-ms must be >= 0, got {args.batch_ms}")
+    client = _storage_open(args)
+    # Joins the running jobs' epoch (fence=False): starting a webhook must not fence them.
+    # SUBTLE: --batch-ms (default 5): commit what is queued (almost) as soon as the previous
+    # commit is done (group commit). Every request waits for its commit, so with N clients the
+    # rate is at most N per commit; a longer gathering only helps when commits cost CPU the
+    # requests need (measured in bench/webhook.py: noisy, no clear winner between 0 and 30).
+    stop = threading.Event()
+    fenced: list[BaseException] = []
+
+    def _fenced(e: BaseException) -> None:  # a real take-over: stop, rather than answer 500s
+        fenced.append(e)
+        stop.set()
+
+    ctl = StorageController.open(
+        client,
+        fence=False,
+        role=f"webhook:{args.name}",
+        batch_duration_ms=args.batch_ms,
+        on_fenced=_fenced,
+    )
+    try:
+        ctl.create_collections(
+            [CollectionDesc(args.name, webhook_schema(args.include_headers), data_source="webhook")]
+        )
+        srv = WebhookServer(
+            args.host,
+            args.port,
+            on_batch=ctl.monotonic_appender(args.name),
+            secret=secret,
+            include_headers=args.include_headers,
+            max_body=args.max_body,
+            tolerance_s=args.tolerance,
+            max_connections=args.max_connections,
+        )
+        def _stop(signum: int, frame: Any) -> None:
+            stop.set()
+
+        old = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            srv.start()
+            print(f"webhook {args.name}: listening on {srv.url}", flush=True)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            srv.stop()
+            for sig, h in old.items():
+                signal.signal(sig, h)
+    finally:
+        ctl.close()
+    if fenced:
+        raise fenced[0]
+    print(f"webhook {args.name}: stopped; {srv.accepted} stored, {srv.duplicates} duplicates, {srv.rejected} rejected")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from flows.demo import run_demo
 
@@ -1095,6 +1262,7 @@ COMMANDS = {
     "compact": cmd_compact,
     "gc": cmd_gc,
     "fsck": cmd_fsck,
+    "webhook": cmd_webhook,
 }
 
 
@@ -1106,6 +1274,20 @@ def _close_clients() -> None:
             pass
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Refuse, in one line, numbers argparse lets through: a negative --tick was a busy loop."""
+    import math
+
+    for flag, low, strict in (("tick", 0.0, True), ("timeout", 0.0, False), ("as_of", 0, False), ("ticks", 0, False)):
+        v = getattr(args, flag, None)
+        if v is None:
+            continue
+        bad = math.isnan(v) or v < low or (strict and (v == low or math.isinf(v)))
+        if bad:
+            want = f"> {low:g} and finite" if strict else f">= {low:g}"
+            raise UsageError(f"--{flag.replace('_', '-')} must be {want}, got {v}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1114,6 +1296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["RUST_BACKTRACE"] = "0"
     try:
         try:
+            _check_numbers(args)
             return COMMANDS[args.command](args)
         finally:
             _close_clients()

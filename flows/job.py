@@ -422,11 +422,16 @@ def load_flow(path: str | os.PathLike[str], ctx: FlowContext) -> Dataflow:
     if not os.path.isfile(path):
         raise InvalidInput(f"flow file {path!r} does not exist")
     mod_name = "shardflow_flow_" + os.path.splitext(os.path.basename(path))[0].replace("-", "_")
-    spec = importlib.util.spec_from_file_location(mod_name, path)
-    assert spec is not None and spec.loader is not None
+    # A path not ending in .py has no loader (it used to end in a bare AssertionError).
+    spec = importlib.util.spec_from_file_location(mod_name, path) if path.endswith(".py") else None
+    if spec is None or spec.loader is None:
+        raise InvalidInput(f"flow file {path!r} is not a Python file: a flow is a .py file that defines build(ctx)")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[mod_name] = mod
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except SyntaxError as e:
+        raise InvalidInput(f"flow file {path!r} line {e.lineno}: {e.msg}: not a valid Python flow") from None
     if callable(getattr(mod, "build", None)):
         flow = mod.build(ctx)
     elif isinstance(getattr(mod, "flow", None), Dataflow):

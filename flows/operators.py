@@ -37,6 +37,7 @@ from storage import (
 )
 from storage import consolidate as consolidate_table
 from storage.errors import InvalidInput
+from storage.query import qliteral
 
 from .sqlplan import check_linear
 
@@ -301,7 +302,7 @@ class _Spill:
             con = duckdb.connect(os.path.join(self.dir, "pending.duckdb"))
             con.execute(f"SET memory_limit = '{SPILL_MEMORY_MB}MB'")
             con.execute("SET threads = 1")
-            con.execute(f"SET temp_directory = '{os.path.join(self.dir, 'tmp')}'")
+            con.execute(f"SET temp_directory = {qliteral(os.path.join(self.dir, 'tmp'))}")
             con.execute("SET preserve_insertion_order = false")
             con.register("__in", schema.empty_table())
             con.execute("CREATE TABLE pending AS SELECT * FROM __in")

@@ -38,12 +38,13 @@ from storage import (
     overflow_checked,
 )
 from storage.errors import InvalidInput, InvalidUppers, LeaseExpired, OffsetsMismatch, UpperMismatch
+from storage.query import qliteral
 
 # The consolidation SQL below (`_correction`, `_absorb`) is to move to storage's one
 # consolidation builder; until then it uses these helpers of `storage.updates`.
 from .operators import FrontierTracker, OffsetQueue, arrow_of, check_item, one_key, tmax_of, tmin_of
 
-__all__ = ["Committed", "WrittenBatch", "append_sink", "persist_sink"]
+__all__ = ["Committed", "WrittenBatch", "append_sink", "export_resume_upper", "kafka_sink", "persist_sink"]
 
 OFFSETS_KEY = "offsets"
 #: The upper of the append that last committed offsets: desired == persisted below it.
@@ -414,7 +415,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             # File-backed, with a memory limit: large corrections spill to the temp dir.
             self._con = duckdb.connect(os.path.join(self._tmp, "sink.duckdb"))
             self._con.execute(f"SET memory_limit='{SINK_MEMORY_MB}MB'")
-            self._con.execute(f"SET temp_directory='{os.path.join(self._tmp, 'spill')}'")
+            self._con.execute(f"SET temp_directory = {qliteral(os.path.join(self._tmp, 'spill'))}")
             self._con.execute("SET preserve_insertion_order=false")
         return self._con
 
@@ -866,3 +867,7 @@ def append_sink(
         "append", keyed, lambda _resume: AppendLogic(step_id, client, shard, batch_duration, resume_offsets=offs)
     )
     return op.key_rm("unkey", out)
+
+
+# The Kafka sink lives in its own module (confluent-kafka is imported only when it runs).
+from .kafka_sink import export_resume_upper, kafka_sink  # noqa: E402

@@ -47,6 +47,7 @@ import duckdb
 import pyarrow as pa
 
 from storage.errors import InvalidInput
+from storage.query import qident
 
 __all__ = ["Plan", "parse", "check_linear", "plan_view"]
 
@@ -942,7 +943,7 @@ def _hash_consistent(keys: dict[str, tuple[str, ...]], schemas: Mapping[str, pa.
             for n, e in exprs.items():
                 if "collate" in e.lower():
                     return None
-                types[n] = str(con.execute(f"SELECT typeof(any_value(({e}))) FROM \"{n}\"").fetchall()[0][0])
+                types[n] = str(con.execute(f"SELECT typeof(any_value(({e}))) FROM {qident(n)}").fetchall()[0][0])
                 if "COLLATE" in types[n].upper():
                     return None
             if len(set(types.values())) == 1 or set(types.values()) <= _INTEGER_TYPES:

@@ -55,6 +55,7 @@ from bytewax.operators import StatefulBatchLogic
 
 from storage import Frontier, Progress, UpdateBatch, consolidate_sql, overflow_checked
 from storage.errors import InvalidInput, InvariantViolated
+from storage.query import qident, qliteral
 
 from .invertible import Invertible
 from .invertible import invertible as find_invertible
@@ -83,8 +84,7 @@ class PlanLike(Protocol):
     def keys(self) -> Mapping[str, tuple[str, ...]] | None: ...
 
 
-def _q(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
+_q = qident
 
 
 def _empty(schema: pa.Schema) -> pa.Table:
@@ -154,7 +154,7 @@ class ViewEngine:
         self.path = path
         self.con = duckdb.connect(path)
         if memory_limit:
-            self.con.execute(f"SET memory_limit = '{memory_limit}'")
+            self.con.execute(f"SET memory_limit = {qliteral(memory_limit)}")
         self.con.execute("SET preserve_insertion_order = false")
         keys = plan.keys
         self.inputs: dict[str, _Input] = {}
@@ -372,7 +372,7 @@ class ViewEngine:
     def _affected(self, deltas: Mapping[str, pa.Table]) -> None:
         """Fill `__sf_keys (_time, src, h)`: per time and input, the hashes of the keys its delta touches."""
         parts = [
-            f"SELECT DISTINCT {TIME}, '{n}' AS src, hash({', '.join(self.inputs[n].keys or ())}) AS h FROM {_q(_DELTA + n)}"
+            f"SELECT DISTINCT {TIME}, {qliteral(n)} AS src, hash({', '.join(self.inputs[n].keys or ())}) AS h FROM {_q(_DELTA + n)}"
             for n in deltas if self.inputs[n].keys
         ]
         q = " UNION ALL ".join(parts) if parts else f"SELECT NULL::BIGINT AS {TIME}, NULL AS src, NULL::UBIGINT AS h WHERE false"
@@ -455,7 +455,7 @@ class ViewEngine:
             for pos, n in enumerate(names):
                 if t not in times_of.get(n, ()):
                     continue
-                keys = f"SELECT h FROM {_KEYS} WHERE {TIME} = {t} AND src = '{n}'"
+                keys = f"SELECT h FROM {_KEYS} WHERE {TIME} = {t} AND src = {qliteral(n)}"
                 for sign in (1, -1):
                     rows = {}
                     for other_pos, m in enumerate(names):
@@ -981,8 +981,8 @@ class _ViewLogic(StatefulBatchLogic[Any, Any, None]):
             if not tables:
                 continue
             t = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-            if upper.time is None:
-                ready[n], keep = t, None
+            if upper.time is None or pc.max(t.column(TIME)).as_py() < upper.time:
+                ready[n], keep = t, None  # all of it is ready: no filtering (a copy of every column)
             else:
                 below = pc.less(t.column(TIME), pa.scalar(upper.time, pa.int64()))
                 ready[n], keep = t.filter(below), t.filter(pc.invert(below))

@@ -69,10 +69,11 @@ class LocalBlob:
     it into place, so a crash leaves either the whole value or nothing.
     """
 
-    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True):
+    def __init__(self, root: str | os.PathLike[str], *, fsync: bool = True, create: bool = True):
         self.root = os.path.abspath(os.fspath(root))
         self.fsync = fsync
-        os.makedirs(self.root, exist_ok=True)
+        if create:
+            os.makedirs(self.root, exist_ok=True)
 
     def _path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):

@@ -49,6 +49,7 @@ class Client:
         self.blob = blob
         self.clock = clock
         self.parts = PartStore(blob)  # every part file IO: write, verify, read (storage/parts.py)
+        self.read_only = False  # `open(read_only=True)`: readers are not registered
         self._vlock = threading.Lock()
         self._compactor: Any = None
         self._closed = False
@@ -294,6 +295,7 @@ def open(
     blob: Blob | None = None,
     clock: Callable[[], int] | None = None,
     fsync: bool = True,
+    read_only: bool = False,
 ) -> Client:
     """Open the shards under `root`: `root/consensus.sqlite` and `root/blob/` by default.
 
@@ -303,16 +305,26 @@ def open(
         blob: a Blob; default `LocalBlob(root/blob)`.
         clock: milliseconds since the epoch; injectable for tests.
         fsync: fsync parts before they are referenced (default True).
+        read_only: read what is there, on a directory this process cannot write
+            (a read-only mount, another user's store): nothing is created, the
+            SQLite consensus is opened read-only, and leased readers are not
+            registered (nothing can compact or collect under them there; a store
+            that another process does write may then raise `CorruptPart` for a
+            part collected during a read, never return a wrong answer). Any write
+            raises `ReadOnly`.
     """
     root_s = os.fspath(root)
     if not root_s:
         raise InvalidInput("storage.open: root must be a directory path")
-    os.makedirs(root_s, exist_ok=True)
+    if not read_only:
+        os.makedirs(root_s, exist_ok=True)
     cons = consensus if consensus is not None and not isinstance(consensus, str) else open_consensus(
-        consensus, os.path.join(root_s, "consensus.sqlite")
+        consensus, os.path.join(root_s, "consensus.sqlite"), read_only=read_only
     )
-    b = blob if blob is not None else LocalBlob(os.path.join(root_s, "blob"), fsync=fsync)
-    return Client(root_s, cons, b, clock or wall_clock_ms)
+    b = blob if blob is not None else LocalBlob(os.path.join(root_s, "blob"), fsync=fsync, create=not read_only)
+    c = Client(root_s, cons, b, clock or wall_clock_ms)
+    c.read_only = read_only
+    return c
 
 
 # ---- interpreter exit ----

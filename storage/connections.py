@@ -3,8 +3,8 @@
 Three kinds, and nothing in `storage/` calls `duckdb.connect` but this module:
 
 1. `cursor()`: a fresh cursor on ONE process-wide in-memory database, for
-   reads that open, run and close (snapshots, counts, validation, listen
-   ranges, consolidation of a table). Close the cursor when done (`reading()`
+   reads that open, run and close (snapshots, counts, validation). A leased
+   reader keeps one for its listen polls (`ReadHandle._listen_connection`). Close the cursor when done (`reading()`
    does). Measured (bench/snapshot.py, 8M rows): `duckdb.connect()` +
    `close()` cost ~23 ms per snapshot (a new database each time: ~10% of a
    compacted snapshot), a cursor on a shared database ~0. Each cursor is its
@@ -113,7 +113,7 @@ def private(path: str | None = None, **settings: str | int | bool) -> duckdb.Duc
     """
     con = duckdb.connect(":memory:" if path is None else path)
     for name, value in settings.items():
-        v = f"'{value}'" if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        v = "'" + value.replace("'", "''") + "'" if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
         con.execute(f"SET {name} = {v}")
     return con
 

@@ -25,11 +25,12 @@ import random
 import sqlite3
 import threading
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .errors import ConsensusUnavailable, InvalidInput, OutOfSpace
+from .errors import ConsensusUnavailable, InvalidInput, OutOfSpace, ReadOnly, StateCorrupt
 
 #: Seconds a consensus operation may wait: for SQLite, on a file another process
 #: holds locked; for PostgreSQL, reconnecting and retrying across a server restart.
@@ -195,24 +196,45 @@ class SqliteConsensus(_SqlConsensus):
 
     P = "?"
 
-    def __init__(self, path: str | os.PathLike[str], *, timeout: float | None = None):
+    def __init__(self, path: str | os.PathLike[str], *, timeout: float | None = None, read_only: bool = False):
         self.path = os.fspath(path)
         self.timeout = _timeout(timeout, SQLITE_TIMEOUT_S)
+        self.read_only = read_only
         self._outage = _Outage(self.timeout)
+        self._local = threading.local()
+        if read_only:
+            # Read what is there; create nothing (the directory may be read-only).
+            self._read(lambda con: con.execute("SELECT count(*) FROM consensus WHERE false").fetchall())
+            return
         d = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(d, exist_ok=True)
-        self._local = threading.local()
         self._read(lambda con: con.execute(_CREATE.format(blob="BLOB")))
+
+    def _connect_read_only(self) -> sqlite3.Connection:
+        """`mode=ro`; in a read-only directory, where SQLite cannot create the WAL's `-shm`
+        file, `immutable=1` (nothing can write there: nothing changes under us)."""
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self.path))
+        con = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+        try:
+            con.execute("SELECT count(*) FROM sqlite_master").fetchall()
+            return con
+        except sqlite3.OperationalError:
+            con.close()
+        return sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None, check_same_thread=False)
 
     def _con(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)
         if con is None or getattr(self._local, "pid", None) != os.getpid():
-            con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            if self.read_only:
+                con = self._connect_read_only()
+            else:
+                con = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
             try:
                 con.execute(f"PRAGMA busy_timeout={int(self.timeout * 1000)}")
-                con.execute("PRAGMA journal_mode=WAL")
-                # FULL: a committed CAS survives power loss, not only a process crash.
-                con.execute("PRAGMA synchronous=FULL")
+                if not self.read_only:
+                    con.execute("PRAGMA journal_mode=WAL")
+                    # FULL: a committed CAS survives power loss, not only a process crash.
+                    con.execute("PRAGMA synchronous=FULL")
             except BaseException:
                 con.close()
                 raise
@@ -233,18 +255,25 @@ class SqliteConsensus(_SqlConsensus):
             )
         if primary == sqlite3.SQLITE_FULL or "disk is full" in msg:
             return OutOfSpace(f"sqlite consensus {self.path}: database or disk is full")
-        return e
+        if primary in (sqlite3.SQLITE_NOTADB, sqlite3.SQLITE_CORRUPT) or "not a database" in msg or "malformed" in msg:
+            return StateCorrupt(f"sqlite consensus {self.path}: {msg} (not a shardflow consensus file, or damaged)")
+        if primary == sqlite3.SQLITE_READONLY or "readonly" in msg:
+            return ReadOnly(f"sqlite consensus {self.path}: {msg} (is the data directory read-only?)")
+        hint = " (missing, or its directory is not writable)" if primary == sqlite3.SQLITE_CANTOPEN else ""
+        # Anything else SQLite says (cannot open, I/O error, no such table): name the file.
+        return ConsensusUnavailable(f"sqlite consensus {self.path}: {type(e).__name__}: {msg}{hint}")
 
     def _read(self, fn: Any) -> Any:
         try:
             return fn(self._con())
-        except sqlite3.OperationalError as e:
-            err = self._error(e)
-            if err is e:
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.IntegrityError):
                 raise
-            raise err from None
+            raise self._error(e) from None
 
     def _write(self, fn: Any) -> Any:
+        if self.read_only:
+            raise ReadOnly(f"sqlite consensus {self.path}: opened read-only (the data directory is not writable)")
         t0 = time.monotonic()
         budget = max(self._outage.budget(t0), 0.05)
         deadline = t0 + budget
@@ -258,16 +287,14 @@ class SqliteConsensus(_SqlConsensus):
                     self._local.busy_ms = busy_ms
                 # Waits up to busy_timeout itself; the loop covers SQLITE_BUSY returned without waiting.
                 con.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as e:
+            except sqlite3.DatabaseError as e:
                 err = self._error(e)
-                if isinstance(err, ConsensusUnavailable):
+                if isinstance(err, ConsensusUnavailable) and "locked by another process" in str(err):
                     if time.monotonic() < deadline:
                         attempt += 1
                         time.sleep(min(0.001 * 2**attempt, 0.05))
                         continue
                     self._outage.gave_up(t0)
-                if err is e:
-                    raise
                 raise err from None
             self._outage.ok()
             try:
@@ -279,10 +306,8 @@ class SqliteConsensus(_SqlConsensus):
                         con.execute("ROLLBACK")
                     except sqlite3.Error:
                         pass
-                if isinstance(e, sqlite3.OperationalError):
-                    err = self._error(e)
-                    if err is not e:
-                        raise err from None
+                if isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.IntegrityError):
+                    raise self._error(e) from None
                 raise
             return out
 
@@ -511,16 +536,20 @@ def _redact(dsn: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
 
 
-def open_consensus(url: str | None, default_path: str, *, timeout: float | None = None) -> Consensus:
+def open_consensus(
+    url: str | None, default_path: str, *, timeout: float | None = None, read_only: bool = False
+) -> Consensus:
     """`None` or `sqlite:///path` -> SqliteConsensus; `postgresql://...` -> PostgresConsensus.
+
+    `read_only` (SQLite): open the file read-only and create nothing; a write raises `ReadOnly`.
 
     `timeout`: seconds an operation may wait (see `TIMEOUT_ENV`); None: the
     environment variable, else the backend's default.
     """
     if url is None:
-        return SqliteConsensus(default_path, timeout=timeout)
+        return SqliteConsensus(default_path, timeout=timeout, read_only=read_only)
     if url.startswith(("postgresql://", "postgres://")):
         return PostgresConsensus(url, timeout=timeout)
     if url.startswith("sqlite://"):
-        return SqliteConsensus(url[len("sqlite://") :], timeout=timeout)
+        return SqliteConsensus(url[len("sqlite://") :], timeout=timeout, read_only=read_only)
     raise InvalidInput(f"consensus {url!r}: expected postgresql://... or sqlite:///path")

@@ -153,7 +153,8 @@ class AlterError(ShardflowError):
 
 
 class ReadOnly(ShardflowError):
-    """A write was attempted through a read-only controller."""
+    """A write was attempted through a read-only controller, or a read-only client
+    (`storage.open(read_only=True)`), or SQLite refused one (a read-only file or directory)."""
 
 
 class InvalidUppers(ShardflowError):

@@ -1,4 +1,4 @@
-"""Identifiers: shard ids are `s` + a UUID, printable and parseable."""
+"""Identifiers: shard ids are `s` + a UUID, printable and parseable; collection names."""
 
 from __future__ import annotations
 
@@ -8,6 +8,40 @@ import uuid
 from .errors import InvalidInput
 
 _SHARD_RE = re.compile(r"^s[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+#: The longest collection name (each part of `schema.name`), as PostgreSQL's identifiers.
+NAME_MAX = 63
+#: SUBTLE: matched with `fullmatch`: `match` with `$` lets a trailing newline through.
+_NAME_RE = re.compile(r"[a-z_][a-z0-9_]*")
+#: Names starting with `__` belong to the query connection's internals (`__since`,
+#: `__changes_<name>`, `__parts_...`): a collection there would collide with them.
+RESERVED_PREFIX = "__"
+NAME_RULE = f"[a-z_][a-z0-9_]*, at most {NAME_MAX} characters, not starting with {RESERVED_PREFIX!r}"
+
+
+def shown_name(name: object) -> str:
+    """`name` for an error message: its repr, cut to 40 characters of a long name."""
+    if isinstance(name, str) and len(name) > 40:
+        return f"{name[:40]!r}... ({len(name)} characters)"
+    return repr(name)
+
+
+def name_problem(part: object) -> str | None:
+    """Why `part` (one part of a collection name) is not valid, or None if it is.
+
+    Example:
+        >>> [name_problem(n) for n in ("orders", "orders\\n", "__since", "x" * 64)]
+        [None, 'not [a-z_][a-z0-9_]*', "'__' is reserved for query internals", 'longer than 63 characters']
+    """
+    if not isinstance(part, str):
+        return f"must be a str, got {type(part).__name__}"
+    if not _NAME_RE.fullmatch(part):
+        return "not [a-z_][a-z0-9_]*"
+    if part.startswith(RESERVED_PREFIX):
+        return f"{RESERVED_PREFIX!r} is reserved for query internals"
+    if len(part) > NAME_MAX:
+        return f"longer than {NAME_MAX} characters"
+    return None
 
 
 class ShardId(str):

@@ -79,14 +79,36 @@ class Machine:
 
         Example: `machine.apply(st.downgrade_since, reader_id, Frontier(5))`.
         """
+        return self.apply_from(None, transition, *args, **kwargs)
+
+    def apply_from(
+        self,
+        state: st.ShardState | None,
+        transition: Callable[..., tuple[st.ShardState | None, R]],
+        /,
+        *args: Any,
+        **kwargs: Any,
+    ) -> tuple[st.ShardState, R]:
+        """`apply`, its first attempt on `state` (a head this call just fetched) instead of a new fetch.
+
+        Saves a read of the head (a whole state version) when the caller has one in
+        hand. If `state` is no longer the head, the compare-and-set loses and the next
+        attempt fetches; a result with nothing to write holds at the read of `state`.
+        """
+        first: list[st.ShardState] = [state] if state is not None else []
 
         def attempt() -> tuple[st.ShardState, R] | None:
-            cur = self.fetch()
+            cur = first.pop() if first else self.fetch()
             new, result = transition(cur, *args, now_ms=self.clock(), **kwargs)
             if new is None:
                 return cur, result
-            new = replace(new, seqno=cur.seqno + 1)
-            if self.consensus.compare_and_set(self.key, cur.seqno, VersionedData(new.seqno, new.encode())):
+            data, new = replace(new, seqno=cur.seqno + 1).encode_decoded()
+            # Checked before it is written (a decode would check it; the cache then skips that).
+            st.check_invariants(new)
+            if self.consensus.compare_and_set(self.key, cur.seqno, VersionedData(new.seqno, data)):
+                # The next fetch of these bytes (this writer's next append, a reader
+                # of this process) is then not decoded again.
+                st.remember(data, new)
                 return new, result
             self.cas_retries += 1
             return None

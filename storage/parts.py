@@ -226,7 +226,8 @@ class PartStore:
 
     # ---- DuckDB ----
     def source(
-        self, s: st.ShardState, batches: Sequence[PartsOf], con: duckdb.DuckDBPyConnection, name: str, *, diffs: bool = False
+        self, s: st.ShardState, batches: Sequence[PartsOf], con: duckdb.DuckDBPyConnection, name: str, *,
+        diffs: bool = False, by_path: bool = True,
     ) -> PartsSource:
         """Verify the parts of `batches` (of state `s`'s shard) and return DuckDB FROM-clauses over them.
 
@@ -235,7 +236,11 @@ class PartStore:
         Local parts are read by DuckDB straight from their files; parts on a
         remote blob are fetched, verified and registered as one Arrow table
         under `name`. An empty list yields an empty relation with the shard's
-        update schema. With `diffs`, also what the parts' statistics say of
+        update schema. With `by_path=False`, local parts are registered as Arrow
+        datasets (`name`, `name_neg`, `name_pos`) instead, which DuckDB scans without
+        opening a file itself: a connection whose file access is confined away from
+        the store (`storage.query.connect(confine=True)`) can still read them. With
+        `diffs`, also what the parts' statistics say of
         `_diff` (see `PartsSource`): local parts answer from their Parquet
         footers (no data is read), remote parts from the fetched table.
 
@@ -265,19 +270,27 @@ class PartStore:
                 mm = pc.min_max(t.column(DIFF))
                 rng = (mm["min"].as_py(), mm["max"].as_py())
             return PartsSource(qident(name), rng)
+        def src(ps: list[str], suffix: str = "") -> str:
+            if by_path:
+                return _read_parquet(con, s, schema, ps)
+            import pyarrow.dataset as pads  # only a confined query needs it (startup: see _compute)
+
+            con.register(name + suffix, pads.dataset(ps, schema=schema, format="parquet"))
+            return qident(name + suffix)
+
         if not diffs:
-            return PartsSource(_read_parquet(con, s, schema, paths))
+            return PartsSource(src(paths))
         ranges = [_footer_diff_range(x) for x in paths]
         known = [r for r in ranges if r is not None]
         if len(known) < len(ranges) or not known:
-            return PartsSource(_read_parquet(con, s, schema, paths))
+            return PartsSource(src(paths))
         neg = [x for x, r in zip(paths, known, strict=True) if r[0] < 0]
         pos = [x for x, r in zip(paths, known, strict=True) if r[0] >= 0]
         return PartsSource(
-            _read_parquet(con, s, schema, paths),
+            src(paths),
             (min(r[0] for r in known), max(r[1] for r in known)),
-            _read_parquet(con, s, schema, neg) if neg else None,
-            _read_parquet(con, s, schema, pos) if pos else None,
+            src(neg, "_neg") if neg else None,
+            src(pos, "_pos") if pos else None,
         )
 
 

@@ -22,8 +22,10 @@ snapshot(a) + changes(a, b) = snapshot(b).
   moved times), and `to` must be `<= as_of` (later updates are not known yet, or
   are not part of this query); otherwise the query fails rather than answer wrong.
 
-Names are validated as `[a-z_][a-z0-9_]*`, optionally prefixed by one schema
-(`sys.frontiers`); identifiers are always quoted.
+Names are validated as `[a-z_][a-z0-9_]*` (a full match: no trailing newline), at
+most 63 characters and not starting with `__` (the connection's own tables and
+views: `__since`, `__changes_<name>`), optionally prefixed by one schema
+(`sys.frontiers`); identifiers are always quoted, and literals escaped.
 
 SUBTLE: DuckDB has a built-in catalog named `system`, which makes a schema of
 that name ambiguous in every query. Introspection collections live in schema
@@ -32,7 +34,7 @@ that name ambiguous in every query. Introspection collections live in schema
 
 from __future__ import annotations
 
-import re
+import os
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
@@ -44,6 +46,7 @@ from . import connections
 from . import state as st
 from .errors import InvalidInput, NotYetReadable, ReadBeforeSince
 from .frontier import MAX_TIME
+from .ids import NAME_RULE, name_problem, shown_name
 from .parts import PartsSource
 from .read import (
     DEFAULT_TIMEOUT_S,
@@ -55,9 +58,7 @@ from .read import (
     parts_source_with_diffs,
     snapshot_sql,
 )
-from .updates import DIFF, TIME, overflow_checked, qident
-
-NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
+from .updates import DIFF, TIME, overflow_checked, qident, qliteral  # noqa: F401 - flows/ quote with both
 
 
 def check_name(name: str) -> tuple[str | None, str]:
@@ -65,8 +66,11 @@ def check_name(name: str) -> tuple[str | None, str]:
     if not isinstance(name, str):
         raise InvalidInput(f"collection name must be a str, got {type(name).__name__}")
     parts = name.split(".")
-    if len(parts) > 2 or not all(NAME_RE.match(p) for p in parts):
-        raise InvalidInput(f"collection name {name!r} is not valid: use [a-z_][a-z0-9_]*, optionally schema.name")
+    why = "more than one '.'" if len(parts) > 2 else next(filter(None, map(name_problem, parts)), None)
+    if why is not None:
+        raise InvalidInput(
+            f"collection name {shown_name(name)} is not valid ({why}): use {NAME_RULE}, optionally schema.name"
+        )
     return (parts[0], parts[1]) if len(parts) == 2 else (None, parts[0])
 
 
@@ -121,6 +125,7 @@ def connect(
     as_of: int | None = None,
     *,
     timeout: float | None = None,
+    confine: bool = False,
 ) -> QueryConnection:
     """Open a DuckDB connection with one view per collection, all at ONE time.
 
@@ -143,6 +148,14 @@ def connect(
             `as_of` must be `>= since` of each, and waits up to `timeout` for
             every upper to pass it.
         timeout: seconds to wait, in total, for a readable time.
+        confine: keep the connection's SQL away from the store (what `shardflow
+            query` does). The negative-count checks read the parts natively; then
+            the views are re-pointed at Arrow datasets of them (DuckDB opens no
+            part itself), and DuckDB may open no file under the store's
+            directories (the client's root, the blob directory, the consensus
+            file's directory), to read or to write, and its configuration is
+            locked. Every other path that exists when the connection opens stays
+            readable and writable, as in DuckDB's own CLI; see `confine_connection`.
 
     Raises:
         InvalidInput: a bad view name.
@@ -181,7 +194,12 @@ def connect(
             con.execute(f"CREATE SCHEMA IF NOT EXISTS {qident(sch)}")
         for name, s in states.items():
             schema, base = checked[name]
-            _create_views(con, stack, readers[name], s, name, schema, base, t)
+            hidden, batches = _create_views(con, stack, readers[name], s, name, schema, base, t)
+            if confine:
+                # The checks above read the parts natively; what the user's SQL reads is
+                # re-pointed at Arrow datasets, before DuckDB loses access to the store.
+                arrow = readers[name].client.parts.source(s, batches, con, f"__arrow_{hidden}", by_path=False)
+                con.execute(f"CREATE OR REPLACE VIEW {qident(hidden)} AS SELECT * FROM {arrow.src}")
         # SUBTLE: below since, compaction may have advanced times (to since), so raw updates
         # there may not be where they were: changes() from a time below since would be
         # silently wrong. It is an error instead, like a snapshot before since. (With
@@ -201,11 +219,75 @@ def connect(
             f"ELSE true END FROM __since WHERE hidden = {key}) "
             f"AND {TIME} > t_from AND {TIME} <= coalesce(t_to, (SELECT as_of FROM __since WHERE hidden = {key}))"
         )
+        if confine:
+            confine_connection(con, store_dirs(client))
     except BaseException:
         con.close()
         stack.close()
         raise
     return QueryConnection(con, stack, {name: t for name in collections})
+
+
+def store_dirs(client: Any) -> list[str]:
+    """The directories of `client`'s store on this machine: its root, a local blob's, a SQLite consensus's."""
+    out = [client.root] if getattr(client, "root", None) else []
+    local = getattr(client.blob, "local_path", None)
+    part = local("k") if local is not None else None  # where a part would be, on this machine
+    if isinstance(part, str):
+        out.append(os.path.dirname(part))
+    path = getattr(client.consensus, "path", None)
+    if isinstance(path, str):
+        out.append(os.path.dirname(os.path.abspath(path)))
+    return out
+
+
+def confine_connection(con: duckdb.DuckDBPyConnection, keep_out: Sequence[str]) -> None:
+    """Forbid `con` to open any file under `keep_out`, and allow every other existing path.
+
+    DuckDB has only allow-lists (`allowed_directories`, `allowed_paths`, which grant
+    reading AND writing, OVERWRITE included), so the allowed set is built by
+    walking down from `/` to each kept-out directory: every entry beside the path
+    to it is allowed, whole. Not allowed, hence: the kept-out trees; a symlink beside
+    that path that leads into one or to one of its ancestors; and a path that does not exist yet
+    directly in an ancestor of one (`COPY ... TO 'out.csv'` next to `./data`: write
+    into a subdirectory, or use `shardflow query -o`). Then `enable_external_access`
+    goes off (only the allowed paths stay open) and `lock_configuration` on, so the
+    SQL cannot undo it. DuckDB normalizes `..` before it checks.
+
+    NB: DuckDB checks a path as written. A symlink deeper inside an allowed
+    directory that leads into the store is not found by this walk (it would cost a
+    walk of every allowed tree): such a link reaches the store.
+    """
+    outs = [os.path.realpath(p) for p in keep_out]
+
+    def under(p: str, roots: Sequence[str]) -> bool:
+        return any(p == r or p.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
+
+    dirs: list[str] = []
+    files: list[str] = []
+    todo = [(os.sep, os.sep)] if outs else []  # (path, its real path)
+    while todo:
+        d, real_d = todo.pop()
+        try:
+            entries = list(os.scandir(d))
+        except OSError:
+            continue
+        for e in entries:
+            # Only a symlink needs resolving (scandir knows which entries are symlinks).
+            real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real_d, e.name)
+            if under(real, outs):
+                continue  # the store, or a symlink into it
+            if any(under(o, [real]) for o in outs):
+                if not e.is_symlink():
+                    todo.append((e.path, real))  # an ancestor of the store: allow what is beside the path
+                continue
+            (dirs if e.is_dir() else files).append(e.path)
+
+    # Parameters, not literals: a long /tmp makes thousands of entries (and no quoting to get wrong).
+    con.execute("SET allowed_directories = $1", [dirs])
+    con.execute("SET allowed_paths = $1", [files])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 def _describe(states: Mapping[str, st.ShardState]) -> str:
@@ -311,7 +393,8 @@ def _create_views(
     schema: str | None,
     base: str,
     t: int | None,
-) -> None:
+) -> tuple[str, list[st.BatchMeta]]:
+    """Create the view of one collection; return its hidden view's name and the batches it reads."""
     # SUBTLE: views are lazy; the reader pins this state version until the connection
     # closes, so gc cannot delete a part a view still reads.
     stack.enter_context(reader._reading(s))
@@ -367,6 +450,7 @@ def _create_views(
             # INVARIANT: check_counts above proved every _diff here is > 0.
             body = f"SELECT * EXCLUDE ({DIFF}, __n) FROM (SELECT *, unnest(range({DIFF})) AS __n FROM ({agg}))"
     con.execute(f"CREATE VIEW {_qualified(schema, base)} AS {body}")
+    return hidden, batches
 
 
 #: `split` when the updates with a negative diff at <= as_of are at most this share of all.

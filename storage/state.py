@@ -9,7 +9,8 @@ A transition returns `None` as the new state when nothing is to be written; a
 lost race is returned as a value (`UpperMismatch`, `OpaqueMismatch`), and
 invalid usage raises.
 
-INVARIANTS (checked by `check_invariants` on every decode, and by the tests after every step):
+INVARIANTS (checked by `check_invariants` on every decode and before every write, and by
+the tests after every step):
 - batches are contiguous: `batches[0].lower == 0`, each `lower` equals the
   previous `upper`, and the last `upper` is the shard's upper;
 - `since <= upper` (a tombstone has both empty);
@@ -26,10 +27,13 @@ new version is written sealed.
 from __future__ import annotations
 
 import base64
+import builtins
 import hashlib
 import json
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 import pyarrow as pa
@@ -51,6 +55,14 @@ _LEGACY_HEAD = b'{"v":'
 def seal(body: bytes) -> bytes:
     """Wrap an encoded JSON `body` in the checksummed envelope (see the module docstring)."""
     return b"".join((_SEAL_HEAD, hashlib.sha256(body).hexdigest().encode(), _SEAL_MID, body, b"}"))
+
+
+def seal_pieces(pieces: tuple[bytes, ...]) -> bytes:
+    """`seal(b"".join(pieces))` without joining the body first (one copy of a large state, not two)."""
+    h = hashlib.sha256()
+    for p in pieces:
+        h.update(p)
+    return b"".join((_SEAL_HEAD, h.hexdigest().encode(), _SEAL_MID, *pieces, b"}"))
 
 
 def unseal(data: bytes, where: str, what: str, legacy_head: bytes = _LEGACY_HEAD) -> bytes:
@@ -124,6 +136,11 @@ class BatchMeta:
     def is_empty(self) -> bool:
         return not self.parts
 
+    @cached_property
+    def encoded(self) -> builtins.bytes:
+        """`to_json()` as JSON bytes, computed once per batch: a state's encoding joins these."""
+        return json.dumps(self.to_json(), separators=(",", ":")).encode()
+
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "lower": self.lower.to_json(),
@@ -188,15 +205,15 @@ class ShardState:
         return self.since.is_empty and self.upper.is_empty
 
     # ---- encoding ----
-    def encode(self) -> bytes:
-        d = {
+    def _head(self) -> dict[str, Any]:
+        """Every field but the batches, as JSON values."""
+        return {
             "v": STATE_VERSION,
             "shard_id": self.shard_id,
             "seqno": self.seqno,
-            "schema": base64.b64encode(self.schema.serialize().to_pybytes()).decode(),
+            "schema": _schema_b64(self.schema),
             "since": self.since.to_json(),
             "upper": self.upper.to_json(),
-            "batches": [b.to_json() for b in self.batches],
             "writers": {k: [w.lease_expires_ms, w.last_token] for k, w in self.writers.items()},
             "leased_readers": {
                 k: [r.since.to_json(), r.seqno, r.lease_expires_ms, r.lease_ms, r.registered_ms]
@@ -208,7 +225,29 @@ class ShardState:
             "metadata": dict(self.metadata),
             "schema_changed": self.schema_changed,
         }
-        return seal(json.dumps(d, separators=(",", ":")).encode())
+
+    def encode(self) -> bytes:
+        return self.encode_decoded()[0]
+
+    def encode_decoded(self) -> tuple[bytes, ShardState]:
+        """The sealed encoding, and the state that decoding it gives (`decode(encoding)`).
+
+        SUBTLE: the second is not always `self`: JSON turns metadata's tuples into
+        lists and int keys into strings. It is built from the small head parsed back
+        and this state's batches (which round-trip exactly), so it costs no parse of
+        the batches; `remember` caches it for `decode`.
+
+        Cost: the batches' JSON is cached per batch (`BatchMeta.encoded`), so an
+        append re-encodes only its own batch; the rest is a join and the sha256.
+        """
+        fields = self._head()
+        del fields["v"]  # in `_BATCHES_HEAD`
+        head = json.dumps(fields, separators=(",", ":"))
+        # The batches come first: the versions before and after an append or a merge
+        # share a prefix, which `_parse_body` does not parse again.
+        pieces = (_BATCHES_HEAD, b",".join([b.encoded for b in self.batches]), b"]," + head[1:].encode())
+        decoded = _from_head(json.loads(head), self.batches, schema=self.schema)
+        return seal_pieces(pieces), decoded
 
     @classmethod
     def decode(cls, data: bytes, where: str, *, seqno: int | None = None, shard_id: str | None = None) -> ShardState:
@@ -217,43 +256,35 @@ class ShardState:
         `seqno`/`shard_id`, when given, are what consensus says this entry is; a body
         claiming another seqno or shard is corrupt too (e.g. a version copied over another).
 
+        Bytes equal to those of the shard's last decoded (or written) version in this
+        process are not decoded again: the state decoded then is returned (see
+        `remember`). Equal bytes decode to an equal state, so this is never stale.
+
         Raises:
             StateCorrupt: naming `where` (the shard and seqno) and what is wrong.
         """
+        data = bytes(data)
+        hit = _recall(shard_id, data, seqno)
+        if hit is not None:
+            return hit
         try:
-            return cls._decode(data, where, seqno=seqno, shard_id=shard_id)
+            state = cls._decode(data, where, seqno=seqno, shard_id=shard_id)
         except StateCorrupt as e:
             if e.shard is None:
                 e.shard = shard_id
             raise
+        remember(data, state)
+        return state
 
     @classmethod
     def _decode(cls, data: bytes, where: str, *, seqno: int | None, shard_id: str | None) -> ShardState:
         body = unseal(data, where, "shard state")
+        prev = _DECODED.get(shard_id) if shard_id is not None else None
         try:
-            d = json.loads(body)
+            d, batches = _parse_body(body, prev[1] if prev is not None else None)
             if d.get("v") != STATE_VERSION:
                 raise ValueError(f"unknown state version {d.get('v')!r}")
-            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["schema"])))
-            state = cls(
-                shard_id=d["shard_id"],
-                seqno=int(d["seqno"]),
-                schema=schema,
-                since=Frontier(d["since"]),
-                upper=Frontier(d["upper"]),
-                batches=tuple(BatchMeta.from_json(b) for b in d["batches"]),
-                writers={k: WriterState(int(v[0]), v[1]) for k, v in d["writers"].items()},
-                leased_readers={
-                    k: LeasedReaderState(Frontier(v[0]), int(v[1]), int(v[2]), int(v[3]), _opt_int(v, 4))
-                    for k, v in d["leased_readers"].items()
-                },
-                critical_readers={
-                    k: CriticalReaderState(Frontier(v[0]), v[1], _opt_int(v, 2))
-                    for k, v in d["critical_readers"].items()
-                },
-                metadata=d.get("metadata", {}),
-                schema_changed=bool(d.get("schema_changed", False)),
-            )
+            state = _from_head(d, batches, schema=prev[1].schema if prev is not None else None)
         except Exception as e:  # noqa: BLE001 - any decoding failure is the same to the caller
             raise StateCorrupt(f"{where}: cannot decode shard state ({type(e).__name__}: {e})") from None
         if shard_id is not None and state.shard_id != shard_id:
@@ -262,6 +293,109 @@ class ShardState:
             raise StateCorrupt(f"{where}: stored state says seqno {state.seqno}, expected {seqno}")
         check_invariants(state, where)
         return state
+
+
+_BATCHES_HEAD = b'{"v":%d,"batches":[' % STATE_VERSION
+
+
+def _parse_body(body: bytes, prev: ShardState | None) -> tuple[dict[str, Any], tuple[BatchMeta, ...]]:
+    """The JSON fields of `body` and its batches, reusing the leading batches it shares with `prev`.
+
+    Incremental: a body written by `encode` starts with its batches' JSON, each
+    exactly `BatchMeta.encoded`. The batches of `prev` (the shard's previous
+    version seen here) that the body starts with, in order, are taken as they
+    are (a byte comparison each: a JSON object is self-delimiting, so equal
+    bytes are the same batch); only the rest is parsed. Any other layout (a
+    body written before this order, with the batches elsewhere) is parsed whole.
+    """
+    pos, reused = len(_BATCHES_HEAD), 0
+    if prev is not None and body.startswith(_BATCHES_HEAD):
+        for b in prev.batches:
+            frag = b.encoded
+            end = pos + len(frag)
+            if not body.startswith(frag, pos):
+                break
+            nxt = body[end : end + 1]
+            if nxt == b",":
+                pos, reused = end + 1, reused + 1
+            elif nxt == b"]":
+                pos, reused = end, reused + 1
+                break
+            else:
+                break
+    if not reused:
+        d = json.loads(body)
+        return d, tuple(BatchMeta.from_json(b) for b in d["batches"])
+    assert prev is not None  # INVARIANT: reused > 0 only with a previous version
+    d = json.loads(_BATCHES_HEAD + body[pos:])
+    return d, prev.batches[:reused] + tuple(BatchMeta.from_json(b) for b in d["batches"])
+
+
+def _schema_b64(schema: pa.Schema) -> str:
+    return base64.b64encode(schema.serialize().to_pybytes()).decode()
+
+
+def _from_head(d: Mapping[str, Any], batches: tuple[BatchMeta, ...], *, schema: pa.Schema | None) -> ShardState:
+    """A state from its decoded JSON fields `d` (all but the batches) and its `batches`.
+
+    `schema`: an already decoded schema to reuse when `d`'s is the same.
+    """
+    if schema is None or _schema_b64(schema) != d["schema"]:
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(d["schema"])))
+    return ShardState(
+        shard_id=d["shard_id"],
+        seqno=int(d["seqno"]),
+        schema=schema,
+        since=Frontier(d["since"]),
+        upper=Frontier(d["upper"]),
+        batches=batches,
+        writers={k: WriterState(int(v[0]), v[1]) for k, v in d["writers"].items()},
+        leased_readers={
+            k: LeasedReaderState(Frontier(v[0]), int(v[1]), int(v[2]), int(v[3]), _opt_int(v, 4))
+            for k, v in d["leased_readers"].items()
+        },
+        critical_readers={
+            k: CriticalReaderState(Frontier(v[0]), v[1], _opt_int(v, 2)) for k, v in d["critical_readers"].items()
+        },
+        metadata=d.get("metadata", {}),
+        schema_changed=bool(d.get("schema_changed", False)),
+    )
+
+
+# ---- the decoded-state cache ----
+# shard id -> (the stored bytes of its newest version seen in this process, their decoded state).
+# Keyed on the exact bytes, so it cannot serve a stale or a different version: any other
+# bytes (another writer's version, an older one) miss and are decoded, checksum and all.
+_DECODED: dict[str, tuple[bytes, ShardState]] = {}
+_DECODED_LOCK = threading.Lock()
+#: How many shards' newest states the cache keeps (the oldest entry goes first).
+DECODED_CACHE_SHARDS = 256
+
+
+def _recall(shard_id: str | None, data: bytes, seqno: int | None) -> ShardState | None:
+    if shard_id is None:
+        return None
+    hit = _DECODED.get(shard_id)
+    if hit is None or hit[0] != data or (seqno is not None and hit[1].seqno != seqno):
+        return None
+    return hit[1]
+
+
+def remember(data: bytes, state: ShardState) -> None:
+    """Cache `state` as the decoding of `data` (the sealed bytes stored for it).
+
+    Only newer versions replace a shard's entry (gc's scans of old versions do
+    not evict the head). The caller guarantees `decode(data) == state`:
+    `ShardState.decode` itself, or `Machine.apply` with `encode_decoded`'s pair.
+    """
+    with _DECODED_LOCK:
+        cur = _DECODED.get(state.shard_id)
+        if cur is not None and cur[1].seqno > state.seqno:
+            return
+        _DECODED.pop(state.shard_id, None)
+        _DECODED[state.shard_id] = (data, state)
+        while len(_DECODED) > DECODED_CACHE_SHARDS:
+            del _DECODED[next(iter(_DECODED))]
 
 
 def _opt_int(v: list[Any], i: int) -> int | None:
@@ -685,6 +819,8 @@ def check_invariants(state: ShardState, where: str | None = None) -> None:
     # INVARIANT: since <= upper, unless the shard is a tombstone.
     if not state.since <= state.upper:
         raise bad(f"since {f(state.since)} is beyond upper {f(state.upper)}")
+    if _contiguous(state.batches, state.upper.time):
+        return
     expect = Frontier.MIN
     for i, b in enumerate(state.batches):
         # INVARIANT: batches are contiguous from 0 to the upper.
@@ -695,3 +831,16 @@ def check_invariants(state: ShardState, where: str | None = None) -> None:
         expect = b.upper
     if expect != state.upper:
         raise bad(f"upper is {f(state.upper)}, but its batches end at {f(expect)}")
+
+
+def _contiguous(batches: tuple[BatchMeta, ...], upper: int | None) -> bool:
+    """The batch invariants on plain times, fast (they run on every decode): contiguous from
+    0, each `lower < upper`, ending at `upper`. False sends `check_invariants` to its slow
+    walk, which names what is wrong."""
+    expect: int | None = Frontier.MIN.time
+    for b in batches:
+        lo, hi = b.lower.time, b.upper.time
+        if lo is None or lo != expect or (hi is not None and hi <= lo):
+            return False
+        expect = hi
+    return expect == upper

@@ -36,8 +36,14 @@ def qident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def as_table(data: Any, what: str = "updates") -> pa.Table:
-    """Accept a pa.Table, a RecordBatch, a RecordBatchReader, or any Arrow PyCapsule producer."""
+def as_table(data: Any, what: str = "updates", schema: pa.Schema | None = None) -> pa.Table:
+    """Accept a pa.Table, a RecordBatch, a RecordBatchReader, any Arrow PyCapsule producer
+    (pandas, polars, ...), a dict of columns, or a list of dicts (one per row).
+
+    The column types of a dict or a list of dicts are inferred by Arrow (then cast to
+    the schema's where that loses nothing, see `conform_columns`); an empty list of
+    rows is an empty table of `schema`, if given.
+    """
     if isinstance(data, pa.Table):
         return data
     if isinstance(data, pa.RecordBatch):
@@ -46,7 +52,77 @@ def as_table(data: Any, what: str = "updates") -> pa.Table:
         return data.read_all()
     if hasattr(data, "__arrow_c_stream__") or hasattr(data, "__arrow_c_array__"):
         return pa.table(data)
-    raise InvalidInput(f"{what}: expected an Arrow table or record batch, got {type(data).__name__}")
+    if isinstance(data, Mapping):
+        try:
+            return pa.table(dict(data))
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            raise InvalidInput(f"{what}: cannot read the dict of columns as a table: {_first_line(e)}") from None
+    if isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
+        if not data and schema is not None:
+            return schema.empty_table()
+        try:
+            return pa.Table.from_pylist(data)
+        except (pa.ArrowException, TypeError, ValueError) as e:
+            raise InvalidInput(f"{what}: cannot read the list of rows as a table: {_first_line(e)}") from None
+    raise InvalidInput(
+        f"{what}: expected an Arrow table or record batch, a dict of columns or a list of dicts, "
+        f"got {type(data).__name__}"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
+
+
+def _family(t: pa.DataType) -> Any:
+    """Types whose values convert one to one (a safe cast checks the rest, e.g. int ranges)."""
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "string"
+    if pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t):
+        return "binary"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_timestamp(t):
+        return ("timestamp", t.tz)
+    return None
+
+
+def conform_columns(table: pa.Table, schema: pa.Schema, where: str) -> pa.Table:
+    """Cast the columns of `table` whose type differs from `schema`'s, where the cast loses nothing.
+
+    Covered: `large_string`/`string_view` -> `string` (and back), `large_binary`/
+    `binary_view` -> `binary`, dictionary-encoded columns (decoded), an all-null column
+    of type null, and integers or timestamps whose values fit (a safe cast). Anything
+    else, or a value that does not fit, is a `SchemaMismatch` naming the column and
+    both types. Columns of the schema's type are left as they are (no copy).
+    """
+    for field in schema:
+        i = table.schema.get_field_index(field.name)
+        if i < 0:
+            continue
+        col = table.column(i)
+        got = col.type
+        if got.equals(field.type):
+            continue
+        msg = f"{where}: column {field.name!r} has type {got}, the schema says {field.type}"
+        src = got
+        if pa.types.is_dictionary(src) and not pa.types.is_dictionary(field.type):
+            col = col.cast(src.value_type)  # decoding a dictionary loses nothing
+            src = src.value_type
+        if src.equals(field.type):
+            pass
+        elif pa.types.is_null(src):
+            col = pa.chunked_array([pa.nulls(len(col), field.type)])
+        elif _family(src) is not None and _family(src) == _family(field.type):
+            try:
+                col = col.cast(field.type, safe=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise SchemaMismatch(f"{msg}, and a value cannot be cast without loss: {_first_line(e)}") from None
+        else:
+            raise SchemaMismatch(msg)
+        table = table.set_column(i, pa.field(field.name, field.type, nullable=table.schema.field(i).nullable), col)
+    return table
 
 
 def update_schema(schema: pa.Schema) -> pa.Schema:
@@ -228,7 +304,7 @@ def validate_updates(data: Any, schema: pa.Schema, where: str) -> pa.Table:
             absolute values sum past int64 (see `check_diffs`); a string value
             that is not valid UTF-8 (see `check_strings`).
     """
-    table = as_table(data, where)
+    table = as_table(data, where, update_schema(schema))
     names = table.schema.names
     expected = list(schema.names) + [TIME, DIFF]
     missing = [n for n in expected if n not in names]
@@ -242,6 +318,7 @@ def validate_updates(data: Any, schema: pa.Schema, where: str) -> pa.Table:
         raise SchemaMismatch(f"{where}: column {dup!r} appears twice")
     if names != expected:
         table = table.select(expected)
+    table = conform_columns(table, schema, where)
     check_columns(table, schema, where)
     for col in RESERVED:
         got = table.schema.field(col).type
@@ -273,7 +350,8 @@ def time_bounds(table: pa.Table) -> tuple[int, int] | None:
 _OVERFLOW_MARK = "outside int64"
 
 
-def _sql_str(s: str) -> str:
+def qliteral(s: str) -> str:
+    """Quote a string literal for DuckDB (and PostgreSQL with standard strings): `'` doubled."""
     return "'" + s.replace("'", "''") + "'"
 
 
@@ -291,8 +369,8 @@ def diff_sum_sql(cols: list[str], where: str, time_expr: str | None = None) -> s
     row = "struct_pack(" + ", ".join(f"{c} := {c}" for c in cols) + ")::VARCHAR" if cols else "'()'"
     at = f"' at time ', ({time_expr})::VARCHAR, " if time_expr is not None else ""
     msg = (
-        f"concat({_sql_str(where + ': the diffs of row ')}, left({row}, 200), {at}"
-        f"' sum to ', sum({DIFF})::VARCHAR, {_sql_str(', ' + _OVERFLOW_MARK + '; the count cannot be represented')})"
+        f"concat({qliteral(where + ': the diffs of row ')}, left({row}, 200), {at}"
+        f"' sum to ', sum({DIFF})::VARCHAR, {qliteral(', ' + _OVERFLOW_MARK + '; the count cannot be represented')})"
     )
     return (
         f"CASE WHEN sum({DIFF}) BETWEEN {INT64_MIN} AND {INT64_MAX} THEN sum({DIFF})::BIGINT "

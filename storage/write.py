@@ -247,7 +247,7 @@ class WriteHandle:
         _offsets_check(self.shard_id, cur, expected)
         if lower < cur.upper:
             raise UpperMismatch(self.shard_id, lower, cur.upper)
-        return self._append([self._write(table, lower, upper)], lower, upper, token, metadata, offs, expected)
+        return self._append([self._write(table, lower, upper)], lower, upper, token, metadata, offs, expected, cur)
 
     def compare_and_append_batch(
         self,
@@ -288,11 +288,13 @@ class WriteHandle:
         metadata: Mapping[str, Any] | None,
         offsets: dict[str, Any] | None,
         expected_offsets: dict[str, Any] | None,
+        head: st.ShardState | None = None,
     ) -> st.Appended | st.AlreadyCommitted:
         batch = st.BatchMeta(lower, upper, Frontier.MIN, tuple(p for b in batches for p in b.parts))
-
-        _, result = self.machine.apply(
-            st.compare_and_append, batch, writer_id=self.writer_id, token=token, metadata=metadata,
+        # `head`: the state the early check read; the first attempt uses it (one read of a
+        # whole state version less per append; a stale one just loses its compare-and-set).
+        _, result = self.machine.apply_from(
+            head, st.compare_and_append, batch, writer_id=self.writer_id, token=token, metadata=metadata,
             lease_ms=WRITER_LEASE_MS, offsets=offsets, expected_offsets=expected_offsets,
         )
         if isinstance(result, st.OffsetsMismatchResult):
@@ -354,7 +356,7 @@ class WriteHandle:
         `expected_offsets` is not: it raises `OffsetsMismatch` (see
         `compare_and_append`), since retrying would commit the same input twice.
         """
-        t = as_table(rows, f"shard {self.shard_id}")
+        t = as_table(rows, f"shard {self.shard_id}", self.schema)
         if TIME in t.schema.names:
             t = t.drop_columns([TIME])
         if DIFF not in t.schema.names:
@@ -425,6 +427,7 @@ def compare_and_append_batches(
     while True:
         extra = fence() if fence is not None else None
         ops = []
+        written: list[tuple[bytes, st.ShardState]] = []
         now_ms = now()
         for sid, (lower, upper) in bounds.items():
             m = env.machine(sid)
@@ -446,10 +449,15 @@ def compare_and_append_batches(
             if new is None:
                 continue  # an empty-width append: nothing to write for this shard
             seqno = s.seqno + 1 if exists else 0
-            ops.append(CasOp(m.key, s.seqno if exists else None, VersionedData(seqno, replace(new, seqno=seqno).encode())))
+            data, decoded = replace(new, seqno=seqno).encode_decoded()
+            st.check_invariants(decoded)
+            written.append((data, decoded))
+            ops.append(CasOp(m.key, s.seqno if exists else None, VersionedData(seqno, data)))
         if extra is not None and ops:
             ops.append(extra)
         if not ops or m.consensus.compare_and_set_many(ops):
+            for data, decoded in written:
+                st.remember(data, decoded)
             break
         attempt += 1
         if attempt >= max_attempts:

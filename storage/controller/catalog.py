@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
@@ -30,6 +29,7 @@ from ..errors import (
     SourceIdReused,
     StateCorrupt,
 )
+from ..ids import NAME_RULE, name_problem, shown_name
 from ..machine import cas_retry
 from ..state import seal, unseal
 from ..updates import check_row_schema
@@ -40,20 +40,20 @@ CATALOG_VERSION = 1
 _LEGACY_HEAD = b'{"collections":'  # versions written before checksums: sorted keys, no envelope
 DATA_SOURCES = ("ingestion", "table", "webhook", "introspection", "view", "other")
 SYSTEM_PREFIX = "system."
-_NAME_RE = re.compile(r"^[a-z_][a-z0-9_]*$")
 
 R = TypeVar("R")
 
 
 def validate_name(name: Any, *, allow_system: bool = False) -> str:
-    """A user collection name is `[a-z_][a-z0-9_]*`; `system.<name>` is the controller's own."""
-    if isinstance(name, str):
-        if _NAME_RE.match(name):
+    """A user collection name is `ids.NAME_RULE`; `system.<name>` is the controller's own."""
+    why = name_problem(name)
+    if why is None:
+        return name
+    if allow_system and isinstance(name, str) and name.startswith(SYSTEM_PREFIX):
+        why = name_problem(name[len(SYSTEM_PREFIX):])
+        if why is None:
             return name
-        if allow_system and name.startswith(SYSTEM_PREFIX) and _NAME_RE.match(name[len(SYSTEM_PREFIX) :]):
-            return name
-    msg = f"collection name {name!r} is invalid: names must match [a-z_][a-z0-9_]*"
-    raise InvalidInput(msg)
+    raise InvalidInput(f"collection name {shown_name(name)} is invalid ({why}): names must be {NAME_RULE}")
 
 
 def schema_to_json(schema: pa.Schema) -> str:

@@ -140,6 +140,12 @@ class MonotonicAppender:
         with self._qlock:
             return len(self._queue)
 
+    @property
+    def commits_in_background(self) -> bool:
+        """Whether the controller's thread commits queued rows, so that `append(wait=False)`
+        needs no `flush()` (e.g. for an asyncio server awaiting the returned future)."""
+        return self._ctl._thread is not None
+
     def append(self, rows: Any, *, wait: bool = True) -> Any:
         ctl = self._ctl
         ctl._check_live()

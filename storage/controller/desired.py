@@ -24,7 +24,15 @@ import pyarrow.compute as pc
 
 from .. import connections
 from ..errors import InvalidInput, SchemaMismatch
-from ..updates import DIFF, TIME, as_table, check_columns, consolidate_sql, overflow_checked
+from ..updates import (
+    DIFF,
+    TIME,
+    as_table,
+    check_columns,
+    conform_columns,
+    consolidate_sql,
+    overflow_checked,
+)
 
 
 def rows_schema(schema: pa.Schema) -> pa.Schema:
@@ -34,7 +42,7 @@ def rows_schema(schema: pa.Schema) -> pa.Schema:
 
 def as_rows(data: Any, schema: pa.Schema, where: str) -> pa.Table:
     """`data` (any Arrow input) as rows under `schema` with `_diff` (default +1); no `_time` allowed."""
-    t = as_table(data, where)
+    t = as_table(data, where, schema)
     if TIME in t.schema.names:
         raise InvalidInput(f"{where}: rows carry no {TIME!r}; the controller picks the time")
     if DIFF not in t.schema.names:
@@ -45,6 +53,7 @@ def as_rows(data: Any, schema: pa.Schema, where: str) -> pa.Table:
     if missing or extra:
         raise SchemaMismatch(f"{where}: columns {t.schema.names} do not match the schema's {schema.names}")
     t = t.select(want.names)
+    t = conform_columns(t, schema, where)
     check_columns(t, schema, where)
     if t.column(DIFF).null_count or not pa.types.is_integer(t.schema.field(DIFF).type):
         raise InvalidInput(f"{where}: {DIFF!r} must be a non-null integer")

@@ -40,7 +40,7 @@ def table_updates(w: TableWrite, write_ts: int, advance_to: Frontier) -> pa.Tabl
         InvalidBounds: an update before `write_ts`.
     """
     where = f"table {w.name!r}"
-    t = as_table(w.rows, where)
+    t = as_table(w.rows, where, w.schema)
     if DIFF not in t.schema.names:
         t = t.append_column(pa.field(DIFF, pa.int64(), nullable=False), pa.repeat(pa.scalar(1, pa.int64()), t.num_rows))
     if TIME not in t.schema.names:

@@ -25,7 +25,7 @@ def post(srv: WebhookServer, body: bytes, headers: dict[str, str] | None = None)
 
 def test_binds_loopback_by_default() -> None:
     with WebhookServer(on_batch=lambda t: None) as srv:
-        assert srv._httpd.server_address[0] == "127.0.0.1"
+        assert srv._sock.getsockname()[0] == "127.0.0.1"
         assert srv.url == f"http://127.0.0.1:{srv.port}/"
 
 

@@ -135,7 +135,7 @@ SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, Heal
 
 
 @pytest.mark.parametrize("plan", PLANS, ids=[p.sql[:60] for p in PLANS])
-@settings(max_examples=6, **SETTINGS)
+@settings(max_examples=3, **SETTINGS)  # 40 in the slow variant below
 @given(batches=streams())
 def test_view_equals_recompute_at_every_time(plan, batches):
     check(plan, batches)
@@ -181,10 +181,22 @@ SQLS = [p.sql for p in PLANS] + [
 
 
 @pytest.mark.parametrize("sql", SQLS, ids=[s[:60] for s in SQLS])
-@settings(max_examples=4, **SETTINGS)
+@settings(max_examples=2, **SETTINGS)  # 30 in the slow variant below
 @given(batches=streams())
 def test_planned_view_equals_recompute(sql, batches):
     """The same check with `flows.sqlplan.plan_view` choosing the keys (a wrong key shows up here)."""
+    check_planned(sql, batches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sql", SQLS, ids=[s[:60] for s in SQLS])
+@settings(max_examples=30, **SETTINGS)
+@given(batches=streams())
+def test_planned_view_equals_recompute_long(sql, batches):
+    check_planned(sql, batches)
+
+
+def check_planned(sql, batches):
     from flows.sqlplan import plan_view
 
     p = plan_view(sql, SCHEMAS)

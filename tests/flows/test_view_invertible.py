@@ -110,7 +110,7 @@ def check(sql: str, batches, fast: bool = True) -> None:
 
 
 @pytest.mark.parametrize("sql", QUERIES, ids=[q[:60] for q in QUERIES])
-@settings(max_examples=8, **SETTINGS)  # 40 in the slow variant below
+@settings(max_examples=4, **SETTINGS)  # 40 in the slow variant below
 @given(batches=streams())
 def test_fast_path_equals_recompute_at_every_time(sql, batches):
     check(sql, batches)

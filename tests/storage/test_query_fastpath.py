@@ -120,9 +120,20 @@ def play(client: storage.Client, ops: list[Any]) -> tuple[str, list[tuple[int | 
     return shard, updates, r
 
 
-@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])  # 300 in the slow variant
 @given(ops=stq.lists(op, min_size=1, max_size=10), picks=stq.lists(stq.integers(0, 10**6), min_size=1, max_size=3))
 def test_fast_path_equals_general_path_and_reference(ops: list[Any], picks: list[int]) -> None:
+    fast_path_equals_general_path_and_reference(ops, picks)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(ops=stq.lists(op, min_size=1, max_size=10), picks=stq.lists(stq.integers(0, 10**6), min_size=1, max_size=3))
+def test_fast_path_equals_general_path_and_reference_long(ops: list[Any], picks: list[int]) -> None:
+    fast_path_equals_general_path_and_reference(ops, picks)
+
+
+def fast_path_equals_general_path_and_reference(ops: list[Any], picks: list[int]) -> None:
     with tempfile.TemporaryDirectory() as d:
         client = storage.open(d, fsync=False)
         try:

@@ -79,7 +79,10 @@ def unseal_legacy(data: bytes) -> bytes:
     """The body without its checksum envelope: what versions written before checksums look like."""
     if not data.startswith(b'{"sha256":"'):
         return data  # already unsealed
-    return json.dumps(json.loads(data)["state"], separators=(",", ":")).encode()
+    body = json.loads(data)["state"]
+    if "batches" in body:  # a shard state: in the field order of those versions (batches after upper)
+        body = {**{k: body[k] for k in ("v", "shard_id", "seqno", "schema", "since", "upper", "batches")}, **body}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def one_line_error(out: subprocess.CompletedProcess[str], *needles: str) -> str:

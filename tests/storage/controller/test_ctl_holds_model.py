@@ -326,7 +326,7 @@ class HoldsModel(RuleBasedStateMachine):
 _SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 TestHoldsModel = HoldsModel.TestCase
-TestHoldsModel.settings = settings(max_examples=30, stateful_step_count=25, **_SETTINGS)
+TestHoldsModel.settings = settings(max_examples=15, stateful_step_count=25, **_SETTINGS)
 
 
 class HoldsModelSlow(HoldsModel):
