@@ -24,10 +24,9 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow -p no:cacheprovider
 
+# Every bench in bench/ at quick sizes, under 15 minutes (bench/all.py; ARGS=--full for the default sizes).
 bench: $(STAMP)
-	$(BIN)/python bench/append.py
-	$(BIN)/python bench/append_latency.py
-	$(BIN)/python bench/listen_poll.py
+	$(BIN)/python bench/all.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

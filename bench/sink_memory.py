@@ -1,4 +1,4 @@
-"""Peak RSS of persist_sink holding a 10M-row desired state.
+"""Peak RSS of the documented pattern, source -> consolidate -> persist_sink, over 10M rows.
 
 A generating source emits `--rows` updates (k int64, v int64) in 100k-row
 batches at times 1..n with NO progress until the end, so the sink holds all of
@@ -7,8 +7,10 @@ desired before its first append; the shard starts with foreign contents at
 Each variant runs in a child process under `/usr/bin/time -v` (if present;
 else resource.getrusage of the child):
 
-- ours: source -> persist_sink (desired = the workers' parts on disk + a
-  file-backed DuckDB with a 512 MB limit for the correction).
+- ours: source -> consolidate -> persist_sink, default settings (fsync on;
+  consolidate spills its pending updates to a DuckDB file past 64 MiB; the sink
+  keeps desired as parts on disk + a file-backed DuckDB with a 256 MB limit for
+  the correction). The whole child process's peak RSS counts.
 - baseline ("naive in-memory desired"): the same batches kept in a Python
   list of Arrow tables, consolidated with in-memory DuckDB.
 
@@ -58,7 +60,7 @@ def child_ours(n_batches: int) -> None:
     from bytewax.testing import TestingSink, run_main
 
     import storage
-    from flows import persist_sink
+    from flows import consolidate, persist_sink
     from storage import Frontier, Progress, UpdateBatch
 
     class Part(StatefulSourcePartition):
@@ -89,7 +91,7 @@ def child_ours(n_batches: int) -> None:
 
     d = tempfile.mkdtemp(prefix="sf-bench-mem-")
     try:
-        client = storage.open(d, fsync=False)
+        client = storage.open(d)
         shard = str(storage.ShardId.new())
         w = client.open_writer(shard, pa.schema([("k", pa.int64()), ("v", pa.int64())]))
         foreign = batch(0).set_column(2, "_time", pa.repeat(pa.scalar(0, pa.int64()), BATCH))
@@ -97,7 +99,7 @@ def child_ours(n_batches: int) -> None:
         out: list = []
         flow = Dataflow("mem")
         s = op.input("in", flow, Src())
-        op.output("out", persist_sink("sink", s, client, shard), TestingSink(out))
+        op.output("out", persist_sink("sink", consolidate("cons", s), client, shard), TestingSink(out))
         t0 = time.perf_counter()
         run_main(flow)
         assert client.state(shard).upper == n_batches + 1
@@ -126,7 +128,7 @@ def measure(kind: str, n_batches: int) -> float:
         p = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
         sys.stdout.write(p.stdout)
         if p.returncode != 0:
-            sys.stderr.write(p.stderr[:4000])
+            sys.stderr.write(p.stderr[-4000:])
             raise SystemExit(p.returncode)
         m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", p.stderr)
         assert m, p.stderr[-2000:]

@@ -71,6 +71,12 @@ PRELOAD_ROWS = 1_000_000
 VIEW_MEMORY_LIMIT = os.environ.get("SHARDFLOW_VIEW_MEMORY", "256MB")
 
 
+#: A batch job's sinks append at most once per this many seconds (`$SHARDFLOW_BATCH_COMMIT_EVERY`;
+#: 0: at every frontier), and at the end: fewer, larger batches, so less consensus traffic and
+#: compaction; a crash redoes at most this much. Continuous jobs append at every frontier.
+BATCH_COMMIT_EVERY = float(os.environ.get("SHARDFLOW_BATCH_COMMIT_EVERY", "5"))
+
+
 def open_controller(client: Client, *, read_only: bool = False, role: str = "job") -> StorageController:
     """The storage controller for `client` (no background thread: the job drives nothing).
 
@@ -260,7 +266,8 @@ class FlowContext:
         # a process without the committer it lasts until the run ends (or its lease runs out).
         hold = self.client.open_leased_reader(shard, heartbeat=False)
         self.holds.append(hold)
-        out = persist_sink(step_id, up, self.client, shard, as_of=self.resume_as_of(name), hold=hold)
+        every = None if self.continuous else BATCH_COMMIT_EVERY
+        out = persist_sink(step_id, up, self.client, shard, as_of=self.resume_as_of(name), hold=hold, commit_every=every)
         op.inspect(f"{step_id}_stats", out, lambda _s, c: self.stats.on_commit(name, c))
         self.committed.setdefault(name, out)
         return out

@@ -9,19 +9,35 @@ the partitions it has heard of (`FrontierTracker`). Operators here emit
 
 from __future__ import annotations
 
+import fcntl
+import os
+import shutil
+import tempfile
+import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import IO, Any
 
 import bytewax.operators as op
+import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
 from bytewax.dataflow import Stream, operator
 from bytewax.operators import StatefulBatchLogic
 
-from storage import DIFF, TIME, Frontier, Progress, UpdateBatch, duck
+from storage import (
+    DIFF,
+    TIME,
+    Frontier,
+    Progress,
+    UpdateBatch,
+    consolidate_sql,
+    duck,
+    overflow_checked,
+)
 from storage import consolidate as consolidate_table
 from storage.errors import InvalidInput
+from storage.query import qliteral
 
 from .sqlplan import check_linear
 
@@ -201,16 +217,164 @@ def check_item(step_id: str, x: Any) -> Item:
 # --------------------------------------------------------------------------------------------
 
 
+#: Pending bytes (Arrow) past which `consolidate` moves its pending updates into a DuckDB file
+#: (`$SHARDFLOW_CONSOLIDATE_SPILL_MB`, default 64; 0 spills from the first update).
+SPILL_BYTES = int(float(os.environ.get("SHARDFLOW_CONSOLIDATE_SPILL_MB", "64")) * (1 << 20))
+#: DuckDB's memory limit, in MiB, for a spilled `consolidate` (`$SHARDFLOW_CONSOLIDATE_MEMORY_MB`):
+#: past it the GROUP BY spills to the operator's temp dir too. On one DuckDB thread: a hash
+#: aggregation needs memory per thread before it can spill, and two threads ran out of 192MB
+#: on 10M distinct rows where one thread in 256MB did not (and was faster).
+SPILL_MEMORY_MB = int(os.environ.get("SHARDFLOW_CONSOLIDATE_MEMORY_MB", "256"))
+
+
+#: Rows per record batch when a spilled flush streams its result out of DuckDB.
+SPILL_READ_ROWS = 1 << 20
+
+_SPILL_PREFIX = "shardflow-consolidate-"
+
+
+def arrow_of(con: duckdb.DuckDBPyConnection, q: str, memory_mb: int) -> pa.Table:
+    """Run `q` on `con` (whose memory limit is `memory_mb` MiB) into an Arrow table, overflow-checked.
+
+    The result is streamed out in record batches, so it is built outside DuckDB's
+    memory limit. A query that still runs out of memory (a hash aggregation needs
+    some memory per thread before it can spill; how much varies run to run) is
+    retried with twice the limit, up to four times it; the limit is then set back.
+    """
+    mb = memory_mb
+    try:
+        while True:
+            try:
+                with overflow_checked():
+                    reader = con.sql(q).to_arrow_reader(SPILL_READ_ROWS)
+                    return pa.Table.from_batches(list(reader), reader.schema)
+            except (duckdb.OutOfMemoryException, OSError, pa.ArrowException) as e:
+                # (A streamed result reports DuckDB's error through pyarrow, as an OSError.)
+                if "Out of Memory" not in str(e) or mb >= 4 * memory_mb:
+                    raise
+                mb *= 2
+                con.execute(f"SET memory_limit = '{mb}MB'")
+    finally:
+        if mb != memory_mb:
+            con.execute(f"SET memory_limit = '{memory_mb}MB'")
+
+
+def _remove_stale_spills() -> None:
+    """Remove the spill dirs of processes that died without removing theirs (SIGKILL, a crash).
+
+    A live spill holds an exclusive `flock` on its `lock` file; the kernel drops it
+    when the process dies, so a dir whose lock can be taken is nobody's.
+    """
+    root = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(root) if n.startswith(_SPILL_PREFIX)]
+    except OSError:
+        return
+    for n in names:
+        path = os.path.join(root, n)
+        try:
+            with open(os.path.join(path, "lock")) as f:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            continue  # held (alive), not ours to read, or no lock file yet
+
+
+class _Spill:
+    """Pending updates in a DuckDB file of their own (a fresh temp dir, removed by `close`).
+
+    Rows are appended as Arrow (`INSERT ... SELECT` from a registered table) and
+    consolidated by one GROUP BY (`storage.consolidate_sql`) when the frontier
+    passes them; DuckDB keeps at most `SPILL_MEMORY_MB` of it in memory (should a
+    flush still run out, it is retried with twice the memory, up to 4x).
+    """
+
+    def __init__(self, step_id: str, schema: pa.Schema):
+        self.step_id = step_id
+        self.schema = schema
+        _remove_stale_spills()
+        self.dir = tempfile.mkdtemp(prefix=_SPILL_PREFIX)
+        self.rows = 0
+        try:
+            # Held while this process lives: a crashed process's dir is unlocked, so stale.
+            self._lock = open(os.path.join(self.dir, "lock"), "w")  # noqa: SIM115 - closed by close()
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            con = duckdb.connect(os.path.join(self.dir, "pending.duckdb"))
+            con.execute(f"SET memory_limit = '{SPILL_MEMORY_MB}MB'")
+            con.execute("SET threads = 1")
+            con.execute(f"SET temp_directory = {qliteral(os.path.join(self.dir, 'tmp'))}")
+            con.execute("SET preserve_insertion_order = false")
+            con.register("__in", schema.empty_table())
+            con.execute("CREATE TABLE pending AS SELECT * FROM __in")
+            con.unregister("__in")
+        except BaseException:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+        self.con: duckdb.DuckDBPyConnection | None = con
+        # Removed however the operator goes away (EOF, an error, interpreter exit).
+        self._finalizer = weakref.finalize(self, _Spill._remove, con, self.dir, self._lock)
+
+    @staticmethod
+    def _remove(con: duckdb.DuckDBPyConnection, path: str, lock: IO[str]) -> None:
+        try:
+            con.close()
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+            lock.close()
+
+    def append(self, tables: list[pa.Table]) -> None:
+        assert self.con is not None
+        for t in tables:
+            if not t.schema.equals(self.schema):
+                msg = (
+                    f"step {self.step_id!r}: an update batch's schema {t.schema} differs from the "
+                    f"earlier batches' {self.schema}"
+                )
+                raise InvalidInput(msg)
+            self.con.register("__in", t)
+            try:
+                self.con.execute("INSERT INTO pending SELECT * FROM __in")
+            finally:
+                self.con.unregister("__in")
+            self.rows += t.num_rows
+
+    def take(self, upper: Frontier, since: int | None) -> pa.Table:
+        """Remove the updates at times before `upper`; return them consolidated (times advanced to `since`)."""
+        assert self.con is not None
+        below = "" if upper.time is None else f" WHERE {TIME} < {int(upper.time)}"
+        cols = [n for n in self.schema.names if n not in (TIME, DIFF)]
+        q = consolidate_sql(f"(SELECT * FROM pending{below})", cols, where=f"step {self.step_id!r}", since=since)
+        out = arrow_of(self.con, q, SPILL_MEMORY_MB)
+        if below:
+            self.con.execute(f"DELETE FROM pending{below}")
+            self.rows = self.con.execute("SELECT count(*) FROM pending").fetchall()[0][0]
+        else:
+            self.rows = 0
+        return out.cast(self.schema)
+
+    def close(self) -> None:
+        self.con = None
+        self._finalizer()
+
+
 class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
     """Buffers updates (as Arrow tables) until the frontier passes them.
 
     State: a list of pending Arrow tables with their max times, the frontier
     already emitted (`emitted`), and the offsets queue. No per-row Python.
+    Once the pending tables pass `spill_bytes`, they move into a `_Spill` (a
+    DuckDB file), and so does every later buffer of that size; a flush then
+    consolidates in DuckDB. When a flush leaves nothing pending the file is
+    removed and updates are buffered in memory again.
     """
 
-    def __init__(self, step_id: str):
+    def __init__(self, step_id: str, spill_bytes: int | None = None):
         self.step_id = step_id
         self.pending: list[tuple[pa.Table, int]] = []
+        self.pending_bytes = 0
+        self.spill_bytes = SPILL_BYTES if spill_bytes is None else spill_bytes
+        self.spill: _Spill | None = None
+        self.spills = 0  # how many times updates moved to DuckDB (introspection, tests)
         self.tracker = FrontierTracker()
         self.emitted: Frontier | None = None
         self.offsets = OffsetQueue()
@@ -226,14 +390,53 @@ class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
                 self.schema = v.table.schema
                 if v.table.num_rows:
                     self.pending.append((v.table, tm))
+                    self.pending_bytes += v.table.nbytes
                 self.offsets.push(v.offsets, tm)
+        if self.pending and self.pending_bytes > self.spill_bytes:
+            self._spill()
         f = self.tracker.frontier()
         if f is None or (self.emitted is not None and f <= self.emitted):
             return [], StatefulBatchLogic.RETAIN
         return self._flush(f), StatefulBatchLogic.RETAIN
 
+    def _spill(self) -> None:
+        """Move the pending tables into the DuckDB file (opening it first if needed)."""
+        if self.spill is None:
+            self.spill = _Spill(self.step_id, self.pending[0][0].schema)
+        self.spills += 1
+        self.spill.append([t for t, _ in self.pending])
+        self.pending = []
+        self.pending_bytes = 0
+
     def _flush(self, upper: Frontier) -> list[Item]:
         lower = self.emitted if self.emitted is not None else Frontier.MIN
+        # SUBTLE: an update below the emitted frontier is late (a source broke its
+        # Progress promise); advancing it to `lower` keeps every accumulation
+        # from `lower` on correct, which is the best that can still be done.
+        since = lower.time if lower.time else None
+        table: pa.Table | None
+        if self.spill is not None:
+            if self.pending:
+                self._spill()
+            table = self.spill.take(upper, since)
+            if self.spill.rows == 0:
+                self.spill.close()
+                self.spill = None
+        else:
+            table = self._take(upper, since)
+        out: list[Item] = []
+        offsets = self.offsets.pop(upper)
+        if (table is not None and table.num_rows) or offsets:
+            if table is None and self.schema is not None:
+                table = self.schema.empty_table()
+            if table is not None:
+                out.append(UpdateBatch(table, lower, upper, offsets or None))
+        self.emitted = upper
+        out.append(Progress(upper))
+        return out
+
+    def _take(self, upper: Frontier, since: int | None) -> pa.Table | None:
+        """Remove the in-memory updates at times before `upper`; return them consolidated."""
         ready: list[pa.Table] = []
         keep: list[tuple[pa.Table, int]] = []
         ut = None if upper.is_empty else pa.scalar(upper.time, pa.int64())
@@ -250,24 +453,18 @@ class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
             else:
                 keep.append((t, tm))
         self.pending = keep
-        out: list[Item] = []
-        offsets = self.offsets.pop(upper)
-        if ready:
-            table = pa.concat_tables(ready, promote_options="none") if len(ready) > 1 else ready[0]
-            # SUBTLE: an update below the emitted frontier is late (a source broke its
-            # Progress promise); advancing it to `lower` keeps every accumulation
-            # from `lower` on correct, which is the best that can still be done.
-            table = consolidate_table(table, since=lower.time if lower.time else None, where=f"step {self.step_id!r}")
-        else:
-            table = None
-        if (table is not None and table.num_rows) or offsets:
-            if table is None and self.schema is not None:
-                table = self.schema.empty_table()
-            if table is not None:
-                out.append(UpdateBatch(table, lower, upper, offsets or None))
-        self.emitted = upper
-        out.append(Progress(upper))
-        return out
+        self.pending_bytes = sum(t.nbytes for t, _ in keep)
+        if not ready:
+            return None
+        table = pa.concat_tables(ready, promote_options="none") if len(ready) > 1 else ready[0]
+        return consolidate_table(table, since=since, where=f"step {self.step_id!r}")
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
+        self.pending = []
+        self.pending_bytes = 0
 
     def on_eof(self) -> tuple[Iterable[Item], bool]:
         # SUBTLE: updates at or beyond the final frontier are dropped, not flushed. A
@@ -276,6 +473,7 @@ class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
         # reached, and on resume those would be below the sink's as_of and lost. Their
         # offsets are not committed, so a resumed run re-reads them. (A batch source
         # ends with Progress(last time + 1), so nothing is left here.)
+        self.close()
         return [], StatefulBatchLogic.DISCARD
 
     def snapshot(self) -> None:
@@ -283,7 +481,7 @@ class _ConsolidateLogic(StatefulBatchLogic[Item, Item, None]):
 
 
 @operator
-def consolidate(step_id: str, up: Stream[Any]) -> Stream[Any]:
+def consolidate(step_id: str, up: Stream[Any], spill_bytes: int | None = None) -> Stream[Any]:
     """Buffer updates until the frontier passes them; emit consolidated `[lower, upper)` batches.
 
     Input: `UpdateBatch` and `Progress` items (partitioned or not). Output, each
@@ -294,12 +492,21 @@ def consolidate(step_id: str, up: Stream[Any]) -> Stream[Any]:
     batch's `offsets` are those source offsets whose updates are now all
     emitted (see `OffsetQueue`); an offsets-only advance yields an empty batch.
 
+    Memory: pending updates are Arrow tables until they pass `spill_bytes`
+    (default `SPILL_BYTES`, 64 MiB, `$SHARDFLOW_CONSOLIDATE_SPILL_MB`); then
+    they move into a DuckDB file in a temp dir of the operator's own (under
+    `$TMPDIR`; removed when the input ends or the process exits), whose memory
+    is capped at `$SHARDFLOW_CONSOLIDATE_MEMORY_MB` (default 256), and are
+    consolidated there by one GROUP BY. The output is the same either way.
+    The file is scratch, not state: after a crash the run resumes from the
+    sink's committed offsets, as without it.
+
     Runs on one worker (one key): DuckDB consolidates with its own threads.
     At end of input, updates at or beyond the final frontier are dropped (their
     offsets are not committed, so a resumed run reads them again).
     """
     keyed = one_key("key", up)
-    out = op.stateful_batch("consolidate", keyed, lambda _resume: _ConsolidateLogic(step_id))
+    out = op.stateful_batch("consolidate", keyed, lambda _resume: _ConsolidateLogic(step_id, spill_bytes))
     return op.key_rm("unkey", out)
 
 

@@ -42,7 +42,7 @@ from storage.query import qliteral
 
 # The consolidation SQL below (`_correction`, `_absorb`) is to move to storage's one
 # consolidation builder; until then it uses these helpers of `storage.updates`.
-from .operators import FrontierTracker, OffsetQueue, check_item, one_key, tmax_of, tmin_of
+from .operators import FrontierTracker, OffsetQueue, arrow_of, check_item, one_key, tmax_of, tmin_of
 
 __all__ = ["Committed", "WrittenBatch", "append_sink", "export_resume_upper", "kafka_sink", "persist_sink"]
 
@@ -52,6 +52,9 @@ OFFSETS_UPPER_KEY = "offsets_upper"
 MAX_CAS_ATTEMPTS = 50
 #: Seconds between refreshes of written-but-uncommitted parts (see `_keep_pending_alive`).
 KEEP_ALIVE_S = 60.0
+#: The memory limit (MiB) of the file-backed DuckDB that computes corrections; past it they spill
+#: to its temp dir (an out-of-memory query is retried with more: `operators.arrow_of`).
+SINK_MEMORY_MB = 256  # 512 peaked at 0.93-1.01 GiB in bench/sink_memory.py; 256: 0.80-0.83 GiB
 
 NowGetter = Callable[[], datetime]
 
@@ -171,6 +174,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         now_getter: NowGetter = utc_now,
         retry_interval: float = 0.2,
         hold: ReadHandle | None = None,
+        commit_every: float | None = None,
     ):
         self.step_id = step_id
         self.client = client
@@ -190,6 +194,9 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self.now_getter = now_getter
         self.retry_interval = retry_interval
         self._retry_at: datetime | None = None
+        self.commit_every = commit_every
+        self._commit_at: datetime | None = None  # the next append, when `commit_every` holds it back
+        self._last_commit = now_getter()
         self._reader: ReadHandle | None = None
         self._released = 0.0
         self._tmp: str | None = None
@@ -268,14 +275,16 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
 
     def on_notify(self) -> tuple[Iterable[Committed], bool]:
         self._retry_at = None
+        self._commit_at = None
         return self.advance(), StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return self._retry_at
+        ts = [t for t in (self._retry_at, self._commit_at) if t is not None]
+        return min(ts) if ts else None
 
     def on_eof(self) -> tuple[Iterable[Committed], bool]:
         try:
-            out = self.advance()
+            out = self.advance(final=True)
         finally:
             self.close()
         return out, StatefulBatchLogic.DISCARD
@@ -313,12 +322,21 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self._touched = now
         self.client.parts.touch(p for w in self.pending for p in w.batch.parts)
 
-    def advance(self) -> list[Committed]:
-        """Append `[P, F)` if the input frontier `F` is beyond the persisted upper `P`."""
+    def advance(self, *, final: bool = False) -> list[Committed]:
+        """Append `[P, F)` if the input frontier `F` is beyond the persisted upper `P`.
+
+        With `commit_every`, not sooner than that many seconds after the last append
+        (a notification comes then), unless `final` (end of input).
+        """
         self._keep_pending_alive()
         f = self.tracker.frontier()
         if f is None:
             return []
+        if self.commit_every and not final and f > self.P:
+            due = self._last_commit + timedelta(seconds=self.commit_every)
+            if self.now_getter() < due:
+                self._commit_at = due
+                return []
         out: list[Committed] = []
         for _ in range(MAX_CAS_ATTEMPTS):
             if f <= self.P:
@@ -351,6 +369,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
                 self.P = cur
                 continue
             lower = self.P
+            self._last_commit = self.now_getter()
             self.offsets.update(offs)
             self._synced(f)
             out.append(Committed(self.shard, lower, f, rows, offs, _ms(self.now_getter()), corrected))
@@ -395,7 +414,7 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             self._tmp = tempfile.mkdtemp(prefix="shardflow-sink-")
             # File-backed, with a memory limit: large corrections spill to the temp dir.
             self._con = duckdb.connect(os.path.join(self._tmp, "sink.duckdb"))
-            self._con.execute("SET memory_limit='512MB'")
+            self._con.execute(f"SET memory_limit='{SINK_MEMORY_MB}MB'")
             self._con.execute(f"SET temp_directory = {qliteral(os.path.join(self._tmp, 'spill'))}")
             self._con.execute("SET preserve_insertion_order=false")
         return self._con
@@ -440,11 +459,9 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             where=f"step {self.step_id!r} (shard {self.shard})",
         )
         try:
-            with overflow_checked():
-                t = con.sql(q).to_arrow_table()
+            return arrow_of(con, q, SINK_MEMORY_MB)
         finally:
             _unregister(con)
-        return t
 
     def _absorb(self, f: Frontier) -> None:
         """With `S < f <= P`: if persisted accumulates to desired below `f`, move S to `f`."""
@@ -491,6 +508,7 @@ def persist_sink(
     as_of: int | None = None,
     schema: pa.Schema | None = None,
     hold: ReadHandle | None = None,
+    commit_every: float | None = None,
 ) -> Stream[Committed]:
     """The self-correcting sink: make `shard` equal the desired updates of `up`.
 
@@ -533,6 +551,13 @@ def persist_sink(
         hold: a leased reader the caller opened *before* it read `as_of`; it keeps
             since at or below `as_of - 1` until the committer has registered its own
             reader (which holds since at `S - 1` while the sink runs), then is expired.
+        commit_every: None (the default) appends as soon as the frontier moves.
+            Seconds: at most one append per that many seconds (the first that
+            long after the sink starts), covering every frontier passed
+            meanwhile, and one at the end of input. Fewer, larger batches: less
+            consensus traffic and compaction, for throughput over freshness (a
+            batch job's choice, `flows.job.BATCH_COMMIT_EVERY`). A crash redoes
+            at most that much work: offsets commit with the data, as always.
 
     Returns:
         A stream of `Committed` events, one per successful append.
@@ -551,7 +576,11 @@ def persist_sink(
     writer = _PartWriter(step_id, client, shard, as_of)
     written = op.map("write", up, writer)
     keyed = one_key("key", written)
-    out = op.stateful_batch("commit", keyed, lambda _resume: PersistLogic(step_id, client, shard, as_of, hold=hold))
+    out = op.stateful_batch(
+        "commit",
+        keyed,
+        lambda _resume: PersistLogic(step_id, client, shard, as_of, hold=hold, commit_every=commit_every),
+    )
     return op.key_rm("unkey", out)
 
 
