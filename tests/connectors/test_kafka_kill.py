@@ -97,6 +97,7 @@ def test_sigkill_continuous_kafka_job_is_exact_many_times(kafka_broker: KafkaBro
     kill_loop(kafka_broker, tmp_path, trials=12, records=3000, seed=int(time.time()))
 
 
+@pytest.mark.slow  # the upsert rollback has a deterministic default test (test_kafka_upsert)
 def test_sigkill_continuous_kafka_upsert_job_is_exact(kafka_broker: KafkaBroker, tmp_path: Path) -> None:
     kill_loop(kafka_broker, tmp_path, trials=2, records=400, seed=int(time.time()), envelope="upsert")
 

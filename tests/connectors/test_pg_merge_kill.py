@@ -150,6 +150,7 @@ def kill_loop(pg_dsn: str, tmp_path: Path, *, trials: int, seed: int) -> None:
     assert _straddling_commits(log) > 0
 
 
+@pytest.mark.slow  # a guard (no bug on main); test_straddle_commit checks the same deterministically
 def test_pg_merge_sigkill_exactly_once(pg_dsn: str, tmp_path: Path) -> None:
     kill_loop(pg_dsn, tmp_path, trials=2, seed=3)
 
