@@ -47,6 +47,5 @@ def build(ctx):  # type: ignore[no-untyped-def]
             data = op.merge("hold_data", data, held)
         else:
             errors = op.merge("hold_errors", errors, held)
-    ctx.persist("rows_sink", data, "rows")
-    ctx.persist("errors_sink", errors, "rows_errors")
+    ctx.persist_split("rows_sink", data, errors, "rows")
     return flow

@@ -23,13 +23,24 @@ FLOW = os.path.join(os.path.dirname(os.path.abspath(__file__)), "errors_commit_f
 CSV = "id,name\n1,a\n2,b\n3,c\n4,d\n5,e\n6,f\n7,g\nx,bad\n8,h\n9,i\n10,j\n"
 
 
-def _contents(data: str, name: str, cols: str) -> Counter[tuple]:
-    client = storage.open(data)
+def _shard(client: storage.Client, name: str) -> str:
     ctl = open_controller(client, read_only=True)
     try:
-        shard = str(ctl.collection(name).shard_id)
+        return str(ctl.collection(name).shard_id)
     finally:
         ctl.close()
+
+
+def _upper(data: str, name: str) -> int:
+    client = storage.open(data)
+    t = client.state(_shard(client, name)).upper.time
+    assert t is not None
+    return t
+
+
+def _contents(data: str, name: str, cols: str) -> Counter[tuple]:
+    client = storage.open(data)
+    shard = _shard(client, name)
     up = client.state(shard).upper.time
     assert up is not None and up > 0
     with client.open_leased_reader(shard) as r:
@@ -47,6 +58,11 @@ def test_a_run_stopped_between_the_data_and_errors_commits_loses_and_doubles_not
     monkeypatch.setenv("ERRS_GLOB", str(d / "in.csv"))
     monkeypatch.setenv("ERRS_STALL", held)
     run_flow(FLOW, data, mode="batch")
+    # The data collection's offsets (the resume point) never run ahead of the errors.
+    assert _upper(data, "rows") <= 30 and _upper(data, "rows") <= _upper(data, "rows_errors")
+    if held == "data":
+        # The errors are ahead: the rerun reads the bad line again, and its row is in already.
+        assert _contents(data, "rows_errors", "line") == Counter({(9,): 1})
     monkeypatch.delenv("ERRS_STALL")
     run_flow(FLOW, data, mode="batch")
     assert _contents(data, "rows", "id,name") == Counter({(i, n): 1 for i, n in zip(range(1, 11), "abcdefghij")})
