@@ -65,6 +65,6 @@ def test_a_run_stopped_between_the_data_and_errors_commits_loses_and_doubles_not
         assert _contents(data, "rows_errors", "line") == Counter({(9,): 1})
     monkeypatch.delenv("ERRS_STALL")
     run_flow(FLOW, data, mode="batch")
-    assert _contents(data, "rows", "id,name") == Counter({(i, n): 1 for i, n in zip(range(1, 11), "abcdefghij")})
+    assert _contents(data, "rows", "id,name") == Counter({(i, n): 1 for i, n in zip(range(1, 11), "abcdefghij", strict=True)})
     errs = _contents(data, "rows_errors", "line")
     assert errs == Counter({(9,): 1}), errs
