@@ -47,7 +47,9 @@ def test_sigkill_between_the_data_and_errors_commits_loses_and_doubles_nothing(t
     text, good, bad = _csv()
     (tmp_path / "in.csv").write_text(text)
     data = tmp_path / "data"
-    env = {**os.environ, "FILES_GLOB": str(tmp_path / "in.csv"), "FILES_BLOCK": "64"}
+    env = {**os.environ, "FILES_GLOB": str(tmp_path / "in.csv"), "FILES_BLOCK": "64",
+           # every frontier its own commit pair: many windows between the two commits
+           "SHARDFLOW_BATCH_COMMIT_EVERY": "0"}
     rng = random.Random(7)
     cmd = [*SHARDFLOW, "run", FLOW, "--data", str(data)]
     for _ in range(6):
