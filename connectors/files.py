@@ -67,8 +67,10 @@ records are emitted as usual and the bad ones as an `ErrorBatch` (an
 `UpdateBatch` subclass with `ERRORS_SCHEMA`: file, line, offset, error, record)
 at the same time and with the same offsets. Route them with
 `split_errors(step_id, stream)`, which returns `.data` and `.errors` streams
-(Progress goes to both); sink `.errors` into the `<name>_errors` collection
-(`FileSource.errors_collection`).
+(Progress goes to both); sink both with `ctx.persist_split(step_id, data, errors,
+name)`, which puts `.errors` into the `<name>_errors` collection
+(`FileSource.errors_collection`) and commits it before the data (two separate
+sinks can lose error rows to a kill between their commits).
 
 A line holding two JSON objects (`{"a": 1}{"a": 2}`) is a bad record: JSON Lines is
 one object per line.
@@ -833,7 +835,8 @@ def split_errors(step_id: str, up: Stream[Item]) -> SplitErrors:
 
     Progress items go to both outputs, so both collections' uppers advance. The
     errors come out as plain `UpdateBatch`es under `ERRORS_SCHEMA`, with the
-    source's offsets, ready for a sink into the `<name>_errors` collection.
+    source's offsets, ready for the `<name>_errors` collection: sink both with
+    `ctx.persist_split` (errors committed first; see `flows.job`).
     """
 
     def data(x: Item) -> list[Item]:

@@ -44,8 +44,8 @@ Records that do not decode (bad JSON, wrong types, invalid UTF-8, a null value
 in json format) are, with `on_error="collect"` (default), emitted as an
 `ErrorBatch` (rows under `ERRORS_SCHEMA`: topic, partition, offset, error,
 value) with the same time and offsets as the good ones: route them with
-`connectors.files.split_errors` into the `<name>_errors` collection
-(`errors_collection`). With `on_error="raise"` the first one stops the run with a
+`connectors.files.split_errors` and `ctx.persist_split` into the `<name>_errors`
+collection (`errors_collection`). With `on_error="raise"` the first one stops the run with a
 `KafkaSourceError` naming topic, partition and offset.
 
 Time (`_time`, milliseconds):

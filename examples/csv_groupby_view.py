@@ -48,9 +48,12 @@ def build(ctx):  # type: ignore[no-untyped-def]
     if on_error == "collect":
         ctx.collection("orders_errors", ERRORS_SCHEMA)
         split = split_errors("split", data)
-        data = split.data
-        ctx.persist("errors_sink", consolidate("errors_cons", split.errors), "orders_errors")
-    ctx.persist("orders_sink", consolidate("orders_cons", data), "orders")
+        # Both collections, the errors committed first (a kill in between loses no error row).
+        ctx.persist_split(
+            "orders_sink", consolidate("orders_cons", split.data), consolidate("errors_cons", split.errors), "orders"
+        )
+    else:
+        ctx.persist("orders_sink", consolidate("orders_cons", data), "orders")
     sql = os.environ.get("ORDERS_VIEW", VIEW)
     if sql:  # ORDERS_VIEW="" ingests only
         ctx.view(flow, "orders_by_customer", sql)

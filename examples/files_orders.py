@@ -43,6 +43,8 @@ def build(ctx):  # type: ignore[no-untyped-def]
     )
     flow = Dataflow("files_orders")
     split = split_errors("split", op.input("files", flow, src))
-    ctx.persist("orders_sink", consolidate("orders_cons", split.data), "orders")
-    ctx.persist("errors_sink", consolidate("errors_cons", split.errors), "orders_errors")
+    # Both collections, the errors committed first (a kill in between loses no error row).
+    ctx.persist_split(
+        "orders_sink", consolidate("orders_cons", split.data), consolidate("errors_cons", split.errors), "orders"
+    )
     return flow

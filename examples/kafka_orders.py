@@ -46,7 +46,9 @@ def build(ctx):  # type: ignore[no-untyped-def]
     src.check()  # an unreachable broker or a missing topic: one line, before the flow starts
     flow = Dataflow("kafka_orders")
     split = split_errors("split", op.input("kafka", flow, src))
-    committed = ctx.persist("orders_sink", consolidate("orders_cons", split.data), "orders")
+    # Both collections, the errors committed first (a kill in between loses no error row).
+    committed = ctx.persist_split(
+        "orders_sink", consolidate("orders_cons", split.data), consolidate("errors_cons", split.errors), "orders"
+    )
     op.inspect("ack", committed, lambda _step, c: src.ack(c.offsets))  # upsert: its undo log shrinks
-    ctx.persist("errors_sink", consolidate("errors_cons", split.errors), "orders_errors")
     return flow

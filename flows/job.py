@@ -268,9 +268,50 @@ class FlowContext:
         self.holds.append(hold)
         every = None if self.continuous else BATCH_COMMIT_EVERY
         out = persist_sink(step_id, up, self.client, shard, as_of=self.resume_as_of(name), hold=hold, commit_every=every)
+        return self._persisted(step_id, name, out)
+
+    def _persisted(self, step_id: str, name: str, out: Stream[Committed]) -> Stream[Committed]:
         op.inspect(f"{step_id}_stats", out, lambda _s, c: self.stats.on_commit(name, c))
         self.committed.setdefault(name, out)
         return out
+
+    def persist_split(
+        self, step_id: str, data: Stream[Any], errors: Stream[Any], name: str, *, errors_name: str | None = None
+    ) -> Stream[Committed]:
+        """`persist` a source's data into `name` and its bad records into `errors_name` (`<name>_errors`).
+
+        `data`/`errors` are the two outputs of `split_errors` (consolidated or not);
+        the source resumes from `ctx.resume_offsets(name)`. Returns the data sink's
+        `Committed` stream; the errors sink's step is `<step_id>_errors`.
+
+        SUBTLE: two sinks, two commits; a crash between them must lose nothing. The
+        errors sink commits each frontier first, and the data sink commits only up
+        to the errors collection's upper (`persist_sink(after=)`), so the errors are
+        never behind the data offsets the source resumes from. They may be ahead:
+        the rerun re-reads those records, and the errors sink, started at the data's
+        resume point (`hold_with=`), corrects its collection to them (the copy
+        already in cancels out) whatever times the source gives them this time.
+        """
+        errors_name = errors_name or f"{name}_errors"
+        shard, eshard = self.shard(name), self.shard(errors_name)
+        self.written.update((name, errors_name))
+        # Holds before the resume points are read (see `persist`).
+        holds = [self.client.open_leased_reader(sh, heartbeat=False) for sh in (shard, eshard)]
+        self.holds.extend(holds)
+        as_of, eas_of = self.resume_as_of(name), self.resume_as_of(errors_name)
+        # No data resume point: the source reads from the start, so the errors sink corrects everything.
+        eas_of = None if as_of is None or eas_of is None else min(as_of, eas_of)
+        estep = f"{step_id}_errors"
+        every = None if self.continuous else BATCH_COMMIT_EVERY
+        eout = persist_sink(
+            estep, errors, self.client, eshard, as_of=eas_of, hold=holds[1], commit_every=every, hold_with=shard
+        )
+        self._persisted(estep, errors_name, eout)
+        out = persist_sink(
+            step_id, data, self.client, shard, as_of=as_of, hold=holds[0], commit_every=every, after=eout,
+            after_shard=eshard,
+        )
+        return self._persisted(step_id, name, out)
 
     def view(self, flow: Dataflow, name: str, sql: str, *, replace: bool = False) -> Stream[Committed]:
         """Maintain collection `name` as the incremental view `sql` over other collections.

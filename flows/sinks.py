@@ -175,6 +175,8 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         retry_interval: float = 0.2,
         hold: ReadHandle | None = None,
         commit_every: float | None = None,
+        after: str | None = None,
+        hold_with: str | None = None,
     ):
         self.step_id = step_id
         self.client = client
@@ -203,6 +205,11 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         self._con: duckdb.DuckDBPyConnection | None = None
         self._absorbed: Frontier | None = None
         self._touched = now_getter()
+        #: commit only below this shard's upper (`persist_sink(after=)`), as last read.
+        self.after = after
+        self._gate: Frontier | None = None if after is None else client.state(after).upper
+        #: hold since also below this shard's resume point (`persist_sink(hold_with=)`).
+        self.hold_with = hold_with
         self._hold_since(hold)
 
     # ---- the read hold ----
@@ -244,6 +251,12 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
             return
         lim = min(others)
         target: int = self.S - 1 if lim.time is None else min(self.S - 1, lim.time)
+        if self.hold_with is not None:
+            # SUBTLE: a restart corrects this shard from `hold_with`'s resume point (the flow's
+            # `persist(after=)`), which may lie below `S`: keep since below it too.
+            a = resume_point(self.client.state(self.hold_with))[1]
+            if a is not None:
+                target = min(target, a - 1)
         cur = r.since
         if cur.is_empty or (cur.time is not None and cur.time >= target):
             return
@@ -268,6 +281,8 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
                 if v.rows:
                     self.pending.append(v)
                 self.oq.push(v.offsets, v.tmax)
+            elif isinstance(v, Committed) and self.after is not None:
+                pass  # the `after` shard moved on: `advance` reads its upper
             else:
                 msg = f"step {self.step_id!r}: unexpected item {type(v)!r} in the committer"
                 raise TypeError(msg)
@@ -332,6 +347,12 @@ class PersistLogic(StatefulBatchLogic[Any, Committed, None]):
         f = self.tracker.frontier()
         if f is None:
             return []
+        if self._gate is not None and self._gate < f:
+            # SUBTLE: never commit offsets past what the `after` shard holds (see `persist_sink`).
+            assert self.after is not None
+            self._gate = self.client.state(self.after).upper
+            if self._gate < f:
+                f = self._gate
         if self.commit_every and not final and f > self.P:
             due = self._last_commit + timedelta(seconds=self.commit_every)
             if self.now_getter() < due:
@@ -509,6 +530,9 @@ def persist_sink(
     schema: pa.Schema | None = None,
     hold: ReadHandle | None = None,
     commit_every: float | None = None,
+    after: Stream[Committed] | None = None,
+    after_shard: str | None = None,
+    hold_with: str | None = None,
 ) -> Stream[Committed]:
     """The self-correcting sink: make `shard` equal the desired updates of `up`.
 
@@ -558,6 +582,16 @@ def persist_sink(
             consensus traffic and compaction, for throughput over freshness (a
             batch job's choice, `flows.job.BATCH_COMMIT_EVERY`). A crash redoes
             at most that much work: offsets commit with the data, as always.
+        after, after_shard: the `Committed` stream and the shard of another `persist_sink`
+            fed by the same source, which must commit each frontier first: this
+            sink commits `[P, F)` only up to that shard's upper, so its offsets never
+            run ahead of what the other holds. The two sinks of `split_errors` (errors
+            first, data `after` them): a crash between their commits then leaves the
+            errors ahead, never behind, and the rerun from the data's offsets re-reads
+            what the errors sink must correct (see `hold_with`).
+        hold_with: the shard of the sink that runs `after` this one (the data): the
+            flow resumes from *its* offsets, so this sink is started with `as_of` at or
+            below that shard's resume point, and holds since below it as well.
 
     Returns:
         A stream of `Committed` events, one per successful append.
@@ -575,11 +609,19 @@ def persist_sink(
         client.open_writer(shard, schema)  # create the shard now, before workers look at it
     writer = _PartWriter(step_id, client, shard, as_of)
     written = op.map("write", up, writer)
+    if (after is None) != (after_shard is None):
+        raise InvalidInput(f"step {step_id!r}: after= and after_shard= go together")
+    if after is not None:
+        # Its commits wake this committer, and its end of input comes before this one's.
+        written = op.merge("after", written, after)
+    gate = after_shard
     keyed = one_key("key", written)
     out = op.stateful_batch(
         "commit",
         keyed,
-        lambda _resume: PersistLogic(step_id, client, shard, as_of, hold=hold, commit_every=commit_every),
+        lambda _resume: PersistLogic(
+            step_id, client, shard, as_of, hold=hold, commit_every=commit_every, after=gate, hold_with=hold_with
+        ),
     )
     return op.key_rm("unkey", out)
 

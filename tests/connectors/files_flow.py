@@ -46,6 +46,7 @@ def build(ctx):  # type: ignore[no-untyped-def]
         ctx.append("rows_sink", consolidate("rows_cons", split.data), "rows", batch_duration=0.2)
         ctx.append("errors_sink", consolidate("errors_cons", split.errors), "rows_errors", batch_duration=0.2)
     else:
-        ctx.persist("rows_sink", consolidate("rows_cons", split.data), "rows")
-        ctx.persist("errors_sink", consolidate("errors_cons", split.errors), "rows_errors")
+        ctx.persist_split(
+            "rows_sink", consolidate("rows_cons", split.data), consolidate("errors_cons", split.errors), "rows"
+        )
     return flow

@@ -51,7 +51,8 @@ def build(ctx):  # type: ignore[no-untyped-def]
     src.check()  # an unreachable broker or a missing topic is one line before the flow starts
     flow = Dataflow("kafka_flow")
     split = split_errors("split", op.input("kafka", flow, src))
-    committed = ctx.persist("rows_sink", consolidate("rows_cons", split.data), "rows")
+    committed = ctx.persist_split(
+        "rows_sink", consolidate("rows_cons", split.data), consolidate("errors_cons", split.errors), "rows"
+    )
     op.inspect("ack", committed, lambda _step, c: src.ack(c.offsets))  # upsert: drop undo entries
-    ctx.persist("errors_sink", consolidate("errors_cons", split.errors), "rows_errors")
     return flow

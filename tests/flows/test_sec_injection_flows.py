@@ -41,8 +41,7 @@ def build(ctx):
                      resume=ctx.resume_offsets("t"), resume_upper=ctx.upper("t"))
     flow = Dataflow("f")
     split = split_errors("split", op.input("files", flow, src))
-    ctx.persist("s", consolidate("c", split.data), "t")
-    ctx.persist("e", consolidate("ce", split.errors), "t_errors")
+    ctx.persist_split("s", consolidate("c", split.data), consolidate("ce", split.errors), "t")
     return flow
 '''
 
